@@ -1,0 +1,156 @@
+//! The command line. Each subcommand parses its arguments and calls one
+//! function of a stage; nothing here computes anything itself.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+
+use crate::dataset::Dataset;
+use crate::eval::baselines::ModelName;
+use crate::eval::report::{compare_files, Report};
+use crate::eval::split::{self, Split, SplitConfig};
+use crate::eval::{self, EvalConfig, Mode};
+
+/// thaw: a streaming recommender engine for cold start.
+#[derive(Debug, Parser)]
+#[command(name = "thaw", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build the cold-start protocol's split of a dataset (MetaKG's files).
+    Split(SplitArgs),
+    /// Evaluate a model on a split, or compare reports (--compare).
+    Eval(EvalArgs),
+}
+
+/// Arguments of `thaw split`.
+#[derive(Debug, Args)]
+pub struct SplitArgs {
+    /// Dataset folder (RecBole atomic files).
+    #[arg(long)]
+    pub dataset: PathBuf,
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Fraction of users and items that are new.
+    #[arg(long, default_value_t = 0.2)]
+    pub new_frac: f64,
+    /// Least items a user needs in a scenario.
+    #[arg(long, default_value_t = 13)]
+    pub min_items: usize,
+    /// Query-set size.
+    #[arg(long, default_value_t = 10)]
+    pub query: usize,
+    /// Fraction of existing users held out as the warm scenario.
+    #[arg(long, default_value_t = 0.1)]
+    pub warm_frac: f64,
+    /// Seed.
+    #[arg(long, default_value_t = 2020)]
+    pub seed: u64,
+}
+
+/// Arguments of `thaw eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Dataset folder (RecBole atomic files).
+    #[arg(long, required_unless_present = "compare")]
+    pub dataset: Option<PathBuf>,
+    /// Split folder (MetaKG's format, e.g. written by `thaw split`).
+    #[arg(long, required_unless_present = "compare")]
+    pub split: Option<PathBuf>,
+    /// Model: pop, itemknn, bpr, kgknn, contentknn, scenariopop.
+    #[arg(long, required_unless_present = "compare")]
+    pub model: Option<ModelName>,
+    /// A trained model's folder, for models that need one.
+    #[arg(long)]
+    pub model_dir: Option<PathBuf>,
+    /// Where to write the JSON report (a Markdown summary is written beside it).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Cut-off K of Recall@K and NDCG@K.
+    #[arg(long, default_value_t = 20)]
+    pub k: usize,
+    /// MetaKG's setting: a model may adapt to each scenario's support sets.
+    #[arg(long)]
+    pub scenario_aware: bool,
+    /// Seed of training and of the bootstrap.
+    #[arg(long, default_value_t = 2020)]
+    pub seed: u64,
+    /// Compare these reports instead: one table per mode, SVG charts beside --out.
+    #[arg(long, num_args = 1.., conflicts_with_all = ["dataset", "split", "model"])]
+    pub compare: Vec<PathBuf>,
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Split(a) => run_split(a),
+        Command::Eval(a) => run_eval(a),
+    }
+}
+
+fn run_split(a: SplitArgs) -> anyhow::Result<()> {
+    let ds = Dataset::load(&a.dataset)?;
+    let cfg = SplitConfig {
+        new_frac: a.new_frac,
+        warm_frac: a.warm_frac,
+        min_items: a.min_items,
+        query: a.query,
+        seed: a.seed,
+    };
+    let (mut s, stats) = split::build(&ds.interactions, &cfg, true)?;
+    s.write(&a.out, &ds)?;
+    println!("{}", serde_json::to_string_pretty(&stats)?);
+    println!("split {} written to {}", s.digest, a.out.display());
+    Ok(())
+}
+
+fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
+    if !a.compare.is_empty() {
+        let out = a.out.unwrap_or_else(|| PathBuf::from("compare.md"));
+        let (cmp, charts) = compare_files(&a.compare, &out)?;
+        println!("{}", cmp.markdown);
+        println!("table: {}", out.display());
+        for c in charts {
+            println!("chart: {}", c.display());
+        }
+        return Ok(());
+    }
+    let (Some(dataset), Some(split_dir), Some(model)) = (a.dataset, a.split, a.model) else {
+        bail!("--dataset, --split and --model are required unless --compare is given");
+    };
+    if a.k == 0 {
+        bail!("--k must be at least 1");
+    }
+    let ds = Dataset::load(&dataset)?;
+    let split = Split::read(&split_dir, &ds)
+        .with_context(|| format!("reading split {}", split_dir.display()))?;
+    let cfg = EvalConfig {
+        model,
+        mode: if a.scenario_aware { Mode::Aware } else { Mode::Blind },
+        k: a.k,
+        seed: a.seed,
+        model_dir: a.model_dir,
+    };
+    let report: Report = eval::run(&ds, &split, &cfg)?;
+    println!("{}", report.markdown());
+    if let Some(out) = a.out {
+        report.write(&out)?;
+        println!("report: {}", out.display());
+    }
+    Ok(())
+}

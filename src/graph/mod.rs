@@ -1,0 +1,1 @@
+//! graph: placeholder until the module lands.

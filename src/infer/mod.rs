@@ -1,0 +1,1 @@
+//! infer: placeholder until the module lands.

@@ -1,0 +1,21 @@
+//! thaw: a streaming recommender engine for cold start.
+//!
+//! Module map (one folder per stage, see `../shared/DESIGN.md`):
+//!
+//! - [`dataset`]: RecBole atomic files (`.inter`, `.item`, `.kg`, `.link`) and the
+//!   dense id space every other stage indexes by.
+//! - [`eval`]: the cold-start protocol (`thaw split`), split files in MetaKG's
+//!   format, ranking metrics with bootstrap intervals, the baselines and the
+//!   reports (`thaw eval`).
+//! - [`graph`]: the product knowledge graph and its per-relation SGC propagation,
+//!   updated incrementally.
+//! - [`infer`]: ONNX Runtime sessions (text encoder, item projection, fusion).
+//! - [`cli`]: the command line; `main.rs` only parses and calls [`cli::run`].
+
+#![deny(missing_docs)]
+
+pub mod cli;
+pub mod dataset;
+pub mod eval;
+pub mod graph;
+pub mod infer;
