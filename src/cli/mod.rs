@@ -141,7 +141,11 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         .with_context(|| format!("reading split {}", split_dir.display()))?;
     let cfg = EvalConfig {
         model,
-        mode: if a.scenario_aware { Mode::Aware } else { Mode::Blind },
+        mode: if a.scenario_aware {
+            Mode::Aware
+        } else {
+            Mode::Blind
+        },
         k: a.k,
         seed: a.seed,
         model_dir: a.model_dir,

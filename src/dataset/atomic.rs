@@ -87,11 +87,13 @@ impl AtomicFile {
         let mut fields = Vec::new();
         for col in header.split('\t') {
             let col = col.trim().trim_start_matches('\u{feff}');
-            let (name, ty) = col.rsplit_once(':').ok_or_else(|| DatasetError::Malformed {
-                path: path.to_path_buf(),
-                line: 1,
-                reason: format!("header column `{col}` is not of the form name:type"),
-            })?;
+            let (name, ty) = col
+                .rsplit_once(':')
+                .ok_or_else(|| DatasetError::Malformed {
+                    path: path.to_path_buf(),
+                    line: 1,
+                    reason: format!("header column `{col}` is not of the form name:type"),
+                })?;
             let ty = FieldType::parse(ty).ok_or_else(|| DatasetError::Malformed {
                 path: path.to_path_buf(),
                 line: 1,
@@ -194,11 +196,15 @@ mod tests {
 
     #[test]
     fn parses_header_and_rows() {
-        let f = parse("user_id:token\titem_id:token\trating:float\n1\t2\t3.5\n\n4\t5\t1\n").unwrap();
+        let f =
+            parse("user_id:token\titem_id:token\trating:float\n1\t2\t3.5\n\n4\t5\t1\n").unwrap();
         assert_eq!(f.fields.len(), 3);
         assert_eq!(f.fields[2].ty, FieldType::Float);
         assert_eq!(f.rows.len(), 2);
-        assert_eq!(f.rows[1].0, 4, "line numbers are 1-based and count blank lines");
+        assert_eq!(
+            f.rows[1].0, 4,
+            "line numbers are 1-based and count blank lines"
+        );
         assert_eq!(f.float(0, 2).unwrap(), 3.5);
     }
 
@@ -214,15 +220,24 @@ mod tests {
     fn bad_float_names_column() {
         let f = parse("user_id:token\trating:float\n1\tabc\n").unwrap();
         let msg = f.float(0, 1).unwrap_err().to_string();
-        assert!(msg.contains("x.inter:2") && msg.contains("rating") && msg.contains("abc"), "{msg}");
+        assert!(
+            msg.contains("x.inter:2") && msg.contains("rating") && msg.contains("abc"),
+            "{msg}"
+        );
         let f = parse("user_id:token\trating:float\n1\tNaN\n").unwrap();
         assert!(f.float(0, 1).is_err(), "NaN is not a usable rating");
     }
 
     #[test]
     fn bad_header_is_an_error() {
-        assert!(parse("user_id\titem_id:token\n").unwrap_err().to_string().contains("name:type"));
-        assert!(parse("user_id:int\n").unwrap_err().to_string().contains("unknown type"));
+        assert!(parse("user_id\titem_id:token\n")
+            .unwrap_err()
+            .to_string()
+            .contains("name:type"));
+        assert!(parse("user_id:int\n")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown type"));
         assert!(parse("").unwrap_err().to_string().contains("empty file"));
     }
 
@@ -230,6 +245,9 @@ mod tests {
     fn missing_required_column_lists_found_ones() {
         let f = parse("user_id:token\tfoo:float\n").unwrap();
         let msg = f.require("item_id").unwrap_err().to_string();
-        assert!(msg.contains("item_id") && msg.contains("user_id, foo"), "{msg}");
+        assert!(
+            msg.contains("item_id") && msg.contains("user_id, foo"),
+            "{msg}"
+        );
     }
 }

@@ -161,7 +161,11 @@ impl Dataset {
                 path: path.to_path_buf(),
                 source,
             })?;
-            hasher.update(path.extension().map(|e| e.as_encoded_bytes()).unwrap_or(b""));
+            hasher.update(
+                path.extension()
+                    .map(|e| e.as_encoded_bytes())
+                    .unwrap_or(b""),
+            );
             hasher.update((bytes.len() as u64).to_le_bytes());
             hasher.update(&bytes);
             let text = String::from_utf8(bytes).map_err(|e| DatasetError::Malformed {
@@ -188,7 +192,10 @@ impl Dataset {
         for r in 0..inter.rows.len() {
             let user = users.intern(inter.non_empty(r, u_col)?);
             let item = items.intern(inter.non_empty(r, i_col)?);
-            let value = v_col.map(|c| inter.float(r, c)).transpose()?.map(|v| v as f32);
+            let value = v_col
+                .map(|c| inter.float(r, c))
+                .transpose()?
+                .map(|v| v as f32);
             let ts = t_col.map(|c| inter.float(r, c)).transpose()?;
             interactions.push(Interaction {
                 user,
@@ -361,7 +368,10 @@ mod tests {
         assert_eq!(ds.interactions[2].value, Some(5.0));
         assert_eq!(ds.interactions[2].ts, Some(12.0));
         assert_eq!(ds.item_text[0], "Toy Story. Animation Comedy");
-        assert_eq!(ds.item_text[1], "", "an item without a row in .item has no text");
+        assert_eq!(
+            ds.item_text[1], "",
+            "an item without a row in .item has no text"
+        );
         assert_eq!(ds.item_text[2], "Heat", "empty cells are skipped");
         assert_eq!(ds.triples.len(), 1);
         assert_eq!(ds.item_entity[0], ds.entities.get("e1"));
@@ -389,7 +399,10 @@ mod tests {
             "user_id:token\titem_id:token\ttimestamp:float\nu\ti\t1\nu\t\t2\n",
         );
         let msg = Dataset::load(d.path()).unwrap_err().to_string();
-        assert!(msg.contains("a.inter:3") && msg.contains("item_id"), "{msg}");
+        assert!(
+            msg.contains("a.inter:3") && msg.contains("item_id"),
+            "{msg}"
+        );
 
         write(
             d.path(),
@@ -397,7 +410,10 @@ mod tests {
             "user_id:token\titem_id:token\ttimestamp:float\nu\ti\tyesterday\n",
         );
         let msg = Dataset::load(d.path()).unwrap_err().to_string();
-        assert!(msg.contains("a.inter:2") && msg.contains("yesterday"), "{msg}");
+        assert!(
+            msg.contains("a.inter:2") && msg.contains("yesterday"),
+            "{msg}"
+        );
 
         write(d.path(), "a.inter", "user:token\titem_id:token\nu\ti\n");
         let msg = Dataset::load(d.path()).unwrap_err().to_string();
@@ -413,7 +429,9 @@ mod tests {
         write(d.path(), "b.inter", "user_id:token\titem_id:token\n");
         let msg = Dataset::load(d.path()).unwrap_err().to_string();
         assert!(msg.contains("several .inter"), "{msg}");
-        let msg = Dataset::load(&d.path().join("nope")).unwrap_err().to_string();
+        let msg = Dataset::load(&d.path().join("nope"))
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("nope"), "{msg}");
     }
 }

@@ -399,7 +399,13 @@ impl Mf {
 
     /// One epoch of SGD over every training pair in random order, one sampled
     /// negative each (BPR eq. 4-5 of Rendle et al.).
-    fn epoch(&mut self, train: &TrainSet, pairs: &mut [(u32, u32)], cfg: &BprConfig, rng: &mut ChaCha8Rng) {
+    fn epoch(
+        &mut self,
+        train: &TrainSet,
+        pairs: &mut [(u32, u32)],
+        cfg: &BprConfig,
+        rng: &mut ChaCha8Rng,
+    ) {
         pairs.shuffle(rng);
         let n = train.n_items as u32;
         let d = cfg.dim;
@@ -419,17 +425,16 @@ impl Mf {
             let x = {
                 let p = self.users.row(u);
                 let (qi, qj) = (self.items.row(i), self.items.row(j));
-                self.bias[i] - self.bias[j]
-                    + (0..d).map(|f| p[f] * (qi[f] - qj[f])).sum::<f32>()
+                self.bias[i] - self.bias[j] + (0..d).map(|f| p[f] * (qi[f] - qj[f])).sum::<f32>()
             };
             let g = 1.0 / (1.0 + x.exp()); // sigmoid(-x)
             let (lr, reg) = (cfg.lr, cfg.reg);
             pu_old.copy_from_slice(self.users.row(u).as_slice().expect("contiguous"));
-            for f in 0..d {
+            for (f, &pf) in pu_old.iter().enumerate() {
                 let (qi, qj) = (self.items[[i, f]], self.items[[j, f]]);
-                self.users[[u, f]] += lr * (g * (qi - qj) - reg * pu_old[f]);
-                self.items[[i, f]] += lr * (g * pu_old[f] - reg * qi);
-                self.items[[j, f]] += lr * (-g * pu_old[f] - reg * qj);
+                self.users[[u, f]] += lr * (g * (qi - qj) - reg * pf);
+                self.items[[i, f]] += lr * (g * pf - reg * qi);
+                self.items[[j, f]] += lr * (-g * pf - reg * qj);
             }
             self.bias[i] += lr * (g - reg * self.bias[i]);
             self.bias[j] += lr * (-g - reg * self.bias[j]);
@@ -521,11 +526,14 @@ mod tests {
         // Two user groups, each liking one half of the items; held-out pairs of
         // the right half must outrank the other half after training.
         let (n_users, n_items) = (40, 20);
-        let mut user_items = vec![Vec::new(); n_users];
-        for u in 0..n_users {
-            let half = if u < 20 { 0..10 } else { 10..20 };
-            user_items[u] = half.filter(|i| (i + u) % 3 != 0).map(|i| i as u32).collect();
-        }
+        let user_items: Vec<Vec<u32>> = (0..n_users)
+            .map(|u| {
+                let half = if u < 20 { 0..10 } else { 10..20 };
+                half.filter(|i| (i + u) % 3 != 0)
+                    .map(|i| i as u32)
+                    .collect()
+            })
+            .collect();
         let train = TrainSet {
             n_items,
             user_items,
@@ -533,7 +541,8 @@ mod tests {
         let mf = train_bpr(&train, 60, &BprConfig::default(), 1);
         let mut out = Array2::zeros((2, n_items));
         mf.score(&[0, 39], out.view_mut());
-        let mean = |r: usize, a: usize, b: usize| out.row(r).slice(ndarray::s![a..b]).mean().unwrap();
+        let mean =
+            |r: usize, a: usize, b: usize| out.row(r).slice(ndarray::s![a..b]).mean().unwrap();
         assert!(mean(0, 0, 10) > mean(0, 10, 20) + 0.5);
         assert!(mean(1, 10, 20) > mean(1, 0, 10) + 0.5);
     }

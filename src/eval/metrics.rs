@@ -24,8 +24,16 @@ struct Cand {
 
 impl Cand {
     fn key_cmp(&self, other: &Self) -> Ordering {
-        let a = if self.score.is_nan() { f32::NEG_INFINITY } else { self.score };
-        let b = if other.score.is_nan() { f32::NEG_INFINITY } else { other.score };
+        let a = if self.score.is_nan() {
+            f32::NEG_INFINITY
+        } else {
+            self.score
+        };
+        let b = if other.score.is_nan() {
+            f32::NEG_INFINITY
+        } else {
+            other.score
+        };
         a.total_cmp(&b)
             .then(self.tie.cmp(&other.tie))
             .then(other.item.cmp(&self.item))
@@ -117,7 +125,11 @@ pub fn user_metrics(
     query: &[u32],
     k: usize,
 ) -> UserMetrics {
-    let mut q: Vec<u32> = query.iter().copied().filter(|&i| (i as usize) < scores.len()).collect();
+    let mut q: Vec<u32> = query
+        .iter()
+        .copied()
+        .filter(|&i| (i as usize) < scores.len())
+        .collect();
     q.sort_unstable();
     q.dedup();
     if q.is_empty() {
@@ -135,7 +147,9 @@ pub fn user_metrics(
             dcg += 1.0 / ((rank + 2) as f64).log2();
         }
     }
-    let idcg: f64 = (0..q.len().min(k)).map(|r| 1.0 / ((r + 2) as f64).log2()).sum();
+    let idcg: f64 = (0..q.len().min(k))
+        .map(|r| 1.0 / ((r + 2) as f64).log2())
+        .sum();
     // MRR over the full ranking: rank of the best query item = 1 + number of
     // ranked items that beat it.
     let best = q
@@ -314,7 +328,10 @@ mod tests {
         let m = user_metrics(&scores, |_| false, &[0, 0], 2);
         assert!(close(m.recall, 0.0), "NaN ranks last");
         assert!(close(m.mrr, 1.0 / 3.0));
-        assert_eq!(user_metrics(&scores, |_| false, &[], 2), UserMetrics::default());
+        assert_eq!(
+            user_metrics(&scores, |_| false, &[], 2),
+            UserMetrics::default()
+        );
     }
 
     #[test]
@@ -331,7 +348,10 @@ mod tests {
         all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         assert_eq!(top, all[..5].to_vec());
         // Ties at serving time: lower index first.
-        assert_eq!(top_k(&[1.0, 1.0, 1.0], 2, |_| false), vec![(0, 1.0), (1, 1.0)]);
+        assert_eq!(
+            top_k(&[1.0, 1.0, 1.0], 2, |_| false),
+            vec![(0, 1.0), (1, 1.0)]
+        );
         assert!(top_k(&[1.0], 0, |_| false).is_empty());
     }
 

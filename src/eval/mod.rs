@@ -189,7 +189,9 @@ pub fn evaluate_tasks(
                 mask[i as usize] = true;
             }
             let s = scores.row(row);
-            let s = s.as_slice().expect("rows of a standard-layout array are contiguous");
+            let s = s
+                .as_slice()
+                .expect("rows of a standard-layout array are contiguous");
             out.push(user_metrics(s, |i| mask[i as usize], &t.query, k));
             for &i in seen.iter().chain(&t.support) {
                 mask[i as usize] = false;

@@ -150,7 +150,12 @@ pub fn compare(reports: &[(PathBuf, Report)]) -> Result<Comparison> {
             if r.k != first.k {
                 return Err(EvalError::Report {
                     path: p.clone(),
-                    reason: format!("K = {} differs from K = {} of {}", r.k, first.k, p0.display()),
+                    reason: format!(
+                        "K = {} differs from K = {} of {}",
+                        r.k,
+                        first.k,
+                        p0.display()
+                    ),
                 });
             }
         }
@@ -174,15 +179,20 @@ fn scenario_names(reports: &[&Report]) -> Vec<String> {
 
 type Metric = (&'static str, fn(&ScenarioMetrics) -> f64);
 
+/// A chart panel: its title and how to read a value and interval.
+type Panel = (String, fn(&ScenarioMetrics) -> (f64, [f64; 2]));
+
 fn table(mode: Mode, reports: &[&Report]) -> String {
     let k = reports[0].k;
     let names = scenario_names(reports);
-    let metrics: [Metric; 3] = [
-        ("R@", |m| m.recall),
-        ("N@", |m| m.ndcg),
-        ("MRR", |m| m.mrr),
-    ];
-    let label = |m: &str| if m == "MRR" { m.to_string() } else { format!("{m}{k}") };
+    let metrics: [Metric; 3] = [("R@", |m| m.recall), ("N@", |m| m.ndcg), ("MRR", |m| m.mrr)];
+    let label = |m: &str| {
+        if m == "MRR" {
+            m.to_string()
+        } else {
+            format!("{m}{k}")
+        }
+    };
     let mut s = format!(
         "### {} mode (dataset `{}`, split `{}`)\n\n| model |",
         mode.name(),
@@ -238,9 +248,9 @@ fn chart(mode: Mode, reports: &[&Report]) -> String {
     let k = reports[0].k;
     let (panel_w, panel_h, top, left, gap) = (560.0, 300.0, 60.0, 60.0, 70.0);
     let width = left + 2.0 * panel_w + gap + 20.0;
-    let legend_h = 24.0 * reports.len().div_ceil(4) as f64;
+    let legend_h = 24.0 * reports.len().div_ceil(6) as f64;
     let height = top + panel_h + 50.0 + legend_h;
-    let panels: [(String, fn(&ScenarioMetrics) -> (f64, [f64; 2])); 2] = [
+    let panels: [Panel; 2] = [
         (format!("Recall@{k}"), |m| (m.recall, m.ci95.recall)),
         (format!("NDCG@{k}"), |m| (m.ndcg, m.ci95.ndcg)),
     ];
@@ -289,7 +299,9 @@ fn chart(mode: Mode, reports: &[&Report]) -> String {
                 top + panel_h + 18.0
             );
             for (b, r) in reports.iter().enumerate() {
-                let Some(m) = r.scenarios.get(n) else { continue };
+                let Some(m) = r.scenarios.get(n) else {
+                    continue;
+                };
                 let (v, ci) = get(m);
                 let bx = gx + b as f64 * bar_w;
                 let color = PALETTE[b % PALETTE.len()];
@@ -321,8 +333,8 @@ fn chart(mode: Mode, reports: &[&Report]) -> String {
         );
     }
     for (b, r) in reports.iter().enumerate() {
-        let lx = left + (b % 4) as f64 * 200.0;
-        let ly = top + panel_h + 40.0 + (b / 4) as f64 * 24.0;
+        let lx = left + (b % 6) as f64 * 180.0;
+        let ly = top + panel_h + 40.0 + (b / 6) as f64 * 24.0;
         let _ = writeln!(
             s,
             "<rect x=\"{lx}\" y=\"{:.1}\" width=\"14\" height=\"14\" fill=\"{}\"/>\
@@ -364,7 +376,10 @@ pub fn compare_files(paths: &[PathBuf], out: &Path) -> Result<(Comparison, Vec<P
     }
     let cmp = compare(&reports)?;
     write_file(out, &cmp.markdown)?;
-    let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("compare");
+    let stem = out
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("compare");
     let mut written = Vec::new();
     for (mode, svg) in &cmp.charts {
         let p = out.with_file_name(format!("{stem}-{}.svg", mode.name()));
@@ -421,7 +436,10 @@ mod tests {
         let rs = vec![
             (PathBuf::from("a"), report("pop", Mode::Blind, 0.2, "s")),
             (PathBuf::from("b"), report("bpr", Mode::Blind, 0.3, "s")),
-            (PathBuf::from("c"), report("scenariopop", Mode::Aware, 0.5, "s")),
+            (
+                PathBuf::from("c"),
+                report("scenariopop", Mode::Aware, 0.5, "s"),
+            ),
         ];
         let c = compare(&rs).unwrap();
         assert_eq!(c.charts.len(), 2);
@@ -457,8 +475,13 @@ mod tests {
         let r = report("pop", Mode::Aware, 0.2, "s");
         r.write(&p).unwrap();
         assert_eq!(Report::read(&p).unwrap(), r);
-        assert!(std::fs::read_to_string(d.path().join("r.md")).unwrap().contains("| uc | 10 |"));
+        assert!(std::fs::read_to_string(d.path().join("r.md"))
+            .unwrap()
+            .contains("| uc | 10 |"));
         std::fs::write(&p, "{}").unwrap();
-        assert!(Report::read(&p).unwrap_err().to_string().contains("not a thaw eval report"));
+        assert!(Report::read(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("not a thaw eval report"));
     }
 }

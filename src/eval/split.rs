@@ -156,10 +156,16 @@ impl Default for SplitConfig {
 impl SplitConfig {
     fn validate(&self) -> Result<()> {
         if !(self.new_frac > 0.0 && self.new_frac < 1.0) {
-            return Err(SplitError::Config(format!("new_frac {} not in (0, 1)", self.new_frac)));
+            return Err(SplitError::Config(format!(
+                "new_frac {} not in (0, 1)",
+                self.new_frac
+            )));
         }
         if !(0.0..1.0).contains(&self.warm_frac) {
-            return Err(SplitError::Config(format!("warm_frac {} not in [0, 1)", self.warm_frac)));
+            return Err(SplitError::Config(format!(
+                "warm_frac {} not in [0, 1)",
+                self.warm_frac
+            )));
         }
         if self.query == 0 || self.min_items <= self.query {
             return Err(SplitError::Config(format!(
@@ -244,7 +250,10 @@ pub fn build(
             if let Some(s) = scenario {
                 if its.len() >= cfg.min_items {
                     let task = draw_task(u, its, cfg.query, &mut rng);
-                    scenarios.get_mut(&s).expect("all scenarios present").push(task);
+                    scenarios
+                        .get_mut(&s)
+                        .expect("all scenarios present")
+                        .push(task);
                 }
             }
         }
@@ -256,7 +265,10 @@ pub fn build(
         new_users: users.len() - n_old_users,
         new_items: items.len() - n_old_items,
         meta_training_users: meta_training.len(),
-        tasks: scenarios.iter().map(|(s, t)| (s.name().to_string(), t.len())).collect(),
+        tasks: scenarios
+            .iter()
+            .map(|(s, t)| (s.name().to_string(), t.len()))
+            .collect(),
     };
     let valid = if with_valid {
         let inner: Vec<Interaction> = {
@@ -357,7 +369,10 @@ impl Split {
         };
         let mut files: Vec<(String, String)> = vec![(
             META.into(),
-            self.meta_training.iter().map(|(u, its)| line(*u, its)).collect(),
+            self.meta_training
+                .iter()
+                .map(|(u, its)| line(*u, its))
+                .collect(),
         )];
         for (s, tasks) in &self.scenarios {
             files.push((
@@ -403,7 +418,9 @@ impl Split {
                 _ => {
                     return Err(SplitError::Layout {
                         dir: dir.to_path_buf(),
-                        reason: format!("scenario {s} needs both {s}_support.txt and {s}_query.txt"),
+                        reason: format!(
+                            "scenario {s} needs both {s}_support.txt and {s}_query.txt"
+                        ),
                     })
                 }
             }
@@ -484,7 +501,7 @@ fn digest_dir(dir: &Path) -> Result<String> {
         let mut names: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "txt"))
-            .filter(|p| !p.file_name().is_some_and(|n| n == "README.txt"))
+            .filter(|p| p.file_name().is_none_or(|n| n != "README.txt"))
             .collect();
         names.sort();
         for p in names {
@@ -544,10 +561,16 @@ mod tests {
                 let sup: HashSet<u32> = t.support.iter().copied().collect();
                 assert_eq!(t.query.len(), cfg.query);
                 assert!(t.support.len() + t.query.len() >= cfg.min_items);
-                assert!(t.query.iter().all(|q| !sup.contains(q)), "support and query disjoint");
+                assert!(
+                    t.query.iter().all(|q| !sup.contains(q)),
+                    "support and query disjoint"
+                );
                 // no query item in the user's training data
                 if let Some((_, its)) = split.meta_training.iter().find(|(u, _)| *u == t.user) {
-                    assert!(t.query.iter().all(|q| !its.contains(q)), "query item in training");
+                    assert!(
+                        t.query.iter().all(|q| !its.contains(q)),
+                        "query item in training"
+                    );
                 }
                 assert!(t.query.iter().all(|q| user_items[&t.user].contains(q)));
                 match s {
@@ -557,7 +580,10 @@ mod tests {
                 }
                 if matches!(s, Scenario::Ic | Scenario::Uic) {
                     assert!(
-                        t.query.iter().chain(&t.support).all(|i| !mt_items.contains(i)),
+                        t.query
+                            .iter()
+                            .chain(&t.support)
+                            .all(|i| !mt_items.contains(i)),
                         "new items never in meta-training"
                     );
                 }
@@ -614,7 +640,9 @@ mod tests {
         let b = build(&inter, &cfg, true).unwrap().0;
         assert_eq!(a.scenarios, b.scenarios);
         assert_eq!(a.meta_training, b.meta_training);
-        let c = build(&inter, &SplitConfig { seed: 9, ..cfg }, true).unwrap().0;
+        let c = build(&inter, &SplitConfig { seed: 9, ..cfg }, true)
+            .unwrap()
+            .0;
         assert_ne!(a.scenarios, c.scenarios);
     }
 
@@ -639,9 +667,18 @@ mod tests {
     #[test]
     fn rejects_bad_settings() {
         let bad = [
-            SplitConfig { new_frac: 0.0, ..Default::default() },
-            SplitConfig { query: 13, ..Default::default() },
-            SplitConfig { query: 0, ..Default::default() },
+            SplitConfig {
+                new_frac: 0.0,
+                ..Default::default()
+            },
+            SplitConfig {
+                query: 13,
+                ..Default::default()
+            },
+            SplitConfig {
+                query: 0,
+                ..Default::default()
+            },
         ];
         for cfg in bad {
             assert!(build(&[], &cfg, false).is_err());
