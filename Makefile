@@ -7,7 +7,7 @@ CARGO ?= cargo
 SPLIT ?= ../shared/eval/ml100k-coldstart
 DATA ?= data/ml-100k
 REPORTS ?= reports
-THAW := target/release/thaw
+THAW := $(or $(CARGO_TARGET_DIR),target)/release/thaw
 BLIND_MODELS := pop itemknn bpr kgknn
 AWARE_MODELS := pop itemknn bpr kgknn scenariopop
 
