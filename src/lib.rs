@@ -19,3 +19,4 @@ pub mod dataset;
 pub mod eval;
 pub mod graph;
 pub mod infer;
+pub mod train;

@@ -28,6 +28,37 @@ pub enum Command {
     Split(SplitArgs),
     /// Evaluate a model on a split, or compare reports (--compare).
     Eval(EvalArgs),
+    /// Train the MPKG item model on a split's meta-training data.
+    Train(TrainArgs),
+}
+
+/// Arguments of `thaw train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Dataset folder (RecBole atomic files).
+    #[arg(long)]
+    pub dataset: PathBuf,
+    /// Split folder; training uses its meta-training data only.
+    #[arg(long)]
+    pub split: PathBuf,
+    /// Output model folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Leave out pre-training tasks (ablation): kr, hnr, fr, mra.
+    #[arg(long, value_delimiter = ',')]
+    pub without: Vec<crate::train::mpkg::Task>,
+    /// Pre-training steps.
+    #[arg(long)]
+    pub pretrain_steps: Option<usize>,
+    /// Fine-tuning steps.
+    #[arg(long)]
+    pub finetune_steps: Option<usize>,
+    /// Text encoder folder (from onnx/setup.sh).
+    #[arg(long, default_value = "models/text")]
+    pub text_model: PathBuf,
+    /// Seed.
+    #[arg(long, default_value_t = 2020)]
+    pub seed: u64,
 }
 
 /// Arguments of `thaw split`.
@@ -65,7 +96,7 @@ pub struct EvalArgs {
     /// Split folder (MetaKG's format, e.g. written by `thaw split`).
     #[arg(long, required_unless_present = "compare")]
     pub split: Option<PathBuf>,
-    /// Model: pop, itemknn, bpr, kgknn, contentknn, scenariopop.
+    /// Model: pop, itemknn, bpr, kgknn, contentknn, scenariopop, mpkg.
     #[arg(long, required_unless_present = "compare")]
     pub model: Option<ModelName>,
     /// A trained model's folder, for models that need one.
@@ -100,7 +131,28 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Split(a) => run_split(a),
         Command::Eval(a) => run_eval(a),
+        Command::Train(a) => run_train(a),
     }
+}
+
+fn run_train(a: TrainArgs) -> anyhow::Result<()> {
+    let ds = Dataset::load(&a.dataset)?;
+    let split = Split::read(&a.split, &ds)
+        .with_context(|| format!("reading split {}", a.split.display()))?;
+    let mut cfg = crate::train::TrainConfig::default();
+    cfg.mpkg.without = a.without;
+    cfg.mpkg.seed = a.seed;
+    cfg.text_model_dir = a.text_model;
+    if let Some(s) = a.pretrain_steps {
+        cfg.mpkg.pretrain_steps = s;
+    }
+    if let Some(s) = a.finetune_steps {
+        cfg.mpkg.finetune_steps = s;
+    }
+    let card = crate::train::train(&ds, &split, &cfg, &a.out)?;
+    println!("{}", serde_json::to_string_pretty(&card.training)?);
+    println!("model {} written to {}", card.version, a.out.display());
+    Ok(())
 }
 
 fn run_split(a: SplitArgs) -> anyhow::Result<()> {

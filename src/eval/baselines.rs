@@ -39,17 +39,20 @@ pub enum ModelName {
     ContentKnn,
     /// Popularity within the user's scenario (aware mode only).
     ScenarioPop,
+    /// The MPKG item model (needs `--model-dir` from `thaw train`).
+    Mpkg,
 }
 
 impl ModelName {
     /// Every model, in report order.
-    pub const ALL: [ModelName; 6] = [
+    pub const ALL: [ModelName; 7] = [
         ModelName::Pop,
         ModelName::ItemKnn,
         ModelName::Bpr,
         ModelName::KgKnn,
         ModelName::ContentKnn,
         ModelName::ScenarioPop,
+        ModelName::Mpkg,
     ];
 
     /// The CLI and report name.
@@ -61,6 +64,7 @@ impl ModelName {
             ModelName::KgKnn => "kgknn",
             ModelName::ContentKnn => "contentknn",
             ModelName::ScenarioPop => "scenariopop",
+            ModelName::Mpkg => "mpkg",
         }
     }
 
@@ -71,7 +75,7 @@ impl ModelName {
 
     /// Whether the model fits differently per scenario in the aware mode.
     pub fn uses_scenario(self) -> bool {
-        self == ModelName::ScenarioPop
+        matches!(self, ModelName::ScenarioPop | ModelName::Mpkg)
     }
 }
 
@@ -145,6 +149,7 @@ pub fn fit(model: ModelName, ctx: &FitContext<'_>) -> Result<Fitted> {
                 .into(),
         }),
         ModelName::Bpr => fit_bpr(ctx),
+        ModelName::Mpkg => super::mpkg_eval::fit(ctx),
     }
 }
 

@@ -14,6 +14,7 @@
 
 pub mod baselines;
 pub mod metrics;
+mod mpkg_eval;
 pub mod report;
 pub mod split;
 

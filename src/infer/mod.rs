@@ -9,6 +9,7 @@
 //! so Python and Rust run the very same build. [`init_ort`] loads it once per
 //! process; every session shares that one environment.
 
+pub mod item;
 pub mod text;
 
 use std::ffi::OsString;

@@ -1,0 +1,109 @@
+//! MPKG in `thaw eval`: inductive item embeddings from a trained model folder,
+//! users as the mean of their items' embeddings (eq. 15) plus the learned item
+//! bias. In the aware mode the MRA layer and the bias are fine-tuned further on
+//! the scenario's support sets (as MetaKG adapts per scenario).
+
+use ndarray::{Array1, Array2, ArrayViewMut2, Axis};
+use serde_json::json;
+
+use super::baselines::Fitted;
+use super::{EvalError, FitContext, Recommender, Result};
+use crate::train::{self, mpkg, TrainedModel};
+
+/// Users are the mean of their training items' fused embeddings.
+struct MeanUser {
+    emb: Array2<f32>,
+    bias: Array1<f32>,
+    user_items: Vec<Vec<u32>>,
+}
+
+impl Recommender for MeanUser {
+    fn score(&self, users: &[u32], mut out: ArrayViewMut2<'_, f32>) {
+        let d = self.emb.ncols();
+        let mut eu = Array2::<f32>::zeros((users.len(), d));
+        for (mut row, &u) in eu.rows_mut().into_iter().zip(users) {
+            let its = &self.user_items[u as usize];
+            for &i in its {
+                row += &self.emb.row(i as usize);
+            }
+            if !its.is_empty() {
+                row /= its.len() as f32;
+            }
+        }
+        ndarray::linalg::general_mat_mul(1.0, &eu, &self.emb.t(), 0.0, &mut out);
+        out += &self.bias;
+    }
+}
+
+fn err(e: impl std::fmt::Display) -> EvalError {
+    EvalError::Model {
+        model: "mpkg".into(),
+        reason: e.to_string(),
+    }
+}
+
+pub(super) fn fit(ctx: &FitContext<'_>) -> Result<Fitted> {
+    let dir = ctx
+        .model_dir
+        .ok_or_else(|| err("needs --model-dir (a folder written by `thaw train`)"))?;
+    let tm = TrainedModel::load(dir).map_err(err)?;
+    let x = train::item_features(ctx.dataset, &tm.card.config, Some(&dir.join("cache")))
+        .map_err(err)?;
+    let (e_nrd, fused) =
+        train::infer_items(ctx.dataset, &tm, &x, &ctx.train.user_items).map_err(err)?;
+    let (emb, bias_w, params) = match ctx.scenario {
+        None => {
+            let bf = train::bias_features(ctx.dataset, &ctx.train.user_items, None);
+            let b = train::item_bias(&bf, &tm.card.bias_weights);
+            (fused, b, json!({"adapted": false}))
+        }
+        Some((s, tasks)) => {
+            let mut counts = vec![0f32; ctx.train.n_items];
+            let mut support = vec![Vec::new(); ctx.train.user_items.len()];
+            for t in tasks {
+                for &i in &t.support {
+                    counts[i as usize] += 1.0;
+                }
+                support[t.user as usize] = t.support.clone();
+            }
+            let bf = train::bias_features(ctx.dataset, &ctx.train.user_items, Some(&counts));
+            let model = tm.model.clone_weights().map_err(err)?;
+            let cfg = &tm.card.config.mpkg;
+            let e = mpkg::stack_relations(
+                &e_nrd
+                    .axis_iter(Axis(1))
+                    .map(|a| a.to_owned())
+                    .collect::<Vec<_>>(),
+            )
+            .map_err(err)?;
+            let curve = model
+                .finetune(
+                    &e,
+                    &mpkg::from_array2(bf.view()).map_err(err)?,
+                    &support,
+                    mpkg::FinetuneRun {
+                        steps: cfg.adapt_steps,
+                        lr: cfg.finetune_lr,
+                        seed: cfg.seed ^ 0xada,
+                    },
+                    cfg,
+                )
+                .map_err(err)?;
+            let fused = model.fuse_array(e_nrd.view()).map_err(err)?;
+            let b = train::item_bias(&bf, &model.bias_weights().map_err(err)?);
+            (
+                fused,
+                b,
+                json!({"adapted": s.name(), "bpr": curve, "bias_weights": model.bias_weights().map_err(err)?}),
+            )
+        }
+    };
+    Ok(Fitted {
+        rec: Box::new(MeanUser {
+            emb,
+            bias: bias_w,
+            user_items: ctx.train.user_items.clone(),
+        }),
+        params: json!({"model": tm.card.version, "relations": tm.card.relations, "bias_weights": tm.card.bias_weights, "run": params}),
+    })
+}

@@ -1,0 +1,494 @@
+//! Offline training of the item model (MPKG) and its export (`thaw train`).
+//!
+//! Pipeline: universal item features X (text encoder ⊕ hashed KG bag) → the
+//! PKG over meta-training items only (zero-shot items are absent) →
+//! `Z_r = S_r^M X` → pre-training (eq. 14) → fine-tuning of the MRA layer with
+//! BPR (eq. 16) → `model.json`, `weights.safetensors`, ONNX graphs.
+//! At inference ([`infer_items`]) every item, new ones included, enters the
+//! graph built from all training interactions, and embeddings are computed
+//! inductively: project, propagate, fuse.
+
+pub mod export;
+pub mod features;
+pub mod mpkg;
+pub mod pkg_build;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ndarray::{Array1, Array2, ArrayView2};
+use serde::{Deserialize, Serialize};
+
+use crate::dataset::Dataset;
+use crate::eval::split::Split;
+use crate::graph::{Propagator, PropagatorConfig};
+use mpkg::{Mpkg, MpkgConfig, TrainGraph, BIAS_FEATURES};
+use pkg_build::PkgConfig;
+
+/// Errors of training.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// Autodiff or tensor error.
+    #[error("tensor: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// Graph error.
+    #[error("graph: {0}")]
+    Graph(#[from] crate::graph::Error),
+    /// Text encoder or ONNX Runtime error.
+    #[error("inference: {0}")]
+    Infer(#[from] crate::infer::Error),
+    /// Export error.
+    #[error("export: {0}")]
+    Export(String),
+    /// Bad or missing data.
+    #[error("{0}")]
+    Data(String),
+    /// File error.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// Result alias for training.
+pub type Result<T, E = TrainError> = std::result::Result<T, E>;
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Settings of `thaw train`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// The model's hyper-parameters.
+    pub mpkg: MpkgConfig,
+    /// How the PKG is built.
+    pub pkg: PkgConfig,
+    /// Buckets of the hashed KG bag in X (64).
+    pub kg_dim: usize,
+    /// Folder of the text encoder (`models/text`, from `onnx/setup.sh`).
+    pub text_model_dir: PathBuf,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            mpkg: MpkgConfig::default(),
+            pkg: PkgConfig::default(),
+            kg_dim: 64,
+            text_model_dir: PathBuf::from("models/text"),
+        }
+    }
+}
+
+/// `model.json`: what the engine and `thaw eval` need to use a trained model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelCard {
+    /// Model version (seconds since the epoch at training time).
+    pub version: String,
+    /// Relation names, in the order of the weights.
+    pub relations: Vec<String>,
+    /// Input feature size.
+    pub d_in: usize,
+    /// Embedding size.
+    pub dim: usize,
+    /// Propagation hops.
+    pub hops: usize,
+    /// Dataset digest.
+    pub dataset: String,
+    /// Split digest.
+    pub split: String,
+    /// Training settings.
+    pub config: TrainConfig,
+    /// Item-bias weights over the bias features.
+    pub bias_weights: Vec<f32>,
+    /// Adaptation settings for the engine: BPR steps and learning rate.
+    pub adapt_steps: usize,
+    /// Learning rate of per-user adaptation.
+    pub adapt_lr: f64,
+    /// Wall times and loss curves.
+    pub training: serde_json::Value,
+}
+
+/// Universal features X of every dataset item: text vectors (cached in
+/// `cache`, keyed by the dataset digest) ⊕ hashed KG bag.
+pub fn item_features(ds: &Dataset, cfg: &TrainConfig, cache: Option<&Path>) -> Result<Array2<f32>> {
+    let cached = cache.map(|c| c.join(format!("text-{}.safetensors", ds.digest)));
+    let text = match cached.as_ref().filter(|p| p.is_file()) {
+        Some(p) => {
+            let t = candle_core::safetensors::load(p, &candle_core::Device::Cpu)?;
+            let v = t
+                .get("text")
+                .ok_or_else(|| TrainError::Data(format!("{}: no `text` tensor", p.display())))?;
+            mpkg::to_array2(v)?
+        }
+        None => {
+            let enc =
+                crate::infer::text::TextEncoder::load(&crate::infer::text::TextEncoderConfig {
+                    model_dir: cfg.text_model_dir.clone(),
+                    ..Default::default()
+                })?;
+            let start = Instant::now();
+            let texts: Vec<&str> = ds.item_text.iter().map(String::as_str).collect();
+            let t = enc.embed(&texts)?;
+            tracing::info!(
+                items = texts.len(),
+                seconds = start.elapsed().as_secs_f64(),
+                "embedded item texts"
+            );
+            if let Some(p) = &cached {
+                if let Some(dir) = p.parent() {
+                    std::fs::create_dir_all(dir).map_err(io(dir))?;
+                }
+                let map = HashMap::from([("text".to_string(), mpkg::from_array2(t.view())?)]);
+                candle_core::safetensors::save(&map, p)?;
+            }
+            t
+        }
+    };
+    // An item without text gets a zero text vector rather than the embedding of "".
+    let mut text = text;
+    for (i, s) in ds.item_text.iter().enumerate() {
+        if s.is_empty() {
+            text.row_mut(i).fill(0.0);
+        }
+    }
+    Ok(features::item_features(ds, Some(text.view()), cfg.kg_dim))
+}
+
+/// Bias features per item ([`BIAS_FEATURES`] columns) from training
+/// interactions `user_items` (dataset indexes) and optional per-item counts
+/// within the user's scenario.
+pub fn bias_features(
+    ds: &Dataset,
+    user_items: &[Vec<u32>],
+    scenario_counts: Option<&[f32]>,
+) -> Array2<f32> {
+    let n = ds.n_items();
+    let mut ts: HashMap<(u32, u32), f64> = HashMap::new();
+    for x in &ds.interactions {
+        if let Some(t) = x.ts {
+            ts.entry((x.user, x.item))
+                .and_modify(|v| *v = v.min(t))
+                .or_insert(t);
+        }
+    }
+    let mut count = vec![0f64; n];
+    let mut first = vec![f64::INFINITY; n];
+    let mut now = f64::NEG_INFINITY;
+    for (u, its) in user_items.iter().enumerate() {
+        for &i in its {
+            count[i as usize] += 1.0;
+            if let Some(&t) = ts.get(&(u as u32, i)) {
+                first[i as usize] = first[i as usize].min(t);
+                now = now.max(t);
+            }
+        }
+    }
+    let mut f = Array2::<f32>::zeros((n, BIAS_FEATURES));
+    for i in 0..n {
+        let days = if first[i].is_finite() && now.is_finite() {
+            ((now - first[i]) / 86_400.0).max(1.0)
+        } else {
+            1.0
+        };
+        f[[i, 0]] = (count[i] as f32).ln_1p();
+        f[[i, 1]] = ((count[i] / days) as f32).ln_1p();
+        f[[i, 2]] = scenario_counts.map_or(0.0, |c| c[i].ln_1p());
+    }
+    f
+}
+
+/// Propagates per-relation inputs over the PKG: `S_r^M H_r` (eq. 1).
+pub fn propagate(
+    pkg: &crate::graph::Pkg,
+    inputs: &[Array2<f32>],
+    hops: usize,
+) -> Result<Vec<Array2<f32>>> {
+    let views: Vec<ArrayView2<'_, f32>> = inputs.iter().map(|a| a.view()).collect();
+    let prop = Propagator::full(
+        PropagatorConfig {
+            hops,
+            ..Default::default()
+        },
+        pkg,
+        &views,
+    )?;
+    (0..inputs.len())
+        .map(|r| Ok(prop.output(r)?.to_owned()))
+        .collect()
+}
+
+/// Trains MPKG on the split's meta-training data and writes the model folder.
+pub fn train(ds: &Dataset, split: &Split, cfg: &TrainConfig, out: &Path) -> Result<ModelCard> {
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let t0 = Instant::now();
+    let x_all = item_features(ds, cfg, Some(&out.join("cache")))?;
+    let t_features = t0.elapsed().as_secs_f64();
+
+    // Meta-training only: zero-shot items are absent from the training graph.
+    let mut user_items = vec![Vec::new(); ds.users.len()];
+    for (u, its) in &split.meta_training {
+        user_items[*u as usize] = its.clone();
+    }
+    let mut items: Vec<u32> = user_items.iter().flatten().copied().collect();
+    items.sort_unstable();
+    items.dedup();
+    let (pkg, slot) = pkg_build::build_pkg(ds, &cfg.pkg, &items, &user_items)?;
+    let relations: Vec<String> = pkg.relations().to_vec();
+    tracing::info!(items = items.len(), edges = ?pkg.edge_counts(), ?relations, "training graph");
+    let x_sub = x_all.select(
+        ndarray::Axis(0),
+        &items.iter().map(|&i| i as usize).collect::<Vec<_>>(),
+    );
+    let z = propagate(&pkg, &vec![x_sub.clone(); relations.len()], cfg.mpkg.hops)?;
+    let z = mpkg::stack_relations(&z)?;
+    let x = mpkg::from_array2(x_sub.view())?;
+    let neighbours: Vec<Vec<Vec<u32>>> = (0..relations.len())
+        .map(|r| {
+            (0..items.len() as u32)
+                .map(|k| {
+                    pkg.neighbours(r, k)
+                        .map(<[u32]>::to_vec)
+                        .unwrap_or_default()
+                })
+                .collect()
+        })
+        .collect();
+    let graph = TrainGraph::new(items.len(), neighbours);
+
+    let model = Mpkg::new(relations.len(), x_all.ncols(), &cfg.mpkg)?;
+    let t1 = Instant::now();
+    let pre_curve = model.pretrain(&z, &x, &graph, &cfg.mpkg)?;
+    let t_pretrain = t1.elapsed().as_secs_f64();
+
+    let t2 = Instant::now();
+    let e = model.encode(&z)?;
+    let bias_all = bias_features(ds, &user_items, None);
+    let bias_sub = bias_all.select(
+        ndarray::Axis(0),
+        &items.iter().map(|&i| i as usize).collect::<Vec<_>>(),
+    );
+    let slot_items: Vec<Vec<u32>> = user_items
+        .iter()
+        .map(|its| {
+            let mut v: Vec<u32> = its.iter().map(|i| slot[i]).collect();
+            v.sort_unstable();
+            v
+        })
+        .collect();
+    let ft_curve = model.finetune(
+        &e,
+        &mpkg::from_array2(bias_sub.view())?,
+        &slot_items,
+        mpkg::FinetuneRun {
+            steps: cfg.mpkg.finetune_steps,
+            lr: cfg.mpkg.finetune_lr,
+            seed: cfg.mpkg.seed ^ 0xf1,
+        },
+        &cfg.mpkg,
+    )?;
+    let t_finetune = t2.elapsed().as_secs_f64();
+
+    model.save(&out.join("weights.safetensors"))?;
+    model.export_onnx(out)?;
+    let version = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs().to_string())
+        .unwrap_or_else(|_| "0".into());
+    let card = ModelCard {
+        version,
+        relations,
+        d_in: x_all.ncols(),
+        dim: cfg.mpkg.dim,
+        hops: cfg.mpkg.hops,
+        dataset: ds.digest.clone(),
+        split: split.digest.clone(),
+        config: cfg.clone(),
+        bias_weights: model.bias_weights()?,
+        adapt_steps: 5,
+        adapt_lr: 0.05,
+        training: serde_json::json!({
+            "seconds": {"features": t_features, "pretrain": t_pretrain, "finetune": t_finetune},
+            "pretrain_losses_kr_fr_hnr_mra": pre_curve,
+            "finetune_bpr": ft_curve,
+            "train_items": items.len(),
+        }),
+    };
+    let json = serde_json::to_string_pretty(&card).map_err(|e| TrainError::Data(e.to_string()))?;
+    let p = out.join("model.json");
+    std::fs::write(&p, json).map_err(io(&p))?;
+    Ok(card)
+}
+
+/// A loaded model folder.
+pub struct TrainedModel {
+    /// `model.json`.
+    pub card: ModelCard,
+    /// The weights.
+    pub model: Mpkg,
+    /// The folder.
+    pub dir: PathBuf,
+}
+
+impl TrainedModel {
+    /// Loads `dir/model.json` and `dir/weights.safetensors`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let p = dir.join("model.json");
+        let text = std::fs::read_to_string(&p).map_err(io(&p))?;
+        let card: ModelCard = serde_json::from_str(&text)
+            .map_err(|e| TrainError::Data(format!("{}: {e}", p.display())))?;
+        let model = Mpkg::load(&dir.join("weights.safetensors"))?;
+        if model.relations() != card.relations.len() {
+            return Err(TrainError::Data(format!(
+                "{}: weights have {} relations, model.json {}",
+                dir.display(),
+                model.relations(),
+                card.relations.len()
+            )));
+        }
+        Ok(Self {
+            card,
+            model,
+            dir: dir.to_path_buf(),
+        })
+    }
+}
+
+/// Inductive inference for every dataset item: the PKG is rebuilt from
+/// `user_items` (all training interactions, so new items enter with their
+/// first interactions), features are projected (`X W_r`), propagated and fused.
+/// Returns the relation embeddings [R, N, d] and the fused ones [N, d].
+pub fn infer_items(
+    ds: &Dataset,
+    tm: &TrainedModel,
+    x_all: &Array2<f32>,
+    user_items: &[Vec<u32>],
+) -> Result<(ndarray::Array3<f32>, Array2<f32>)> {
+    let items: Vec<u32> = (0..ds.n_items() as u32).collect();
+    let (pkg, _slot) = pkg_build::build_pkg(ds, &tm.card.config.pkg, &items, user_items)?;
+    if pkg.relations() != tm.card.relations.as_slice() {
+        return Err(TrainError::Data(format!(
+            "graph relations {:?} differ from the model's {:?}",
+            pkg.relations(),
+            tm.card.relations
+        )));
+    }
+    let w = tm.model.proj_array()?;
+    let projected: Vec<Array2<f32>> = (0..w.dim().0)
+        .map(|r| x_all.dot(&w.index_axis(ndarray::Axis(0), r)))
+        .collect();
+    let e = propagate(&pkg, &projected, tm.card.hops)?;
+    let views: Vec<_> = e
+        .iter()
+        .map(|a| a.view().insert_axis(ndarray::Axis(1)))
+        .collect();
+    let e_nrd = ndarray::concatenate(ndarray::Axis(1), &views)
+        .map_err(|e| TrainError::Data(e.to_string()))?;
+    let fused = tm.model.fuse_array(e_nrd.view())?;
+    Ok((e_nrd, fused))
+}
+
+/// Item biases from bias features and weights.
+pub fn item_bias(features: &Array2<f32>, weights: &[f32]) -> Array1<f32> {
+    features.dot(&Array1::from(weights.to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::Pkg;
+    use rand::{Rng, SeedableRng};
+
+    /// A zero-shot item enters a trained graph with its edges: its embedding
+    /// computed inductively (incremental propagation of the new rows) equals
+    /// the one from propagating the whole graph that contains it from scratch.
+    #[test]
+    fn zero_shot_item_inductive_equals_full_recomputation() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let (n, r, d) = (40usize, 2usize, 6usize);
+        let edges: Vec<(usize, u32, u32)> = (0..120)
+            .map(|_| {
+                (
+                    rng.random_range(0..r),
+                    rng.random_range(0..n as u32),
+                    rng.random_range(0..n as u32),
+                )
+            })
+            .filter(|(_, a, b)| a != b)
+            .collect();
+        let rows: Vec<Array2<f32>> = (0..r)
+            .map(|_| Array2::from_shape_fn((n, d), |_| rng.random::<f32>()))
+            .collect();
+        let zero_shot = 17u32;
+        let id = |i: u32| format!("item{i}");
+
+        // Full graph, every item present.
+        let mut full = Pkg::new(["a", "b"]).unwrap();
+        for i in 0..n as u32 {
+            full.add_item(&id(i));
+        }
+        for &(rel, a, b) in &edges {
+            full.add_edge(rel, a, b).unwrap();
+        }
+        let full_out = propagate(&full, &rows, 3).unwrap();
+
+        // Training graph without the zero-shot item, then the item arrives.
+        let mut g = Pkg::new(["a", "b"]).unwrap();
+        let mut slot = HashMap::new();
+        for i in (0..n as u32).filter(|&i| i != zero_shot) {
+            slot.insert(i, g.add_item(&id(i)));
+        }
+        for &(rel, a, b) in edges
+            .iter()
+            .filter(|(_, a, b)| *a != zero_shot && *b != zero_shot)
+        {
+            g.add_edge(rel, slot[&a], slot[&b]).unwrap();
+        }
+        let inputs_of = |g: &Pkg, rel: usize| {
+            Array2::from_shape_fn((g.slots(), d), |(s, k)| {
+                let ext: u32 = g
+                    .ext_id(s as u32)
+                    .and_then(|e| e[4..].parse().ok())
+                    .unwrap_or(0);
+                rows[rel][[ext as usize, k]]
+            })
+        };
+        let inputs: Vec<Array2<f32>> = (0..r).map(|rel| inputs_of(&g, rel)).collect();
+        let views: Vec<_> = inputs.iter().map(|a| a.view()).collect();
+        let mut prop = Propagator::full(PropagatorConfig::default(), &g, &views).unwrap();
+        g.take_changes();
+        let z = g.add_item(&id(zero_shot));
+        slot.insert(zero_shot, z);
+        for &(rel, a, b) in edges
+            .iter()
+            .filter(|(_, a, b)| *a == zero_shot || *b == zero_shot)
+        {
+            g.add_edge(rel, slot[&a], slot[&b]).unwrap();
+        }
+        let mut batch = g.take_changes();
+        for (rel, x) in rows.iter().enumerate() {
+            batch.set_input(rel, z, x.row(zero_shot as usize).as_slice().unwrap());
+        }
+        prop.apply(&g, &batch).unwrap();
+        for (rel, out) in full_out.iter().enumerate() {
+            for i in 0..n as u32 {
+                let a = prop.row(rel, slot[&i]).unwrap();
+                let b = out.row(i as usize);
+                let diff = (&a - &b).iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert!(diff <= 1e-5, "relation {rel} item {i}: {diff}");
+            }
+        }
+        assert!(
+            full.degree(0, zero_shot).unwrap() + full.degree(1, zero_shot).unwrap() > 0,
+            "the zero-shot item has edges"
+        );
+    }
+}
