@@ -7,13 +7,16 @@
 //!   dimensions and an item bias, epochs chosen on `valid/`.
 //! - `kgknn`: item-item cosine over shared KG (relation, entity) pairs,
 //!   IDF-weighted, so a new item has neighbours from its first event.
-//! - `contentknn`: cosine of text-encoder item vectors.
+//! - `contentknn`: cosine of text-encoder item vectors (all-MiniLM-L6-v2 over
+//!   the item's text columns; `--model-dir` names the encoder folder, default
+//!   `models/text`).
 //! - `scenariopop` (aware mode only): popularity over the support sets of the
 //!   user's own scenario.
 //!
 //! Neighbourhood sizes of the kNN models are chosen on `valid/` too.
 
 use std::fmt;
+use std::path::Path;
 use std::str::FromStr;
 
 use ndarray::{Array1, Array2, ArrayViewMut2, Axis};
@@ -132,7 +135,9 @@ pub fn fit(model: ModelName, ctx: &FitContext<'_>) -> Result<Fitted> {
                 params: json!({}),
             })
         }
-        ModelName::ItemKnn => fit_knn(ctx, model, |train, _| interaction_features(train)),
+        ModelName::ItemKnn => fit_knn(ctx, model, |train, _, k| {
+            Ok(neighbours(&interaction_features(train), k))
+        }),
         ModelName::KgKnn => {
             if ctx.dataset.triples.is_empty() {
                 return Err(EvalError::Model {
@@ -140,14 +145,18 @@ pub fn fit(model: ModelName, ctx: &FitContext<'_>) -> Result<Fitted> {
                     reason: "the dataset has no .kg/.link files".into(),
                 });
             }
-            fit_knn(ctx, model, |_, ds| kg_features(ds))
+            fit_knn(ctx, model, |_, ds, k| Ok(neighbours(&kg_features(ds), k)))
         }
-        ModelName::ContentKnn => Err(EvalError::Model {
-            model: model.name().into(),
-            reason: "needs the text encoder's item vectors, which arrive with the MPKG item \
-                     model (issue 3: onnx/ text encoder); not available in this build"
-                .into(),
-        }),
+        ModelName::ContentKnn => {
+            // --model-dir names the text encoder's folder (default models/text).
+            let dir = ctx.model_dir.unwrap_or(Path::new("models/text"));
+            let text = crate::train::text_vectors(ctx.dataset, dir, Some(&dir.join("cache")))
+                .map_err(|e| EvalError::Model {
+                    model: model.name().into(),
+                    reason: format!("needs the text encoder's item vectors: {e}"),
+                })?;
+            fit_knn(ctx, model, |_, _, k| Ok(dense_neighbours(&text, k)))
+        }
         ModelName::Bpr => fit_bpr(ctx),
         ModelName::Mpkg => super::mpkg_eval::fit(ctx),
     }
@@ -281,6 +290,41 @@ fn neighbours(features: &Features, k: usize) -> Vec<Vec<(u32, f32)>> {
     out
 }
 
+/// Each item's `k` most similar items by cosine of dense vectors (rows of
+/// `v`; zero rows have no neighbours). Blocked matrix products, a partial
+/// selection per row.
+fn dense_neighbours(v: &Array2<f32>, k: usize) -> Vec<Vec<(u32, f32)>> {
+    let mut unit = v.clone();
+    for mut r in unit.rows_mut() {
+        let n = r.dot(&r).sqrt();
+        if n > 0.0 {
+            r /= n;
+        }
+    }
+    let n = unit.nrows();
+    let mut out = Vec::with_capacity(n);
+    for start in (0..n).step_by(256) {
+        let block = unit.slice(ndarray::s![start..(start + 256).min(n), ..]);
+        let sims = block.dot(&unit.t());
+        for (off, row) in sims.rows().into_iter().enumerate() {
+            let i = start + off;
+            let mut cand: Vec<(u32, f32)> = row
+                .iter()
+                .enumerate()
+                .filter(|&(j, &s)| j != i && s > 0.0)
+                .map(|(j, &s)| (j as u32, s))
+                .collect();
+            if cand.len() > k {
+                cand.select_nth_unstable_by(k, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                cand.truncate(k);
+            }
+            cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            out.push(cand);
+        }
+    }
+    out
+}
+
 /// kNN scorer: a user's score for item j sums sim(i, j) over their items i.
 struct Knn {
     nbrs: Vec<Vec<(u32, f32)>>,
@@ -302,16 +346,21 @@ impl Recommender for Knn {
 /// Neighbourhood sizes tried on `valid/`.
 const KNN_SIZES: [usize; 5] = [10, 25, 50, 100, 400];
 
+/// Fits a kNN model whose neighbour lists come from `nbrs(train, dataset, k)`,
+/// choosing k on `valid/`.
 fn fit_knn(
     ctx: &FitContext<'_>,
     model: ModelName,
-    features: impl Fn(&TrainSet, &crate::dataset::Dataset) -> Features,
+    nbrs: impl Fn(&TrainSet, &crate::dataset::Dataset, usize) -> Result<Vec<Vec<(u32, f32)>>>,
 ) -> Result<Fitted> {
     let (k, valid_scores) = match ctx.valid {
         Some(valid) => {
             let vtrain = TrainSet::from_split(valid, ctx.train.user_items.len(), ctx.train.n_items);
-            let f = features(&vtrain, ctx.dataset);
-            let all = neighbours(&f, *KNN_SIZES.iter().max().unwrap_or(&100));
+            let all = nbrs(
+                &vtrain,
+                ctx.dataset,
+                *KNN_SIZES.iter().max().unwrap_or(&100),
+            )?;
             let mut best = (KNN_SIZES[0], f64::NEG_INFINITY);
             let mut tried = serde_json::Map::new();
             for &k in &KNN_SIZES {
@@ -332,10 +381,9 @@ fn fit_knn(
             (50, json!(null))
         }
     };
-    let f = features(ctx.train, ctx.dataset);
     Ok(Fitted {
         rec: Box::new(Knn {
-            nbrs: neighbours(&f, k),
+            nbrs: nbrs(ctx.train, ctx.dataset, k)?,
             user_items: ctx.train.user_items.clone(),
         }),
         params: json!({"neighbours": k, "valid_ndcg_by_neighbours": valid_scores}),

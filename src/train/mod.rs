@@ -117,11 +117,15 @@ pub struct ModelCard {
     pub training: serde_json::Value,
 }
 
-/// Universal features X of every dataset item: text vectors (cached in
-/// `cache`, keyed by the dataset digest) ⊕ hashed KG bag.
-pub fn item_features(ds: &Dataset, cfg: &TrainConfig, cache: Option<&Path>) -> Result<Array2<f32>> {
+/// Text-encoder vectors of every dataset item's text (zero rows for items
+/// without text), cached in `cache` keyed by the dataset digest.
+pub fn text_vectors(
+    ds: &Dataset,
+    text_model_dir: &Path,
+    cache: Option<&Path>,
+) -> Result<Array2<f32>> {
     let cached = cache.map(|c| c.join(format!("text-{}.safetensors", ds.digest)));
-    let text = match cached.as_ref().filter(|p| p.is_file()) {
+    let mut text = match cached.as_ref().filter(|p| p.is_file()) {
         Some(p) => {
             let t = candle_core::safetensors::load(p, &candle_core::Device::Cpu)?;
             let v = t
@@ -132,7 +136,7 @@ pub fn item_features(ds: &Dataset, cfg: &TrainConfig, cache: Option<&Path>) -> R
         None => {
             let enc =
                 crate::infer::text::TextEncoder::load(&crate::infer::text::TextEncoderConfig {
-                    model_dir: cfg.text_model_dir.clone(),
+                    model_dir: text_model_dir.to_path_buf(),
                     ..Default::default()
                 })?;
             let start = Instant::now();
@@ -153,13 +157,25 @@ pub fn item_features(ds: &Dataset, cfg: &TrainConfig, cache: Option<&Path>) -> R
             t
         }
     };
+    if text.nrows() != ds.n_items() {
+        return Err(TrainError::Data(format!(
+            "text vectors have {} rows for {} items",
+            text.nrows(),
+            ds.n_items()
+        )));
+    }
     // An item without text gets a zero text vector rather than the embedding of "".
-    let mut text = text;
     for (i, s) in ds.item_text.iter().enumerate() {
         if s.is_empty() {
             text.row_mut(i).fill(0.0);
         }
     }
+    Ok(text)
+}
+
+/// Universal features X of every dataset item: text vectors ⊕ hashed KG bag.
+pub fn item_features(ds: &Dataset, cfg: &TrainConfig, cache: Option<&Path>) -> Result<Array2<f32>> {
+    let text = text_vectors(ds, &cfg.text_model_dir, cache)?;
     Ok(features::item_features(ds, Some(text.view()), cfg.kg_dim))
 }
 
