@@ -8,14 +8,16 @@ SPLIT ?= ../shared/eval/ml100k-coldstart
 DATA ?= data/ml-100k
 REPORTS ?= reports
 THAW := $(or $(CARGO_TARGET_DIR),target)/release/thaw
-BLIND_MODELS := pop itemknn bpr kgknn
-AWARE_MODELS := pop itemknn bpr kgknn scenariopop
+BLIND_MODELS := pop itemknn bpr kgknn contentknn
+AWARE_MODELS := pop itemknn bpr kgknn contentknn scenariopop
+MODEL_DIR ?= models/mpkg
 
-.PHONY: demo test data models build eval-baselines lint unit
+.PHONY: demo test data models build train eval-baselines eval-mpkg compare lint unit
 
-## demo: until the streaming engine lands, the demo evaluates every baseline on
-## the reference cold-start split in both modes and prints the comparison.
-demo: data build eval-baselines
+## demo: until the streaming engine lands, the demo trains MPKG (if no model
+## exists), evaluates it and every baseline on the reference cold-start split
+## in both modes, and prints the comparison.
+demo: data models build eval-baselines eval-mpkg compare
 
 data:
 	./scripts/setup-data.sh
@@ -28,7 +30,7 @@ models:
 build:
 	$(CARGO) build --release --locked
 
-eval-baselines: data build
+eval-baselines: data models build
 	@mkdir -p $(REPORTS)
 	@start=$$(date +%s%N); \
 	for m in $(BLIND_MODELS); do \
@@ -38,9 +40,21 @@ eval-baselines: data build
 	  $(THAW) eval --dataset $(DATA) --split $(SPLIT) --model $$m --scenario-aware --out $(REPORTS)/$$m-aware.json >/dev/null; \
 	done; \
 	end=$$(date +%s%N); \
-	$(THAW) eval --compare $(REPORTS)/*-blind.json $(REPORTS)/*-aware.json --out $(REPORTS)/compare.md; \
 	echo "all baselines, both modes: $$(( (end - start) / 1000000 )) ms"
-	@echo "contentknn needs the text encoder (issue 3) and is not in this table yet."
+
+## train: MPKG on the reference split's meta-training data (skipped when
+## $(MODEL_DIR)/model.json exists; `make train MODEL_DIR=...` for another).
+train: data models build
+	@if [ -f $(MODEL_DIR)/model.json ]; then echo "model: $(MODEL_DIR) present"; else \
+	  $(THAW) train --dataset $(DATA) --split $(SPLIT) --out $(MODEL_DIR); fi
+
+eval-mpkg: train
+	@mkdir -p $(REPORTS)
+	$(THAW) eval --dataset $(DATA) --split $(SPLIT) --model mpkg --model-dir $(MODEL_DIR) --out $(REPORTS)/mpkg-blind.json >/dev/null
+	$(THAW) eval --dataset $(DATA) --split $(SPLIT) --model mpkg --model-dir $(MODEL_DIR) --scenario-aware --out $(REPORTS)/mpkg-aware.json >/dev/null
+
+compare:
+	$(THAW) eval --compare $(REPORTS)/*-blind.json $(REPORTS)/*-aware.json --out $(REPORTS)/compare.md
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -172,6 +172,18 @@ fn randn(rng: &mut ChaCha8Rng, shape: &[usize], std: f32) -> Result<Var> {
     )?)?)
 }
 
+/// A progress bar on stderr (hidden when stderr is not a terminal, e.g. in CI).
+fn progress(len: usize, what: &'static str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len as u64);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} {elapsed}<{eta}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what);
+    bar
+}
+
 /// Numerically stable `log(1 + exp(x))`.
 fn softplus(x: &Tensor) -> Result<Tensor> {
     let neg_abs = x.abs()?.neg()?;
@@ -495,7 +507,9 @@ impl Mpkg {
         )?;
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5eed);
         let mut curve = Vec::new();
+        let bar = progress(cfg.pretrain_steps, "pre-training");
         for step in 0..cfg.pretrain_steps {
+            bar.inc(1);
             let s = graph.sample(cfg.batch, &mut rng);
             let (loss, parts) = self.pretrain_loss(z, x, &s, cfg)?;
             opt.backward_step(&loss)?;
@@ -556,7 +570,9 @@ impl Mpkg {
             ));
         }
         let mut curve = Vec::new();
+        let bar = progress(steps, "fine-tuning");
         for step in 0..steps {
+            bar.inc(1);
             let b = cfg.batch.min(pairs.len());
             let mut a = vec![0f32; b * n];
             let (mut pos, mut neg, mut inv) = (
