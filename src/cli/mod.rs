@@ -53,6 +53,9 @@ pub struct TrainArgs {
     /// Fine-tuning steps.
     #[arg(long)]
     pub finetune_steps: Option<usize>,
+    /// Pre-training learning rate.
+    #[arg(long)]
+    pub lr: Option<f64>,
     /// Text encoder folder (from onnx/setup.sh).
     #[arg(long, default_value = "models/text")]
     pub text_model: PathBuf,
@@ -148,6 +151,9 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     }
     if let Some(s) = a.finetune_steps {
         cfg.mpkg.finetune_steps = s;
+    }
+    if let Some(lr) = a.lr {
+        cfg.mpkg.lr = lr;
     }
     let card = crate::train::train(&ds, &split, &cfg, &a.out)?;
     println!("{}", serde_json::to_string_pretty(&card.training)?);
