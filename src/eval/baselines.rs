@@ -241,6 +241,17 @@ fn kg_features(ds: &crate::dataset::Dataset) -> Features {
         .collect()
 }
 
+/// Keeps the `k` highest-similarity neighbours, sorted by similarity (ties:
+/// lower index first).
+fn keep_top(row: &mut Vec<(u32, f32)>, k: usize) {
+    let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if row.len() > k {
+        row.select_nth_unstable_by(k, order);
+        row.truncate(k);
+    }
+    row.sort_unstable_by(order);
+}
+
 /// Each item's `k` most similar items by cosine over sparse features.
 fn neighbours(features: &Features, k: usize) -> Vec<Vec<(u32, f32)>> {
     let n = features.len();
@@ -280,11 +291,7 @@ fn neighbours(features: &Features, k: usize) -> Vec<Vec<(u32, f32)>> {
             acc[j as usize] = 0.0;
         }
         touched.clear();
-        if row.len() > k {
-            row.select_nth_unstable_by(k, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            row.truncate(k);
-        }
-        row.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        keep_top(&mut row, k);
         out.push(row);
     }
     out
@@ -314,11 +321,7 @@ fn dense_neighbours(v: &Array2<f32>, k: usize) -> Vec<Vec<(u32, f32)>> {
                 .filter(|&(j, &s)| j != i && s > 0.0)
                 .map(|(j, &s)| (j as u32, s))
                 .collect();
-            if cand.len() > k {
-                cand.select_nth_unstable_by(k, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-                cand.truncate(k);
-            }
-            cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            keep_top(&mut cand, k);
             out.push(cand);
         }
     }
