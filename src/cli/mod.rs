@@ -56,6 +56,9 @@ pub struct TrainArgs {
     /// Pre-training learning rate.
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Most frequent KG relations turned into PKG relations.
+    #[arg(long)]
+    pub kg_relations: Option<usize>,
     /// Text encoder folder (from onnx/setup.sh).
     #[arg(long, default_value = "models/text")]
     pub text_model: PathBuf,
@@ -154,6 +157,9 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     }
     if let Some(lr) = a.lr {
         cfg.mpkg.lr = lr;
+    }
+    if let Some(k) = a.kg_relations {
+        cfg.pkg.kg_relations = k;
     }
     let card = crate::train::train(&ds, &split, &cfg, &a.out)?;
     println!("{}", serde_json::to_string_pretty(&card.training)?);
