@@ -10,6 +10,7 @@
 //! - [`graph`]: the product knowledge graph and its per-relation SGC propagation,
 //!   updated incrementally.
 //! - [`infer`]: ONNX Runtime sessions (text encoder, item projection, fusion).
+//! - [`ingest`]: the event wire format (`streams/`), validation and dead letters.
 //! - [`cli`]: the command line; `main.rs` only parses and calls [`cli::run`].
 
 #![deny(missing_docs)]
@@ -19,4 +20,5 @@ pub mod dataset;
 pub mod eval;
 pub mod graph;
 pub mod infer;
+pub mod ingest;
 pub mod train;

@@ -139,19 +139,19 @@ pub struct FinetuneRun {
 
 /// The learnable weights.
 pub struct Mpkg {
-    /// `W_r`, [R, d_in, d].
+    /// `W_r`, `[R, d_in, d]`.
     pub proj: Var,
-    /// Self-excitation first layer, [R, d, h].
+    /// Self-excitation first layer, `[R, d, h]`.
     pub w1: Var,
-    /// Its bias, [R, h].
+    /// Its bias, `[R, h]`.
     pub b1: Var,
-    /// Self-excitation second layer, [R, h].
+    /// Self-excitation second layer, `[R, h]`.
     pub w2: Var,
-    /// Its bias, [R].
+    /// Its bias, `[R]`.
     pub b2: Var,
-    /// FR decoder, [R·d, d_in].
+    /// FR decoder, `[R·d, d_in]`.
     pub dec_w: Var,
-    /// Its bias, [d_in].
+    /// Its bias, `[d_in]`.
     pub dec_b: Var,
     /// Item-bias weights over [`BIAS_FEATURES`].
     pub bias_w: Var,
@@ -315,7 +315,7 @@ impl Mpkg {
         self.proj.dims()[0]
     }
 
-    /// Eq. 1 with precomputed propagation: `E_r = Z_r W_r`, [R, N, d].
+    /// Eq. 1 with precomputed propagation: `E_r = Z_r W_r`, `[R, N, d]`.
     pub fn encode(&self, z: &Tensor) -> Result<Tensor> {
         Ok(z.matmul(self.proj.as_tensor())?)
     }
@@ -330,7 +330,7 @@ impl Mpkg {
         Ok(s.broadcast_add(&self.b2.as_tensor().unsqueeze(1)?)?.t()?)
     }
 
-    /// The MRA ToA layer (eq. 11): softmax-weighted sum over relations, [N, d].
+    /// The MRA ToA layer (eq. 11): softmax-weighted sum over relations, `[N, d]`.
     /// `exclude` masks one relation per item (the target relation of r-MRA).
     pub fn fuse(&self, e: &Tensor, exclude: Option<&[u32]>) -> Result<Tensor> {
         let mut s = self.excitation(e)?;
@@ -369,7 +369,7 @@ impl Mpkg {
         Ok(total)
     }
 
-    /// Concatenated relation embeddings (eq. 5, 8) of some items, [B, R·d].
+    /// Concatenated relation embeddings (eq. 5, 8) of some items, `[B, R·d]`.
     fn concat(&self, e: &Tensor, items: &[u32]) -> Result<Tensor> {
         let (r, _, d) = e.dims3()?;
         let sel = e.index_select(&idx(items)?, 1)?; // [R, B, d]

@@ -1,0 +1,19 @@
+//! Ingest: Kafka records of `items`, `item-relations` and `interactions` in,
+//! typed events out; whatever cannot be accepted goes to `thaw-dlq` with a reason.
+//!
+//! - [`events`]: the wire format of the three topics and of the dead-letter
+//!   record (`streams/schemas/*.json`, described in `streams/README.md`),
+//!   [`decode`] with its validation rules, the [`Rejection`] reasons and their
+//!   metric labels ([`ReasonCode`]), and [`DeadLetter`].
+//!
+//! Decoding is a pure function of (topic, key, payload, limits) so that the
+//! consumer loop, `thaw replay` and the tests all apply the very same rules: bad
+//! input never stops the stream, it becomes one [`DeadLetter`] and one counter
+//! increment.
+
+pub mod events;
+
+pub use events::{
+    decode, DeadLetter, Event, InteractionEvent, ItemEvent, Kind, Limits, Op, ReasonCode,
+    Rejection, RelationEvent, Topic, DLQ_TOPIC,
+};
