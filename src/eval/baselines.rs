@@ -441,9 +441,7 @@ impl Mf {
     fn new(n_users: usize, n_items: usize, cfg: &BprConfig, rng: &mut ChaCha8Rng) -> Self {
         let mut normal = |n: usize| -> Array2<f32> {
             Array2::from_shape_fn((n, cfg.dim), |_| {
-                // Box-Muller: rand 0.9 has no normal distribution without rand_distr.
-                let (a, b): (f32, f32) = (rng.random::<f32>().max(1e-7), rng.random());
-                cfg.init_std * (-2.0 * a.ln()).sqrt() * (std::f32::consts::TAU * b).cos()
+                crate::train::mpkg::gaussian(rng, cfg.init_std)
             })
         };
         Self {

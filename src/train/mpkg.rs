@@ -157,14 +157,17 @@ pub struct Mpkg {
     pub bias_w: Var,
 }
 
+/// A normal sample with standard deviation `std` (Box-Muller: rand 0.9 has no
+/// normal distribution without `rand_distr`). Shared by every seeded
+/// initialisation in the crate.
+pub fn gaussian(rng: &mut impl Rng, std: f32) -> f32 {
+    let (a, b): (f32, f32) = (rng.random::<f32>().max(1e-7), rng.random());
+    std * (-2.0 * a.ln()).sqrt() * (std::f32::consts::TAU * b).cos()
+}
+
 fn randn(rng: &mut ChaCha8Rng, shape: &[usize], std: f32) -> Result<Var> {
     let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            let (a, b): (f32, f32) = (rng.random::<f32>().max(1e-7), rng.random());
-            std * (-2.0 * a.ln()).sqrt() * (std::f32::consts::TAU * b).cos()
-        })
-        .collect();
+    let v: Vec<f32> = (0..n).map(|_| gaussian(rng, std)).collect();
     Ok(Var::from_tensor(&Tensor::from_vec(
         v,
         shape,
