@@ -4,7 +4,9 @@
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 CARGO ?= cargo
-SPLIT ?= ../shared/eval/ml100k-coldstart
+# The reference split when shared/ sits beside the checkout, else one made by
+# `thaw split` with the same protocol.
+SPLIT ?= $(if $(wildcard ../shared/eval/ml100k-coldstart/meta_training.txt),../shared/eval/ml100k-coldstart,splits/ml100k)
 DATA ?= data/ml-100k
 REPORTS ?= reports
 THAW := $(or $(CARGO_TARGET_DIR),target)/release/thaw
@@ -17,7 +19,8 @@ MODEL_DIR ?= models/mpkg
 # (0.157 vs 0.142).
 TRAIN_FLAGS ?= --kg-relations 0 --without fr
 
-.PHONY: demo test data models build train eval-baselines eval-mpkg compare lint unit
+
+.PHONY: demo test data models build split train eval-baselines eval-mpkg compare lint unit
 
 ## demo: until the streaming engine lands, the demo trains MPKG (if no model
 ## exists), evaluates it and every baseline on the reference cold-start split
@@ -35,7 +38,10 @@ models:
 build:
 	$(CARGO) build --release --locked
 
-eval-baselines: data models build
+split: data build
+	@if [ ! -f $(SPLIT)/meta_training.txt ]; then $(THAW) split --dataset $(DATA) --out $(SPLIT); fi
+
+eval-baselines: data models build split
 	@mkdir -p $(REPORTS)
 	@start=$$(date +%s%N); \
 	for m in $(BLIND_MODELS); do \
@@ -49,7 +55,7 @@ eval-baselines: data models build
 
 ## train: MPKG on the reference split's meta-training data (skipped when
 ## $(MODEL_DIR)/model.json exists; `make train MODEL_DIR=...` for another).
-train: data models build
+train: data models build split
 	@if [ -f $(MODEL_DIR)/model.json ]; then echo "model: $(MODEL_DIR) present"; else \
 	  $(THAW) train --dataset $(DATA) --split $(SPLIT) --out $(MODEL_DIR) $(TRAIN_FLAGS); fi
 
