@@ -35,9 +35,6 @@ pub const CPU_PROVIDER: &str = "CPUExecutionProvider";
 /// [`ItemModels::provider`] when the sessions run on the CUDA provider (crate
 /// feature `cuda`).
 pub const CUDA_PROVIDER: &str = "CUDAExecutionProvider";
-/// The file, inside [`ItemModelsConfig::model_dir`], that may name the ONNX
-/// Runtime shared library (as `onnx/setup.sh` writes for the text model).
-pub const ORT_DYLIB_FILE: &str = "ort_dylib_path";
 
 /// Settings of the [`ItemModels`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,12 +130,7 @@ impl ItemModels {
             }
         }
 
-        let dylib = match &cfg.ort_dylib {
-            Some(path) => Some(path.clone()),
-            None if std::env::var_os(super::ORT_DYLIB_ENV).is_some_and(|v| !v.is_empty()) => None,
-            None => recorded_dylib(&cfg.model_dir)?,
-        };
-        let env = super::environment(dylib.as_deref())?;
+        let env = super::environment_for(cfg.ort_dylib.as_deref(), &cfg.model_dir)?;
 
         let (projection, provider) = commit(env, cfg, &projection_path, true)?;
         // The fusion graph follows the projection's provider: if CUDA could not
@@ -339,17 +331,6 @@ fn commit(
     let _ = try_cuda;
     let session = builder(env, cfg)?.commit_from_file(path)?;
     Ok((session, CPU_PROVIDER))
-}
-
-/// The library path recorded in `<model_dir>/ort_dylib_path`, if any.
-fn recorded_dylib(model_dir: &Path) -> Result<Option<PathBuf>> {
-    let path = model_dir.join(ORT_DYLIB_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(text) if text.trim().is_empty() => Ok(None),
-        Ok(text) => Ok(Some(PathBuf::from(text.trim()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(Error::Io { path, source }),
-    }
 }
 
 /// Names and types of `outlets`, for error messages.

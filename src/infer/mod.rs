@@ -22,6 +22,10 @@ use ort::environment::Environment;
 /// (`libonnxruntime.so.1.31.1`); `onnx/setup.sh` prints its path.
 pub const ORT_DYLIB_ENV: &str = "ORT_DYLIB_PATH";
 
+/// The file, inside a model folder, in which `onnx/setup.sh` records the path
+/// of the ONNX Runtime shared library.
+pub const ORT_DYLIB_FILE: &str = "ort_dylib_path";
+
 /// Errors of the inference layer.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -126,6 +130,33 @@ pub(crate) fn environment(dylib: Option<&Path>) -> Result<&'static Environment> 
     let env = builder.with_name("thaw").build()?;
     tracing::info!(library = %path.display(), "ONNX Runtime loaded");
     Ok(ENVIRONMENT.get_or_init(|| env))
+}
+
+/// The environment for the sessions of a model in `model_dir`. The library is
+/// `explicit` if given, else `ORT_DYLIB_PATH` if set, else the path recorded in
+/// `model_dir/ort_dylib_path`, else whatever this process already loaded.
+pub(crate) fn environment_for(
+    explicit: Option<&Path>,
+    model_dir: &Path,
+) -> Result<&'static Environment> {
+    let dylib = match explicit {
+        Some(path) => Some(path.to_path_buf()),
+        None if std::env::var_os(ORT_DYLIB_ENV).is_some_and(|v| !v.is_empty()) => None,
+        None => recorded_dylib(model_dir)?,
+    };
+    environment(dylib.as_deref())
+}
+
+/// The library path recorded in `model_dir/ort_dylib_path`, if that file exists
+/// and is not empty.
+pub(crate) fn recorded_dylib(model_dir: &Path) -> Result<Option<PathBuf>> {
+    let path = model_dir.join(ORT_DYLIB_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) if text.trim().is_empty() => Ok(None),
+        Ok(text) => Ok(Some(PathBuf::from(text.trim()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(Error::Io { path, source }),
+    }
 }
 
 /// The library to load: `dylib` if given, else the environment variable's value;

@@ -32,9 +32,6 @@ use super::{Error, Result};
 pub const MODEL_FILE: &str = "text_encoder.onnx";
 /// The tokenizer file inside [`TextEncoderConfig::model_dir`].
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
-/// The file, inside [`TextEncoderConfig::model_dir`], in which `onnx/setup.sh`
-/// records the path of the ONNX Runtime shared library.
-pub const ORT_DYLIB_FILE: &str = "ort_dylib_path";
 /// Name of the graph input holding token ids.
 pub const INPUT_IDS: &str = "input_ids";
 /// Name of the graph input holding the attention mask (1 = token, 0 = padding).
@@ -135,12 +132,7 @@ impl TextEncoder {
             }
         }
 
-        let dylib = match &cfg.ort_dylib {
-            Some(path) => Some(path.clone()),
-            None if std::env::var_os(super::ORT_DYLIB_ENV).is_some_and(|v| !v.is_empty()) => None,
-            None => recorded_dylib(&cfg.model_dir)?,
-        };
-        let env = super::environment(dylib.as_deref())?;
+        let env = super::environment_for(cfg.ort_dylib.as_deref(), &cfg.model_dir)?;
 
         let (tokenizer, pad_id) = load_tokenizer(&tokenizer_path, cfg.max_tokens)?;
 
@@ -230,17 +222,6 @@ impl TextEncoder {
             }
         }
         Ok(out)
-    }
-}
-
-/// The library path `onnx/setup.sh` recorded next to the model, if any.
-fn recorded_dylib(model_dir: &Path) -> Result<Option<PathBuf>> {
-    let path = model_dir.join(ORT_DYLIB_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(text) if text.trim().is_empty() => Ok(None),
-        Ok(text) => Ok(Some(PathBuf::from(text.trim()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(Error::Io { path, source }),
     }
 }
 
@@ -544,7 +525,7 @@ mod tests {
             std::fs::copy(&tokenizer, dir.path().join(TOKENIZER_FILE)).unwrap();
             let cfg = TextEncoderConfig {
                 model_dir: dir.path().to_path_buf(),
-                ort_dylib: recorded_dylib(&model_dir()).unwrap(),
+                ort_dylib: crate::infer::recorded_dylib(&model_dir()).unwrap(),
                 ..TextEncoderConfig::default()
             };
             let err = TextEncoder::load(&cfg).unwrap_err();
