@@ -202,12 +202,39 @@ fn idx(v: &[u32]) -> Result<Tensor> {
     Ok(Tensor::from_slice(v, v.len(), &Device::Cpu)?)
 }
 
+/// Sampled links: anchors i, positives j, negatives j⁻.
+type Triples = (Vec<u32>, Vec<u32>, Vec<u32>);
+
+/// Link-prediction BCE of σ(f(i)·f(j)) against σ(f(i)·f(j⁻)) (eq. 4, 7, 13),
+/// with `embed` the task's ToA embedding of a set of items.
+fn link_loss(t: &Triples, embed: impl Fn(&[u32]) -> Result<Tensor>) -> Result<Tensor> {
+    let (ei, ej, en) = (embed(&t.0)?, embed(&t.1)?, embed(&t.2)?);
+    bce(&(&ei * &ej)?.sum(1)?, &(&ei * &en)?.sum(1)?)
+}
+
+/// Sum over the relations that have sampled edges of `loss(r, edges)` (eq. 4
+/// and 13 sum per-relation means); `None` when no relation has edges.
+fn per_relation(
+    s: &Sample,
+    loss: impl Fn(usize, &Triples) -> Result<Tensor>,
+) -> Result<Option<Tensor>> {
+    let mut total: Option<Tensor> = None;
+    for (r, t) in s.edges.iter().enumerate().filter(|(_, t)| !t.0.is_empty()) {
+        let l = loss(r, t)?;
+        total = Some(match total {
+            Some(acc) => (acc + l)?,
+            None => l,
+        });
+    }
+    Ok(total)
+}
+
 /// Sampled training signal of one pre-training step.
 struct Sample {
     /// Per relation: (i, j, j⁻).
-    edges: Vec<(Vec<u32>, Vec<u32>, Vec<u32>)>,
+    edges: Vec<Triples>,
     /// K-hop pairs (i, j, j⁻) over all relations.
-    hop_pairs: (Vec<u32>, Vec<u32>, Vec<u32>),
+    hop_pairs: Triples,
     /// Items whose features FR reconstructs.
     fr_items: Vec<u32>,
 }
@@ -352,24 +379,10 @@ impl Mpkg {
 
     /// KR loss (eq. 4): per relation, BCE of σ(E_r(i)·E_r(j)) against a sampled negative, summed.
     fn kr(&self, e: &Tensor, s: &Sample) -> Result<Option<Tensor>> {
-        let mut total: Option<Tensor> = None;
-        for (r, (i, j, jn)) in s.edges.iter().enumerate() {
-            if i.is_empty() {
-                continue;
-            }
+        per_relation(s, |r, t| {
             let er = e.get(r)?;
-            let (ei, ej, en) = (
-                er.index_select(&idx(i)?, 0)?,
-                er.index_select(&idx(j)?, 0)?,
-                er.index_select(&idx(jn)?, 0)?,
-            );
-            let l = bce(&(&ei * &ej)?.sum(1)?, &(&ei * &en)?.sum(1)?)?;
-            total = Some(match total {
-                Some(t) => (t + l)?,
-                None => l,
-            });
-        }
-        Ok(total)
+            link_loss(t, |items| Ok(er.index_select(&idx(items)?, 0)?))
+        })
     }
 
     /// Concatenated relation embeddings (eq. 5, 8) of some items, `[B, R·d]`.
@@ -384,12 +397,12 @@ impl Mpkg {
 
     /// HNR loss (eq. 7) over sampled K-hop pairs.
     fn hnr(&self, e: &Tensor, s: &Sample) -> Result<Option<Tensor>> {
-        let (i, j, jn) = &s.hop_pairs;
-        if i.is_empty() {
+        if s.hop_pairs.0.is_empty() {
             return Ok(None);
         }
-        let (ei, ej, en) = (self.concat(e, i)?, self.concat(e, j)?, self.concat(e, jn)?);
-        Ok(Some(bce(&(&ei * &ej)?.sum(1)?, &(&ei * &en)?.sum(1)?)?))
+        Ok(Some(link_loss(&s.hop_pairs, |items| {
+            self.concat(e, items)
+        })?))
     }
 
     /// FR loss (eq. 10, averaged over items): ‖X_i − Dec(E_FR(i))‖².
@@ -408,23 +421,12 @@ impl Mpkg {
         if self.relations() < 2 {
             return Ok(None);
         }
-        let mut total: Option<Tensor> = None;
-        for (r, (i, j, jn)) in s.edges.iter().enumerate() {
-            if i.is_empty() {
-                continue;
-            }
-            let ex = vec![r as u32; i.len()];
-            let f = |items: &[u32]| -> Result<Tensor> {
+        per_relation(s, |r, t| {
+            let ex = vec![r as u32; t.0.len()];
+            link_loss(t, |items| {
                 self.fuse(&e.index_select(&idx(items)?, 1)?, Some(&ex))
-            };
-            let (ei, ej, en) = (f(i)?, f(j)?, f(jn)?);
-            let l = bce(&(&ei * &ej)?.sum(1)?, &(&ei * &en)?.sum(1)?)?;
-            total = Some(match total {
-                Some(t) => (t + l)?,
-                None => l,
-            });
-        }
-        Ok(total)
+            })
+        })
     }
 
     /// The pre-training loss of eq. 14 on one sample, with its parts.
