@@ -11,6 +11,9 @@
 //!   updated incrementally.
 //! - [`infer`]: ONNX Runtime sessions (text encoder, item projection, fusion).
 //! - [`ingest`]: the event wire format (`streams/`), validation and dead letters.
+//! - [`kafka`]: Kafka client settings and the embedded broker (`thaw broker`).
+//! - [`replay`]: a dataset as the three event streams (`thaw replay`).
+//! - [`serve`]: the streaming engine (`thaw serve`) and the demo (`thaw demo`).
 //! - [`cli`]: the command line; `main.rs` only parses and calls [`cli::run`].
 
 #![deny(missing_docs)]
@@ -21,4 +24,7 @@ pub mod eval;
 pub mod graph;
 pub mod infer;
 pub mod ingest;
+pub mod kafka;
+pub mod replay;
+pub mod serve;
 pub mod train;

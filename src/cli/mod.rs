@@ -1,6 +1,8 @@
 //! The command line. Each subcommand parses its arguments and calls one
 //! function of a stage; nothing here computes anything itself.
 
+mod engine;
+
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -30,6 +32,14 @@ pub enum Command {
     Eval(EvalArgs),
     /// Train the MPKG item model on a split's meta-training data.
     Train(TrainArgs),
+    /// Run the streaming engine: Kafka in, graph and inference, Redis out.
+    Serve(engine::ServeArgs),
+    /// Run the embedded Kafka-protocol broker (in memory), with thaw's topics.
+    Broker(engine::BrokerArgs),
+    /// Replay a dataset (and a cold-start split) into Kafka as the three event streams.
+    Replay(engine::ReplayArgs),
+    /// Broker, engine and replay in one process, then a report read back from Redis.
+    Demo(engine::DemoArgs),
 }
 
 /// Arguments of `thaw train`.
@@ -138,6 +148,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Split(a) => run_split(a),
         Command::Eval(a) => run_eval(a),
         Command::Train(a) => run_train(a),
+        Command::Serve(a) => engine::run_serve(a),
+        Command::Broker(a) => engine::run_broker(a),
+        Command::Replay(a) => engine::run_replay(a),
+        Command::Demo(a) => engine::run_demo(a),
     }
 }
 

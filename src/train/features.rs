@@ -19,14 +19,12 @@ fn fnv1a(parts: &[&str]) -> u64 {
     h
 }
 
-/// Signed feature hashing of each item's KG (relation, tail) and (inverse
-/// relation, head) pairs into `dim` buckets, L2-normalised per item. Items
-/// without a linked entity get a zero row.
-pub fn kg_bag(ds: &Dataset, dim: usize) -> Array2<f32> {
-    let mut out = Array2::<f32>::zeros((ds.n_items(), dim));
-    if dim == 0 {
-        return out;
-    }
+/// The category labels of every dataset item: one label per KG (relation,
+/// tail) pair of its entity (`+relation=tail`) and per (inverse relation,
+/// head) pair (`-relation=head`). The same labels travel in the `categories`
+/// of item events (`thaw replay`), so the engine hashes what training hashed.
+pub fn item_categories(ds: &Dataset) -> Vec<Vec<String>> {
+    let mut out = vec![Vec::new(); ds.n_items()];
     let mut entity_items: std::collections::HashMap<u32, Vec<usize>> = Default::default();
     for (i, e) in ds.item_entity.iter().enumerate() {
         if let Some(e) = e {
@@ -37,22 +35,42 @@ pub fn kg_bag(ds: &Dataset, dim: usize) -> Array2<f32> {
         let rel = ds.relations.id(t.relation);
         for (ent, other, dir) in [(t.head, t.tail, "+"), (t.tail, t.head, "-")] {
             if let Some(items) = entity_items.get(&ent) {
-                let h = fnv1a(&[dir, rel, ds.entities.id(other)]);
-                let (bucket, sign) = (
-                    (h % dim as u64) as usize,
-                    if h >> 63 == 0 { 1.0 } else { -1.0 },
-                );
+                let label = format!("{dir}{rel}={}", ds.entities.id(other));
                 for &i in items {
-                    out[[i, bucket]] += sign;
+                    out[i].push(label.clone());
                 }
             }
         }
     }
-    for mut row in out.rows_mut() {
-        let n = row.dot(&row).sqrt();
-        if n > 0.0 {
-            row /= n;
-        }
+    out
+}
+
+/// Signed feature hashing of category labels into `dim` buckets,
+/// L2-normalised; no labels (or `dim` 0) give a zero row.
+pub fn category_bag<S: AsRef<str>>(labels: &[S], dim: usize) -> Vec<f32> {
+    let mut row = vec![0f32; dim];
+    if dim == 0 {
+        return row;
+    }
+    for label in labels {
+        let h = fnv1a(&[label.as_ref()]);
+        let sign = if h >> 63 == 0 { 1.0 } else { -1.0 };
+        row[(h % dim as u64) as usize] += sign;
+    }
+    let n = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if n > 0.0 {
+        row.iter_mut().for_each(|x| *x /= n);
+    }
+    row
+}
+
+/// The hashed KG bag of every dataset item ([`category_bag`] of
+/// [`item_categories`]).
+pub fn kg_bag(ds: &Dataset, dim: usize) -> Array2<f32> {
+    let mut out = Array2::<f32>::zeros((ds.n_items(), dim));
+    for (i, labels) in item_categories(ds).iter().enumerate() {
+        out.row_mut(i)
+            .assign(&ndarray::ArrayView1::from(&category_bag(labels, dim)));
     }
     out
 }

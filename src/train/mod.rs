@@ -113,6 +113,10 @@ pub struct ModelCard {
     pub adapt_steps: usize,
     /// Learning rate of per-user adaptation.
     pub adapt_lr: f64,
+    /// The engine's per-user adaptation (`thaw serve`): steps and learning
+    /// rate of BPR on a user's items from the mean of their embeddings.
+    #[serde(default)]
+    pub user_adapt: crate::serve::adapt::AdaptConfig,
     /// Wall times and loss curves.
     pub training: serde_json::Value,
 }
@@ -331,12 +335,49 @@ pub fn train(ds: &Dataset, split: &Split, cfg: &TrainConfig, out: &Path) -> Resu
         bias_weights: model.bias_weights()?,
         adapt_steps: 5,
         adapt_lr: 0.05,
+        user_adapt: crate::serve::adapt::AdaptConfig::default(),
         training: serde_json::json!({
             "seconds": {"features": t_features, "pretrain": t_pretrain, "finetune": t_finetune},
             "pretrain_losses_kr_fr_hnr_mra": pre_curve,
             "finetune_bpr": ft_curve,
             "train_items": items.len(),
         }),
+    };
+    let json = serde_json::to_string_pretty(&card).map_err(|e| TrainError::Data(e.to_string()))?;
+    let p = out.join("model.json");
+    std::fs::write(&p, json).map_err(io(&p))?;
+    Ok(card)
+}
+
+/// Writes a model folder with MPKG's seeded initial weights and no training
+/// (`model.json`, weights, both ONNX graphs), for tests and benchmarks of the
+/// engine, whose mechanics do not depend on what the weights learned.
+/// `d_in` must be the text encoder's width plus `cfg.kg_dim`.
+pub fn write_untrained_model(
+    out: &Path,
+    relations: Vec<String>,
+    d_in: usize,
+    cfg: &TrainConfig,
+    version: &str,
+) -> Result<ModelCard> {
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let model = Mpkg::new(relations.len(), d_in, &cfg.mpkg)?;
+    model.save(&out.join("weights.safetensors"))?;
+    model.export_onnx(out)?;
+    let card = ModelCard {
+        version: version.to_string(),
+        relations,
+        d_in,
+        dim: cfg.mpkg.dim,
+        hops: cfg.mpkg.hops,
+        dataset: String::new(),
+        split: String::new(),
+        config: cfg.clone(),
+        bias_weights: model.bias_weights()?,
+        adapt_steps: cfg.mpkg.adapt_steps,
+        adapt_lr: cfg.mpkg.finetune_lr,
+        user_adapt: crate::serve::adapt::AdaptConfig::default(),
+        training: serde_json::json!({"untrained": true}),
     };
     let json = serde_json::to_string_pretty(&card).map_err(|e| TrainError::Data(e.to_string()))?;
     let p = out.join("model.json");

@@ -1,0 +1,238 @@
+//! Settings of `thaw serve`: compiled-in defaults, then a TOML file, then
+//! environment variables `THAW__SECTION__KEY` (e.g. `THAW__KAFKA__BROKERS`,
+//! `THAW__REDIS__URL`, `THAW__KAFKA__PROPERTIES__SECURITY.PROTOCOL`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use super::adapt::AdaptConfig;
+use crate::ingest::Limits;
+use crate::kafka::KafkaSettings;
+
+/// Everything `thaw serve` can be told.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Kafka cluster, consumer group, librdkafka pass-through.
+    pub kafka: KafkaSettings,
+    /// Where and how to publish.
+    pub redis: RedisSettings,
+    /// The model folders.
+    pub model: ModelSettings,
+    /// Batching and validation of the input streams.
+    pub ingest: IngestSettings,
+    /// Per-user adaptation and recommendation lists.
+    pub users: UserSettings,
+    /// The metrics and health endpoints.
+    pub http: HttpSettings,
+}
+
+/// Redis output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisSettings {
+    /// Connection URL.
+    pub url: String,
+    /// Key prefix (`thaw` gives `thaw:item:{id}` ...).
+    pub prefix: String,
+    /// First retry delay after a failed write, ms; doubles up to `retry_max_ms`.
+    pub retry_initial_ms: u64,
+    /// Longest retry delay, ms.
+    pub retry_max_ms: u64,
+    /// Approximate cap of the `updates` stream (XADD MAXLEN ~).
+    pub updates_maxlen: usize,
+    /// Most commands per pipeline (one MULTI/EXEC each).
+    pub pipeline_commands: usize,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            prefix: "thaw".into(),
+            retry_initial_ms: 50,
+            retry_max_ms: 5000,
+            updates_maxlen: 100_000,
+            pipeline_commands: 4096,
+        }
+    }
+}
+
+/// Model folders.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSettings {
+    /// Folder written by `thaw train` (`model.json`, ONNX graphs).
+    pub dir: PathBuf,
+    /// The text encoder's folder (from `onnx/setup.sh`).
+    pub text_dir: PathBuf,
+    /// ONNX Runtime library; default: `ORT_DYLIB_PATH`, else the path recorded
+    /// by `onnx/setup.sh` in the text encoder's folder.
+    pub ort_dylib: Option<PathBuf>,
+    /// Every this many seconds, check `model.json` for a new version and
+    /// switch to it (0: never).
+    pub reload_check_secs: u64,
+}
+
+impl Default for ModelSettings {
+    fn default() -> Self {
+        Self {
+            dir: "models/mpkg".into(),
+            text_dir: "models/text".into(),
+            ort_dylib: None,
+            reload_check_secs: 10,
+        }
+    }
+}
+
+/// Input batching.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestSettings {
+    /// Validation limits of events.
+    pub limits: Limits,
+    /// A batch closes this long after its first message, ms (propagation and
+    /// inference are batched over it).
+    pub window_ms: u64,
+    /// ... or when it holds this many messages.
+    pub max_batch: usize,
+    /// Batches in flight between stages (bounded channels: backpressure).
+    pub queue: usize,
+    /// After this long without a message, ms, the engine refreshes every
+    /// user's list against the current catalogue (see `UserSettings`).
+    pub idle_ms: u64,
+}
+
+impl Default for IngestSettings {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            window_ms: 20,
+            max_batch: 5000,
+            queue: 2,
+            idle_ms: 1000,
+        }
+    }
+}
+
+/// Users and their recommendation lists.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UserSettings {
+    /// Length of `recs` lists.
+    pub top_k: usize,
+    /// Adaptation settings; `None` fields come from `model.json`.
+    pub adapt: Option<AdaptConfig>,
+    /// When idle, refresh every user (true) so lists follow catalogue changes,
+    /// or only users with new interactions (false).
+    pub refresh_all_when_idle: bool,
+}
+
+impl Default for UserSettings {
+    fn default() -> Self {
+        Self {
+            top_k: 100,
+            adapt: None,
+            refresh_all_when_idle: true,
+        }
+    }
+}
+
+/// HTTP endpoints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    /// `/metrics`, `/healthz`, `/readyz` listen here.
+    pub listen: String,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:9464".into(),
+        }
+    }
+}
+
+impl Settings {
+    /// Defaults, then `file` (TOML) if given, then `THAW__SECTION__KEY`
+    /// environment variables.
+    pub fn load(file: Option<&Path>) -> Result<Self> {
+        Self::load_with_env(file, Env::prefixed("THAW__").split("__"))
+    }
+
+    fn load_with_env(file: Option<&Path>, env: Env) -> Result<Self> {
+        let mut fig = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(f) = file {
+            if !f.is_file() {
+                bail!("config file {} does not exist", f.display());
+            }
+            fig = fig.merge(Toml::file(f));
+        }
+        let s: Settings = fig
+            .merge(env)
+            .extract()
+            .context("reading the settings (defaults, file, THAW__ environment)")?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// Checks ranges.
+    pub fn validate(&self) -> Result<()> {
+        crate::kafka::check_brokers(&self.kafka.brokers)?;
+        if self.ingest.max_batch == 0 || self.ingest.queue == 0 {
+            bail!("ingest.max_batch and ingest.queue must be at least 1");
+        }
+        if self.users.top_k == 0 {
+            bail!("users.top_k must be at least 1");
+        }
+        if self.redis.pipeline_commands < 16 {
+            bail!("redis.pipeline_commands must be at least 16");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_then_file_then_env() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "thaw.toml",
+                "[kafka]\nbrokers = \"k1:9092\"\n[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n[users]\ntop_k = 20\n",
+            )?;
+            jail.set_env("THAW__USERS__TOP_K", "7");
+            jail.set_env("THAW__REDIS__URL", "redis://r:1");
+            let s = Settings::load(Some(Path::new("thaw.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(s.kafka.brokers, "k1:9092");
+            assert_eq!(
+                s.kafka.properties.get("security.protocol").map(String::as_str),
+                Some("SASL_SSL")
+            );
+            assert_eq!(s.users.top_k, 7);
+            assert_eq!(s.redis.url, "redis://r:1");
+            assert_eq!(s.ingest.window_ms, 20);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("a.toml", "[kafka]\nbrokerz = \"x\"\n")?;
+            let e = Settings::load(Some(Path::new("a.toml"))).unwrap_err();
+            assert!(format!("{e:#}").contains("brokerz"), "{e:#}");
+            jail.create_file("b.toml", "[users]\ntop_k = 0\n")?;
+            assert!(Settings::load(Some(Path::new("b.toml"))).is_err());
+            assert!(Settings::load(Some(Path::new("missing.toml"))).is_err());
+            Ok(())
+        });
+    }
+}

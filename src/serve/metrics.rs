@@ -1,0 +1,546 @@
+//! Prometheus metrics (`/metrics`, OpenMetrics text) and the health
+//! endpoints (`/healthz`, `/readyz`).
+//!
+//! Histogram buckets: seconds from 100 µs to ~100 s for work (one batch of
+//! propagation or inference is sub-millisecond for one item, seconds for a
+//! full recomputation), 1 ms to ~10 min for freshness (a live stream is
+//! milliseconds behind; a replay of a backlog, minutes).
+//!
+//! Freshness is also kept as raw samples (at most [`MAX_SAMPLES`] per kind;
+//! past that every second sample is dropped and only every second new one
+//! kept, a deterministic thinning), for exact quantiles in reports.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+
+/// Raw freshness samples kept per kind.
+pub const MAX_SAMPLES: usize = 1_000_000;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TopicOutcome {
+    topic: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Relation {
+    relation: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelProvider {
+    model: String,
+    provider: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabel {
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProviderLabel {
+    provider: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TopicPartition {
+    topic: String,
+    partition: i32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Version {
+    version: String,
+}
+
+fn work_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1e-4, 2.0, 21))
+}
+
+/// Exact quantiles of samples, ms (nearest rank: the value at position
+/// `ceil(p × n)` of the sorted samples).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Quantiles {
+    /// Samples.
+    pub count: usize,
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+impl Quantiles {
+    /// Quantiles of `samples` (ms); `None` when empty.
+    pub fn of(mut samples: Vec<f64>) -> Option<Self> {
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_by(f64::total_cmp);
+        let n = samples.len();
+        let at = |p: f64| samples[((p * n as f64).ceil() as usize).clamp(1, n) - 1];
+        Some(Self {
+            count: n,
+            p50: at(0.5),
+            p99: at(0.99),
+            max: samples[n - 1],
+        })
+    }
+}
+
+#[derive(Default)]
+struct Samples {
+    by_kind: BTreeMap<String, (Vec<f64>, u64)>,
+}
+
+/// The engine's metrics.
+pub struct Metrics {
+    registry: Registry,
+    events: Family<TopicOutcome, Counter>,
+    dlq: Family<Reason, Counter>,
+    unknown_relations: Family<Relation, Counter>,
+    graph_items: Gauge,
+    graph_edges: Family<Relation, Gauge>,
+    propagation_edits: Histogram,
+    propagation_seconds: Histogram,
+    inference_seconds: Family<ModelProvider, Histogram>,
+    inference_rows: Family<ModelLabel, Histogram>,
+    provider: Family<ProviderLabel, Gauge>,
+    redis_seconds: Histogram,
+    redis_errors: Counter,
+    redis_writes: Counter,
+    adaptation_seconds: Histogram,
+    users_adapted: Counter,
+    freshness: Family<KindLabel, Histogram>,
+    lag: Family<TopicPartition, Gauge>,
+    model: Family<Version, Gauge>,
+    published: Family<KindLabel, Counter>,
+    offsets: Counter,
+    samples: Mutex<Samples>,
+    version: Mutex<String>,
+    provider_name: Mutex<String>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every family under the prefix `thaw`.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("thaw");
+        let events = Family::<TopicOutcome, Counter>::default();
+        registry.register("events", "Input messages by topic and outcome (applied, dead_lettered, ignored)", events.clone());
+        let dlq = Family::<Reason, Counter>::default();
+        registry.register("dlq", "Messages dead-lettered, by reason", dlq.clone());
+        let unknown_relations = Family::<Relation, Counter>::default();
+        registry.register("unknown_relation", "Relation events ignored because the model does not know the relation", unknown_relations.clone());
+        let graph_items = Gauge::default();
+        registry.register("graph_items", "Items in the product knowledge graph", graph_items.clone());
+        let graph_edges = Family::<Relation, Gauge>::default();
+        registry.register("graph_edges", "Edges per relation", graph_edges.clone());
+        let propagation_edits = Histogram::new(exponential_buckets(1.0, 4.0, 11));
+        registry.register("propagation_batch_edits", "Graph edits and input rows per propagation batch", propagation_edits.clone());
+        let propagation_seconds = work_histogram();
+        registry.register("propagation_seconds", "Incremental propagation time per batch", propagation_seconds.clone());
+        let inference_seconds = Family::<ModelProvider, Histogram>::new_with_constructor(work_histogram as fn() -> Histogram);
+        registry.register("inference_seconds", "ONNX Runtime time per batch, by model and execution provider", inference_seconds.clone());
+        let inference_rows = Family::<ModelLabel, Histogram>::new_with_constructor((|| Histogram::new(exponential_buckets(1.0, 4.0, 10))) as fn() -> Histogram);
+        registry.register("inference_batch_rows", "Rows per inference batch", inference_rows.clone());
+        let provider = Family::<ProviderLabel, Gauge>::default();
+        registry.register("inference_provider", "The ONNX Runtime execution provider in use (1)", provider.clone());
+        let redis_seconds = work_histogram();
+        registry.register("redis_write_seconds", "Time per Redis pipeline", redis_seconds.clone());
+        let redis_errors = Counter::default();
+        registry.register("redis_errors", "Failed Redis writes (each retried)", redis_errors.clone());
+        let redis_writes = Counter::default();
+        registry.register("redis_writes", "Redis commands written", redis_writes.clone());
+        let adaptation_seconds = work_histogram();
+        registry.register("adaptation_seconds", "Per-user adaptation and top-K time", adaptation_seconds.clone());
+        let users_adapted = Counter::default();
+        registry.register("users_adapted", "Users adapted", users_adapted.clone());
+        let freshness = Family::<KindLabel, Histogram>::new_with_constructor((|| Histogram::new(exponential_buckets(1e-3, 2.0, 20))) as fn() -> Histogram);
+        registry.register("freshness_seconds", "Publish time minus the event's Kafka time, by kind (item, edge, user)", freshness.clone());
+        let lag = Family::<TopicPartition, Gauge>::default();
+        registry.register("consumer_lag", "Messages behind the end of each assigned partition", lag.clone());
+        let model = Family::<Version, Gauge>::default();
+        registry.register("model_info", "The model version served (1)", model.clone());
+        let published = Family::<KindLabel, Counter>::default();
+        registry.register("published", "Keys published, by kind (item, user, recs)", published.clone());
+        let offsets = Counter::default();
+        registry.register("offsets_stored", "Partition offsets stored for commit after publishing", offsets.clone());
+        Self {
+            registry,
+            events,
+            dlq,
+            unknown_relations,
+            graph_items,
+            graph_edges,
+            propagation_edits,
+            propagation_seconds,
+            inference_seconds,
+            inference_rows,
+            provider,
+            redis_seconds,
+            redis_errors,
+            redis_writes,
+            adaptation_seconds,
+            users_adapted,
+            freshness,
+            lag,
+            model,
+            published,
+            offsets,
+            samples: Mutex::new(Samples::default()),
+            version: Mutex::new(String::new()),
+            provider_name: Mutex::new(String::new()),
+        }
+    }
+
+    /// One input message of `topic` with `outcome`.
+    pub fn event(&self, topic: &str, outcome: &str) {
+        self.events(topic, outcome, 1);
+    }
+
+    /// `n` input messages of `topic` with `outcome`.
+    pub fn events(&self, topic: &str, outcome: &str, n: u64) {
+        self.events
+            .get_or_create(&TopicOutcome {
+                topic: topic.into(),
+                outcome: outcome.into(),
+            })
+            .inc_by(n);
+    }
+
+    /// A dead letter with `reason` (its reason code).
+    pub fn dead_letter(&self, reason: &str) {
+        self.dlq
+            .get_or_create(&Reason {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// A relation event the model does not know.
+    pub fn unknown_relation(&self, relation: &str) {
+        self.unknown_relations
+            .get_or_create(&Relation {
+                relation: relation.into(),
+            })
+            .inc();
+    }
+
+    /// Graph size.
+    pub fn set_graph(&self, items: usize, edges: &[(String, usize)]) {
+        self.graph_items.set(items as i64);
+        for (r, n) in edges {
+            self.graph_edges
+                .get_or_create(&Relation { relation: r.clone() })
+                .set(*n as i64);
+        }
+    }
+
+    /// One propagation batch.
+    pub fn propagation(&self, edits: usize, seconds: f64) {
+        self.propagation_edits.observe(edits as f64);
+        self.propagation_seconds.observe(seconds);
+    }
+
+    /// One inference batch.
+    pub fn inference(&self, model: &str, provider: &str, rows: usize, seconds: f64) {
+        self.inference_seconds
+            .get_or_create(&ModelProvider {
+                model: model.into(),
+                provider: provider.into(),
+            })
+            .observe(seconds);
+        self.inference_rows
+            .get_or_create(&ModelLabel {
+                model: model.into(),
+            })
+            .observe(rows as f64);
+    }
+
+    /// The execution provider in use.
+    pub fn set_provider(&self, provider: &str) {
+        self.provider.clear();
+        self.provider
+            .get_or_create(&ProviderLabel {
+                provider: provider.into(),
+            })
+            .set(1);
+        *self.provider_name.lock().unwrap_or_else(PoisonError::into_inner) = provider.into();
+    }
+
+    /// The execution provider in use.
+    pub fn provider_name(&self) -> String {
+        self.provider_name.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// One Redis pipeline of `commands`.
+    pub fn redis_write(&self, commands: usize, seconds: f64) {
+        self.redis_writes.inc_by(commands as u64);
+        self.redis_seconds.observe(seconds);
+    }
+
+    /// A failed Redis write.
+    pub fn redis_error(&self) {
+        self.redis_errors.inc();
+    }
+
+    /// One user adapted.
+    pub fn adaptation(&self, seconds: f64) {
+        self.adaptation_seconds.observe(seconds);
+        self.users_adapted.inc();
+    }
+
+    /// Freshness of one published effect of `kind`.
+    pub fn freshness(&self, kind: &str, seconds: f64) {
+        self.freshness
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .observe(seconds);
+        let mut s = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
+        let (v, seen) = s.by_kind.entry(kind.to_string()).or_default();
+        *seen += 1;
+        if v.len() >= MAX_SAMPLES {
+            let mut keep = false;
+            v.retain(|_| {
+                keep = !keep;
+                keep
+            });
+        }
+        // Once thinned, keep every 2^k-th new sample to match.
+        let stride = ((*seen as usize).div_ceil(MAX_SAMPLES)).next_power_of_two() as u64;
+        if (*seen - 1) % stride == 0 {
+            v.push(seconds * 1000.0);
+        }
+    }
+
+    /// Exact freshness quantiles (ms) of `kind`, or of all kinds.
+    pub fn freshness_summary(&self, kind: Option<&str>) -> Option<Quantiles> {
+        let s = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
+        let v: Vec<f64> = match kind {
+            Some(k) => s.by_kind.get(k).map(|x| x.0.clone()).unwrap_or_default(),
+            None => s.by_kind.values().flat_map(|x| x.0.iter().copied()).collect(),
+        };
+        Quantiles::of(v)
+    }
+
+    /// Consumer lag of one partition.
+    pub fn set_lag(&self, topic: &str, partition: i32, lag: i64) {
+        self.lag
+            .get_or_create(&TopicPartition {
+                topic: topic.into(),
+                partition,
+            })
+            .set(lag);
+    }
+
+    /// The model version served.
+    pub fn set_model(&self, version: &str) {
+        self.model.clear();
+        self.model
+            .get_or_create(&Version {
+                version: version.into(),
+            })
+            .set(1);
+        *self.version.lock().unwrap_or_else(PoisonError::into_inner) = version.into();
+    }
+
+    /// Keys published.
+    pub fn published(&self, kind: &str, n: u64) {
+        self.published
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .inc_by(n);
+    }
+
+    /// Offsets stored for commit.
+    pub fn offsets_committed(&self, n: u64) {
+        self.offsets.inc_by(n);
+    }
+
+    /// OpenMetrics text.
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
+        s
+    }
+}
+
+/// Liveness and readiness.
+#[derive(Debug)]
+pub struct Health {
+    /// The process runs.
+    pub live: AtomicBool,
+    /// The state is restored and the consumer subscribed.
+    pub ready: AtomicBool,
+    /// The last Redis write succeeded.
+    pub redis_ok: AtomicBool,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            live: AtomicBool::new(true),
+            ready: AtomicBool::new(false),
+            redis_ok: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Health {
+    /// Ready to serve: restored, subscribed, Redis answering.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst) && self.redis_ok.load(Ordering::SeqCst)
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` resolves.
+pub async fn serve_http(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    use axum::http::{header, StatusCode};
+    use axum::routing::get;
+    let m = metrics.clone();
+    let (h1, h2) = (health.clone(), health);
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = m.clone();
+                async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        m.encode(),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/healthz",
+            get(move || {
+                let h = h1.clone();
+                async move {
+                    if h.live.load(Ordering::SeqCst) {
+                        (StatusCode::OK, "ok")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "stopping")
+                    }
+                }
+            }),
+        )
+        .route(
+            "/readyz",
+            get(move || {
+                let h = h2.clone();
+                async move {
+                    if !h.ready.load(Ordering::SeqCst) {
+                        (StatusCode::SERVICE_UNAVAILABLE, "restoring")
+                    } else if !h.redis_ok.load(Ordering::SeqCst) {
+                        (StatusCode::SERVICE_UNAVAILABLE, "redis unavailable")
+                    } else {
+                        (StatusCode::OK, "ready")
+                    }
+                }
+            }),
+        );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_appear_with_labels() {
+        let m = Metrics::new();
+        m.event("items", "applied");
+        m.dead_letter("json");
+        m.inference("item_fusion", "cpu", 10, 0.002);
+        m.set_model("v1");
+        m.set_model("v2");
+        let t = m.encode();
+        assert!(t.contains("thaw_events_total{topic=\"items\",outcome=\"applied\"} 1"), "{t}");
+        assert!(t.contains("thaw_dlq_total{reason=\"json\"} 1"));
+        assert!(t.contains("model=\"item_fusion\",provider=\"cpu\""));
+        assert!(t.contains("thaw_model_info{version=\"v2\"} 1"));
+        assert!(!t.contains("version=\"v1\""));
+    }
+
+    #[test]
+    fn quantiles_by_nearest_rank() {
+        let m = Metrics::new();
+        for ms in 1..=100 {
+            m.freshness("item", ms as f64 / 1000.0);
+        }
+        let q = m.freshness_summary(Some("item")).unwrap();
+        assert_eq!((q.count, q.p50, q.p99, q.max), (100, 50.0, 99.0, 100.0));
+        assert!(m.freshness_summary(Some("user")).is_none());
+        m.freshness("user", 0.5);
+        assert_eq!(m.freshness_summary(None).unwrap().count, 101);
+    }
+
+    #[tokio::test]
+    async fn http_endpoints() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let health = Arc::new(Health::default());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_http(listener, metrics, health.clone(), async {
+            let _ = rx.await;
+        }));
+        let get = |path: &'static str| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
+        let r = get("/readyz").await;
+        assert!(r.starts_with("HTTP/1.1 503") && r.contains("restoring"), "{r}");
+        health.ready.store(true, Ordering::SeqCst);
+        assert!(get("/readyz").await.contains("redis unavailable"));
+        health.redis_ok.store(true, Ordering::SeqCst);
+        assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
+        assert!(get("/metrics").await.contains("thaw_graph_items"));
+        tx.send(()).unwrap();
+        server.await.unwrap().unwrap();
+    }
+}

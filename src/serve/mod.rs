@@ -1,0 +1,589 @@
+//! The streaming engine (`thaw serve`).
+//!
+//! Three stages joined by bounded channels (DESIGN.md, "Data flow"):
+//!
+//! 1. **ingest** (async): one consumer group on `items`, `item-relations`,
+//!    `interactions`; messages are decoded and validated
+//!    ([`crate::ingest::decode`]); a rejected one goes to `thaw-dlq` with its
+//!    reason and source offset (delivery awaited) and the stream goes on.
+//!    Messages are batched over a short window.
+//! 2. **core** (one blocking thread, [`state::Core`]): graph edits,
+//!    incremental propagation, ONNX inference, user adaptation.
+//! 3. **publish** (async, [`publish::Publisher`]): Redis writes with retries;
+//!    only then are the batch's offsets stored for the next commit
+//!    (at-least-once). While Redis is down the channels fill and ingest stops
+//!    reading: backpressure, nothing dropped, nothing buffered without bound.
+//!
+//! On start the engine rebuilds its state by re-reading every partition up to
+//! the group's committed offsets (state only, nothing published: it was),
+//! then joins the group and continues from there. On SIGTERM it stops
+//! reading, drains the stages, publishes, commits and exits.
+
+pub mod adapt;
+pub mod config;
+pub mod demo;
+pub mod metrics;
+pub mod publish;
+pub mod state;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::{mpsc, watch};
+
+use crate::ingest::{decode, DeadLetter, Topic, DLQ_TOPIC};
+use config::Settings;
+use metrics::{Health, Metrics};
+use publish::Publisher;
+use state::{Core, LoadedModel, Mode, Msg, Publish};
+
+/// The three input topics.
+pub const INPUT_TOPICS: [Topic; 3] = [Topic::Items, Topic::ItemRelations, Topic::Interactions];
+
+/// Counters an embedding process (the demo, tests) can watch.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Input messages whose effects are published and whose offsets are
+    /// stored (dead-lettered ones included).
+    pub messages: AtomicU64,
+    /// Messages re-read at start to rebuild the state.
+    pub restored: AtomicU64,
+    /// Idle refreshes published.
+    pub idle_refreshes: AtomicU64,
+    /// Messages dead-lettered.
+    pub dead_lettered: AtomicU64,
+}
+
+enum Work {
+    Batch {
+        msgs: Vec<Msg>,
+        offsets: BTreeMap<(String, i32), i64>,
+        messages: u64,
+    },
+    Idle,
+    Reload,
+}
+
+struct Out {
+    publish: Publish,
+    version: String,
+    flip: Option<(String, usize, Vec<String>)>,
+    offsets: BTreeMap<(String, i32), i64>,
+    messages: u64,
+    idle: bool,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn model_version(dir: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("model.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("version")?.as_str().map(str::to_string)
+}
+
+fn load_model(s: &Settings) -> Result<LoadedModel> {
+    LoadedModel::load(&s.model.dir, &s.model.text_dir, s.model.ort_dylib.as_deref())
+}
+
+/// Runs the engine until `stop` turns true (or an unrecoverable error).
+pub async fn run(
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    progress: Arc<Progress>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let s = settings.clone();
+    let model = tokio::task::spawn_blocking(move || load_model(&s)).await??;
+    let adapt = settings
+        .users
+        .adapt
+        .clone()
+        .unwrap_or_else(|| model.card.user_adapt.clone());
+    tracing::info!(
+        version = %model.card.version,
+        relations = ?model.card.relations,
+        provider = model.items.provider(),
+        "model loaded"
+    );
+    let mut core = Core::new(
+        model,
+        adapt,
+        settings.users.top_k,
+        settings.users.refresh_all_when_idle,
+        metrics.clone(),
+    )?;
+    let mut publisher = Publisher::new(settings.redis.clone(), metrics.clone(), health.clone())?;
+    publisher.ping(&stop).await.context("connecting to Redis")?;
+
+    let kafka = &settings.kafka;
+    let consumer: Arc<StreamConsumer> = Arc::new(
+        kafka
+            .client_config(&[
+                ("group.id", kafka.group_id.as_str()),
+                ("enable.auto.commit", "true"),
+                ("enable.auto.offset.store", "false"),
+                ("auto.commit.interval.ms", "1000"),
+                ("auto.offset.reset", "earliest"),
+            ])
+            .create()
+            .context("creating the Kafka consumer")?,
+    );
+    let dlq: FutureProducer = kafka
+        .producer_config()
+        .create()
+        .context("creating the DLQ producer")?;
+
+    // Rebuild the state from the log, up to the committed offsets.
+    let t0 = Instant::now();
+    let (mut core_back, restored) = {
+        let s = settings.clone();
+        let c = consumer.clone();
+        tokio::task::spawn_blocking(move || -> Result<(Core, u64)> {
+            let mut core = core;
+            let n = restore(&s, &c, &mut core)?;
+            Ok((core, n))
+        })
+        .await??
+    };
+    core = {
+        core_back.finish_restore()?;
+        core_back
+    };
+    progress.restored.store(restored, Ordering::SeqCst);
+    tracing::info!(
+        messages = restored,
+        seconds = t0.elapsed().as_secs_f64(),
+        items = core.described_items(),
+        users = core.users(),
+        "state restored from the log"
+    );
+    let version = core.card().version.clone();
+    if publisher.active_version(&stop).await?.as_deref() != Some(version.as_str()) {
+        let all = core.publish_all()?;
+        publisher.publish(&all, &version, &stop).await?;
+        publisher
+            .set_model(&version, core.card().dim, &core.card().relations, &stop)
+            .await?;
+        tracing::info!(version = %version, items = all.items.len(), users = all.users.len(), "published model version");
+    }
+
+    let topics: Vec<&str> = INPUT_TOPICS.iter().map(|t| t.name()).collect();
+    consumer.subscribe(&topics).context("subscribing")?;
+    health.ready.store(true, Ordering::SeqCst);
+
+    let (tx_core, mut rx_core) = mpsc::channel::<Work>(settings.ingest.queue);
+    let (tx_pub, mut rx_pub) = mpsc::channel::<Out>(settings.ingest.queue);
+
+    // Core: one blocking thread owns the state.
+    let model_settings = settings.clone();
+    let core_task = tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut core = core;
+        while let Some(w) = rx_core.blocking_recv() {
+            let version = core.card().version.clone();
+            let out = match w {
+                Work::Batch {
+                    msgs,
+                    offsets,
+                    messages,
+                } => {
+                    let (publish, _) = core.apply(&msgs, Mode::Live)?;
+                    Out {
+                        publish,
+                        version,
+                        flip: None,
+                        offsets,
+                        messages,
+                        idle: false,
+                    }
+                }
+                Work::Idle => Out {
+                    publish: core.idle(),
+                    version,
+                    flip: None,
+                    offsets: BTreeMap::new(),
+                    messages: 0,
+                    idle: true,
+                },
+                Work::Reload => {
+                    let model = match load_model(&model_settings) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            tracing::error!(error = %format!("{e:#}"), "new model not loaded; keeping the running one");
+                            continue;
+                        }
+                    };
+                    let v = model.card.version.clone();
+                    match core.swap_model(model) {
+                        Ok(publish) => {
+                            tracing::info!(version = %v, "switching model");
+                            Out {
+                                publish,
+                                version: v.clone(),
+                                flip: Some((v, core.card().dim, core.card().relations.clone())),
+                                offsets: BTreeMap::new(),
+                                messages: 0,
+                                idle: false,
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %format!("{e:#}"), "model swap failed; keeping the running one");
+                            continue;
+                        }
+                    }
+                }
+            };
+            if tx_pub.blocking_send(out).is_err() {
+                break;
+            }
+        }
+        Ok(())
+    });
+
+    // Publish: Redis, then offsets.
+    let pub_consumer = consumer.clone();
+    let pub_metrics = metrics.clone();
+    let pub_progress = progress.clone();
+    let pub_stop = stop.clone();
+    let pub_task = tokio::spawn(async move {
+        while let Some(out) = rx_pub.recv().await {
+            publisher.publish(&out.publish, &out.version, &pub_stop).await?;
+            if let Some((v, dim, rel)) = &out.flip {
+                publisher.set_model(v, *dim, rel, &pub_stop).await?;
+            }
+            let now = now_ms();
+            for (kind, ms) in &out.publish.sources {
+                pub_metrics.freshness(kind, (now - ms).max(0) as f64 / 1000.0);
+            }
+            let mut stored = 0;
+            for ((topic, partition), offset) in &out.offsets {
+                match pub_consumer.store_offset(topic, *partition, *offset) {
+                    Ok(()) => stored += 1,
+                    // After a rebalance took the partition away: the new owner
+                    // re-reads from the last commit (at-least-once).
+                    Err(e) => tracing::warn!(topic, partition, offset, error = %e, "offset not stored"),
+                }
+            }
+            pub_metrics.offsets_committed(stored);
+            pub_progress.messages.fetch_add(out.messages, Ordering::SeqCst);
+            if out.idle && !out.publish.is_empty() {
+                pub_progress.idle_refreshes.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        anyhow::Ok(publisher)
+    });
+
+    // Lag, every few seconds.
+    let lag_consumer = consumer.clone();
+    let lag_metrics = metrics.clone();
+    let mut lag_stop = stop.clone();
+    let lag_task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = lag_stop.changed() => break,
+                _ = tick.tick() => {}
+            }
+            let c = lag_consumer.clone();
+            let m = lag_metrics.clone();
+            let _ = tokio::task::spawn_blocking(move || report_lag(&c, &m)).await;
+        }
+    });
+
+    // Ingest: this task.
+    let limits = settings.ingest.limits.clone();
+    let window = Duration::from_millis(settings.ingest.window_ms);
+    let idle_after = Duration::from_millis(settings.ingest.idle_ms.max(1));
+    let reload_every = settings.model.reload_check_secs;
+    let mut last_reload_check = Instant::now();
+    let mut running_version = version.clone();
+    let mut msgs: Vec<Msg> = Vec::new();
+    let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    let mut count: u64 = 0;
+    let mut opened: Option<Instant> = None;
+    let mut idle_sent = false;
+    let mut result: Result<()> = Ok(());
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let wait = match opened {
+            Some(t) => window.saturating_sub(t.elapsed()),
+            None => idle_after,
+        };
+        let msg = tokio::select! {
+            _ = stop.changed() => break,
+            r = tokio::time::timeout(wait, consumer.recv()) => r,
+        };
+        let mut close = false;
+        match msg {
+            Err(_elapsed) => {
+                if opened.is_some() {
+                    close = true;
+                } else {
+                    if !idle_sent {
+                        if tx_core.send(Work::Idle).await.is_err() {
+                            break;
+                        }
+                        idle_sent = true;
+                    }
+                    if reload_every > 0
+                        && last_reload_check.elapsed() >= Duration::from_secs(reload_every)
+                    {
+                        last_reload_check = Instant::now();
+                        let dir = settings.model.dir.clone();
+                        let v = tokio::task::spawn_blocking(move || model_version(&dir)).await?;
+                        if let Some(v) = v.filter(|v| *v != running_version) {
+                            tracing::info!(version = %v, "new model version found");
+                            running_version = v;
+                            if tx_core.send(Work::Reload).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "Kafka consumer error");
+            }
+            Ok(Ok(m)) => {
+                idle_sent = false;
+                opened.get_or_insert_with(Instant::now);
+                let topic_name = m.topic().to_string();
+                let (partition, offset) = (m.partition(), m.offset());
+                count += 1;
+                match Topic::from_name(&topic_name) {
+                    Some(topic) => {
+                        let payload = m.payload().unwrap_or(&[]);
+                        match decode(topic, m.key(), payload, &limits) {
+                            Ok(event) => {
+                                metrics.event(&topic_name, "applied");
+                                msgs.push(Msg {
+                                    event,
+                                    kafka_ms: m.timestamp().to_millis(),
+                                });
+                            }
+                            Err(rejection) => {
+                                let dl = DeadLetter::new(
+                                    &topic_name,
+                                    partition,
+                                    offset,
+                                    m.key(),
+                                    payload,
+                                    &rejection,
+                                    now_ms() as u64,
+                                );
+                                if let Err(e) = send_dead_letter(&dlq, m.key(), &dl, &stop).await {
+                                    result = Err(e);
+                                    break;
+                                }
+                                metrics.event(&topic_name, "dead_lettered");
+                                metrics.dead_letter(rejection.reason_code().as_str());
+                                progress.dead_lettered.fetch_add(1, Ordering::SeqCst);
+                                tracing::debug!(topic = %topic_name, partition, offset, reason = %dl.reason, "dead-lettered");
+                            }
+                        }
+                    }
+                    None => metrics.event(&topic_name, "ignored"),
+                }
+                offsets.insert((topic_name, partition), offset);
+                if msgs.len() >= settings.ingest.max_batch || count >= settings.ingest.max_batch as u64 {
+                    close = true;
+                }
+            }
+        }
+        if close {
+            let w = Work::Batch {
+                msgs: std::mem::take(&mut msgs),
+                offsets: std::mem::take(&mut offsets),
+                messages: std::mem::take(&mut count),
+            };
+            opened = None;
+            if tx_core.send(w).await.is_err() {
+                break;
+            }
+        }
+    }
+    // Drain: the open batch, then the stages.
+    if !offsets.is_empty() && result.is_ok() {
+        let _ = tx_core
+            .send(Work::Batch {
+                msgs,
+                offsets,
+                messages: count,
+            })
+            .await;
+    }
+    drop(tx_core);
+    health.ready.store(false, Ordering::SeqCst);
+    let core_res = core_task.await.map_err(|e| anyhow!("core thread: {e}"))?;
+    let pub_res = pub_task.await.map_err(|e| anyhow!("publisher: {e}"))?;
+    lag_task.abort();
+    let c = consumer.clone();
+    let commit = tokio::task::spawn_blocking(move || c.commit_consumer_state(CommitMode::Sync)).await?;
+    match commit {
+        Ok(()) => tracing::info!("offsets committed; stopped"),
+        Err(e) => tracing::warn!(error = %e, "final commit failed (the next start re-reads from the last commit)"),
+    }
+    result?;
+    core_res?;
+    pub_res?;
+    Ok(())
+}
+
+async fn send_dead_letter(
+    dlq: &FutureProducer,
+    key: Option<&[u8]>,
+    dl: &DeadLetter,
+    stop: &watch::Receiver<bool>,
+) -> Result<()> {
+    let payload = dl.encode()?;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let mut rec = FutureRecord::<[u8], [u8]>::to(DLQ_TOPIC).payload(&payload);
+        if let Some(k) = key {
+            rec = rec.key(k);
+        }
+        match dlq.send(rec, Duration::from_secs(10)).await {
+            Ok(_) => return Ok(()),
+            Err((e, _)) => {
+                tracing::warn!(error = %e, "DLQ write failed; retrying");
+                if *stop.borrow() {
+                    anyhow::bail!("stopping with an undelivered dead letter: {e}");
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+fn report_lag(consumer: &StreamConsumer, metrics: &Metrics) {
+    let Ok(assignment) = consumer.assignment() else {
+        return;
+    };
+    let Ok(positions) = consumer.position() else {
+        return;
+    };
+    for e in assignment.elements() {
+        let Ok((_, high)) =
+            consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(2))
+        else {
+            continue;
+        };
+        let pos = positions
+            .find_partition(e.topic(), e.partition())
+            .and_then(|p| match p.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            });
+        if let Some(pos) = pos {
+            metrics.set_lag(e.topic(), e.partition(), (high - pos).max(0));
+        }
+    }
+}
+
+/// Re-reads every input partition from its beginning up to the group's
+/// committed offset and applies it to `core` in restore mode. Returns the
+/// number of messages re-read.
+fn restore(settings: &Settings, group: &StreamConsumer, core: &mut Core) -> Result<u64> {
+    let timeout = Duration::from_secs(30);
+    let meta = group
+        .fetch_metadata(None, timeout)
+        .context("fetching Kafka metadata")?;
+    let mut tpl = TopicPartitionList::new();
+    for t in meta.topics() {
+        if INPUT_TOPICS.iter().any(|x| x.name() == t.name()) {
+            for p in t.partitions() {
+                tpl.add_partition(t.name(), p.id());
+            }
+        }
+    }
+    if tpl.count() == 0 {
+        return Ok(0);
+    }
+    let committed = group
+        .committed_offsets(tpl, timeout)
+        .context("reading the group's committed offsets")?;
+    let mut ends: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    let mut assign = TopicPartitionList::new();
+    for e in committed.elements() {
+        if let Offset::Offset(c) = e.offset() {
+            if c > 0 {
+                let (low, _) = group
+                    .fetch_watermarks(e.topic(), e.partition(), timeout)
+                    .context("reading watermarks")?;
+                if low < c {
+                    ends.insert((e.topic().to_string(), e.partition()), c);
+                    assign.add_partition_offset(e.topic(), e.partition(), Offset::Beginning)?;
+                }
+            }
+        }
+    }
+    if ends.is_empty() {
+        return Ok(0);
+    }
+    let reader: BaseConsumer = settings
+        .kafka
+        .client_config(&[
+            ("group.id", &format!("{}-restore", settings.kafka.group_id)),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+        ])
+        .create()
+        .context("creating the restore consumer")?;
+    reader.assign(&assign)?;
+    let limits = &settings.ingest.limits;
+    let mut pending = ends.clone();
+    let mut msgs = Vec::new();
+    let mut n = 0u64;
+    let mut quiet = Instant::now();
+    while !pending.is_empty() {
+        match reader.poll(Duration::from_millis(200)) {
+            None => {
+                if quiet.elapsed() > Duration::from_secs(60) {
+                    anyhow::bail!("restore stalled: partitions {:?} did not reach their committed offsets", pending.keys().collect::<Vec<_>>());
+                }
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "restore consumer error"),
+            Some(Ok(m)) => {
+                quiet = Instant::now();
+                let key = (m.topic().to_string(), m.partition());
+                let Some(&end) = ends.get(&key) else { continue };
+                if m.offset() >= end {
+                    pending.remove(&key);
+                    continue;
+                }
+                n += 1;
+                if let Some(topic) = Topic::from_name(m.topic()) {
+                    // Rejected messages were dead-lettered before the restart.
+                    if let Ok(event) = decode(topic, m.key(), m.payload().unwrap_or(&[]), limits) {
+                        msgs.push(Msg {
+                            event,
+                            kafka_ms: None,
+                        });
+                    }
+                }
+                if m.offset() + 1 >= end {
+                    pending.remove(&key);
+                }
+                if msgs.len() >= 50_000 {
+                    core.apply(&std::mem::take(&mut msgs), Mode::Restore)?;
+                }
+            }
+        }
+    }
+    core.apply(&msgs, Mode::Restore)?;
+    Ok(n)
+}

@@ -1,0 +1,291 @@
+//! Redis output (DESIGN.md, "Redis layout"), pipelined and idempotent.
+//!
+//! | key | type | content |
+//! |---|---|---|
+//! | `{prefix}:item:{id}` | hash | `emb` (d × f32 little-endian), `model`, `ts` (ms) |
+//! | `{prefix}:user:{id}` | hash | same fields |
+//! | `{prefix}:recs:{user}` | sorted set | top-K item ids by score, replaced atomically |
+//! | `{prefix}:model` | hash | `version`, `dim`, `relations` |
+//! | `{prefix}:updates` | stream | `kind`, `id`, `model` per refresh (capped) |
+//!
+//! Each pipeline is one MULTI/EXEC transaction, so a reader never sees a list
+//! half replaced. Every write sets a value (HSET, DEL+ZADD), so writing the
+//! same batch twice leaves the same state: replays after a crash are safe.
+//! A failed write is retried with exponential backoff until it succeeds or
+//! the engine stops; meanwhile the pipeline stages block (backpressure) and
+//! no offset is stored.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use redis::aio::MultiplexedConnection;
+
+use super::config::RedisSettings;
+use super::metrics::{Health, Metrics};
+use super::state::{Publish, UserOut};
+
+/// Little-endian bytes of an embedding.
+pub fn emb_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// The embedding of little-endian bytes (`None` if the length is not a
+/// multiple of 4).
+pub fn emb_from_bytes(b: &[u8]) -> Option<Vec<f32>> {
+    (b.len() % 4 == 0).then(|| {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    })
+}
+
+/// The Redis writer.
+pub struct Publisher {
+    cfg: RedisSettings,
+    client: redis::Client,
+    conn: Option<MultiplexedConnection>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+impl Publisher {
+    /// A publisher for `cfg.url` (no connection is made yet).
+    pub fn new(cfg: RedisSettings, metrics: Arc<Metrics>, health: Arc<Health>) -> Result<Self> {
+        let client = redis::Client::open(cfg.url.as_str())
+            .with_context(|| format!("invalid Redis URL {:?}", cfg.url))?;
+        Ok(Self {
+            cfg,
+            client,
+            conn: None,
+            metrics,
+            health,
+        })
+    }
+
+    fn key(&self, kind: &str, id: &str) -> String {
+        format!("{}:{kind}:{id}", self.cfg.prefix)
+    }
+
+    async fn conn(&mut self) -> redis::RedisResult<MultiplexedConnection> {
+        if let Some(c) = &self.conn {
+            return Ok(c.clone());
+        }
+        let c = self.client.get_multiplexed_async_connection().await?;
+        self.conn = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Runs `pipes` in order, each retried until it succeeds; gives up only
+    /// when `stop` turns true (then returns an error).
+    async fn run(&mut self, pipes: Vec<redis::Pipeline>, stop: &tokio::sync::watch::Receiver<bool>) -> Result<()> {
+        for pipe in pipes {
+            let mut delay = Duration::from_millis(self.cfg.retry_initial_ms.max(1));
+            loop {
+                let t0 = Instant::now();
+                let res = match self.conn().await {
+                    Ok(mut c) => pipe.query_async::<()>(&mut c).await,
+                    Err(e) => Err(e),
+                };
+                match res {
+                    Ok(()) => {
+                        self.metrics
+                            .redis_write(pipe.cmd_iter().count(), t0.elapsed().as_secs_f64());
+                        self.health.redis_ok.store(true, std::sync::atomic::Ordering::SeqCst);
+                        break;
+                    }
+                    Err(e) => {
+                        self.metrics.redis_error();
+                        self.health.redis_ok.store(false, std::sync::atomic::Ordering::SeqCst);
+                        self.conn = None;
+                        tracing::warn!(error = %e, retry_ms = delay.as_millis() as u64, "Redis write failed; retrying");
+                        if *stop.borrow() {
+                            anyhow::bail!("stopping with an unpublished batch: {e}");
+                        }
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_millis(self.cfg.retry_max_ms.max(1)));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the connection (PING), retrying like a write.
+    pub async fn ping(&mut self, stop: &tokio::sync::watch::Receiver<bool>) -> Result<()> {
+        let mut p = redis::pipe();
+        p.cmd("PING");
+        self.run(vec![p], stop).await
+    }
+
+    /// Writes one batch's effects under model `version`.
+    pub async fn publish(
+        &mut self,
+        batch: &Publish,
+        version: &str,
+        stop: &tokio::sync::watch::Receiver<bool>,
+    ) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let limit = self.cfg.pipeline_commands;
+        let mut pipes = Vec::new();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let mut n = 0usize;
+        let updates = format!("{}:updates", self.cfg.prefix);
+        let maxlen = redis::streams::StreamMaxlen::Approx(self.cfg.updates_maxlen);
+        let mut flush = |pipe: &mut redis::Pipeline, n: &mut usize, need: usize| {
+            if *n + need > limit && *n > 0 {
+                let mut fresh = redis::pipe();
+                fresh.atomic();
+                pipes.push(std::mem::replace(pipe, fresh));
+                *n = 0;
+            }
+        };
+        for it in &batch.items {
+            flush(&mut pipe, &mut n, 2);
+            pipe.hset_multiple(
+                self.key("item", &it.id),
+                &[
+                    ("emb", emb_bytes(&it.emb)),
+                    ("model", version.as_bytes().to_vec()),
+                    ("ts", it.ts.to_string().into_bytes()),
+                ],
+            )
+            .ignore();
+            pipe.xadd_maxlen(&updates, maxlen, "*", &[("kind", "item"), ("id", it.id.as_str()), ("model", version)])
+                .ignore();
+            n += 2;
+        }
+        for u in &batch.users {
+            flush(&mut pipe, &mut n, 4);
+            self.user_cmds(&mut pipe, u, version);
+            pipe.xadd_maxlen(&updates, maxlen, "*", &[("kind", "user"), ("id", u.id.as_str()), ("model", version)])
+                .ignore();
+            n += 4;
+        }
+        if n > 0 {
+            pipes.push(pipe);
+        }
+        self.run(pipes, stop).await?;
+        self.metrics.published("item", batch.items.len() as u64);
+        self.metrics.published("user", batch.users.len() as u64);
+        self.metrics.published("recs", batch.users.len() as u64);
+        Ok(())
+    }
+
+    fn user_cmds(&self, pipe: &mut redis::Pipeline, u: &UserOut, version: &str) {
+        pipe.hset_multiple(
+            self.key("user", &u.id),
+            &[
+                ("emb", emb_bytes(&u.emb)),
+                ("model", version.as_bytes().to_vec()),
+                ("ts", u.ts.to_string().into_bytes()),
+            ],
+        )
+        .ignore();
+        let recs = self.key("recs", &u.id);
+        pipe.del(&recs).ignore();
+        if !u.recs.is_empty() {
+            let members: Vec<(f64, &str)> = u.recs.iter().map(|(id, s)| (*s as f64, id.as_str())).collect();
+            pipe.zadd_multiple(&recs, &members).ignore();
+        }
+    }
+
+    /// The model version Redis serves now (`{prefix}:model` `version`).
+    pub async fn active_version(&mut self, stop: &tokio::sync::watch::Receiver<bool>) -> Result<Option<String>> {
+        self.ping(stop).await?;
+        let mut c = self.conn().await?;
+        let v: Option<String> = redis::cmd("HGET")
+            .arg(format!("{}:model", self.cfg.prefix))
+            .arg("version")
+            .query_async(&mut c)
+            .await?;
+        Ok(v)
+    }
+
+    /// Flips `{prefix}:model` to `version` (after everything under it is written).
+    pub async fn set_model(
+        &mut self,
+        version: &str,
+        dim: usize,
+        relations: &[String],
+        stop: &tokio::sync::watch::Receiver<bool>,
+    ) -> Result<()> {
+        let mut p = redis::pipe();
+        p.atomic();
+        p.hset_multiple(
+            format!("{}:model", self.cfg.prefix),
+            &[
+                ("version", version.to_string()),
+                ("dim", dim.to_string()),
+                ("relations", relations.join(",")),
+            ],
+        )
+        .ignore();
+        p.xadd_maxlen(
+            format!("{}:updates", self.cfg.prefix),
+            redis::streams::StreamMaxlen::Approx(self.cfg.updates_maxlen),
+            "*",
+            &[("kind", "model"), ("id", version), ("model", version)],
+        )
+        .ignore();
+        self.run(vec![p], stop).await
+    }
+}
+
+/// Reads a user's list back (best first), for the demo and tests.
+pub async fn read_recs(
+    conn: &mut MultiplexedConnection,
+    prefix: &str,
+    user: &str,
+    k: usize,
+) -> redis::RedisResult<Vec<(String, f64)>> {
+    redis::cmd("ZRANGE")
+        .arg(format!("{prefix}:recs:{user}"))
+        .arg(0)
+        .arg(k.saturating_sub(1) as i64)
+        .arg("REV")
+        .arg("WITHSCORES")
+        .query_async(conn)
+        .await
+}
+
+/// Deletes every key under `prefix:` (SCAN + UNLINK); returns how many.
+pub async fn clear_prefix(conn: &mut MultiplexedConnection, prefix: &str) -> redis::RedisResult<usize> {
+    let mut cursor: u64 = 0;
+    let mut n = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}:*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        if !keys.is_empty() {
+            n += keys.len();
+            redis::cmd("UNLINK").arg(&keys).query_async::<()>(conn).await?;
+        }
+        if next == 0 {
+            return Ok(n);
+        }
+        cursor = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embeddings_round_trip_little_endian() {
+        let v = vec![1.0f32, -2.5, f32::MIN_POSITIVE];
+        let b = emb_bytes(&v);
+        assert_eq!(&b[..4], &1.0f32.to_le_bytes());
+        assert_eq!(emb_from_bytes(&b).unwrap(), v);
+        assert!(emb_from_bytes(&b[..5]).is_none());
+    }
+}

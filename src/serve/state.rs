@@ -1,0 +1,729 @@
+//! The engine's state and the work of one batch: graph edits, text encoding,
+//! projection, incremental propagation, fusion, user adaptation.
+//!
+//! [`Core`] is owned by one blocking thread (it does CPU work only); the
+//! async stages hand it batches of decoded events and take back what to
+//! publish ([`Publish`]). Everything it publishes is a function of the events
+//! applied so far, not of how they were batched: an item is republished
+//! whenever its embedding may have changed (the M-hop ball of every edit, per
+//! relation), and an idle engine refreshes every user against the current
+//! catalogue. That is what lets a restarted engine, which rebuilds its state
+//! by re-reading the log up to the committed offsets ([`Mode::Restore`]),
+//! converge to the Redis state of an engine that never stopped.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use ndarray::{Array1, Array2, Array3, ArrayView2};
+
+use super::adapt::{adapt_user, top_k, AdaptConfig};
+use super::metrics::Metrics;
+use crate::graph::{Batch, Pkg, Propagator, PropagatorConfig};
+use crate::infer::item::{ItemModels, ItemModelsConfig};
+use crate::infer::text::{TextEncoder, TextEncoderConfig};
+use crate::ingest::Event;
+use crate::train::features::category_bag;
+use crate::train::mpkg::BIAS_FEATURES;
+use crate::train::ModelCard;
+
+/// A decoded event and when it entered Kafka (the message timestamp, ms),
+/// from which freshness is measured.
+#[derive(Debug, Clone)]
+pub struct Msg {
+    /// The event.
+    pub event: Event,
+    /// Kafka message timestamp, ms since the epoch.
+    pub kafka_ms: Option<i64>,
+}
+
+/// Whether a batch is live (its effects are published) or re-read from the
+/// log after a restart (state only: its effects were published before).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Publish what changed.
+    Live,
+    /// Rebuild state only.
+    Restore,
+}
+
+/// An item embedding to publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemOut {
+    /// Item id.
+    pub id: String,
+    /// Embedding.
+    pub emb: Vec<f32>,
+    /// Time of the item's latest item event, ms.
+    pub ts: u64,
+}
+
+/// A user embedding and list to publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserOut {
+    /// User id.
+    pub id: String,
+    /// Adapted embedding.
+    pub emb: Vec<f32>,
+    /// Time of the user's latest interaction, ms.
+    pub ts: u64,
+    /// Top-K item ids with scores, best first (the user's own items excluded).
+    pub recs: Vec<(String, f32)>,
+}
+
+/// What one batch changed, to publish.
+#[derive(Debug, Clone, Default)]
+pub struct Publish {
+    /// Item embeddings.
+    pub items: Vec<ItemOut>,
+    /// Users.
+    pub users: Vec<UserOut>,
+    /// `(kind, kafka timestamp ms)` of the events whose effects this carries
+    /// (kinds `item`, `edge`, `user`), for freshness.
+    pub sources: Vec<(&'static str, i64)>,
+}
+
+impl Publish {
+    /// Nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty() && self.users.is_empty()
+    }
+}
+
+/// Outcome counts of one batch, per topic name.
+#[derive(Debug, Clone, Default)]
+pub struct Applied {
+    /// Events applied.
+    pub applied: BTreeMap<&'static str, u64>,
+    /// Events ignored (relations the model does not know).
+    pub ignored: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Debug, Clone)]
+struct ItemSlot {
+    /// An item event was seen (else the slot is a placeholder for an id that
+    /// only appeared in relations or interactions: in the graph, not ranked).
+    described: bool,
+    /// Latest item event time.
+    ts: u64,
+    /// Distinct users who interacted.
+    count: u32,
+    /// First interaction time, ms (u64::MAX: none).
+    first_ms: u64,
+    /// Universal features X (empty for placeholders).
+    x: Vec<f32>,
+}
+
+impl Default for ItemSlot {
+    fn default() -> Self {
+        Self {
+            described: false,
+            ts: 0,
+            count: 0,
+            first_ms: u64::MAX,
+            x: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct UserState {
+    items: Vec<u32>,
+    ts: u64,
+}
+
+/// The loaded model: its card and ONNX Runtime sessions.
+pub struct LoadedModel {
+    /// `model.json`.
+    pub card: ModelCard,
+    /// Projection and fusion graphs.
+    pub items: ItemModels,
+    /// Text encoder.
+    pub text: TextEncoder,
+}
+
+impl LoadedModel {
+    /// Loads `model_dir` (from `thaw train`) and the text encoder; checks that
+    /// they fit together.
+    pub fn load(
+        model_dir: &std::path::Path,
+        text_dir: &std::path::Path,
+        ort_dylib: Option<&std::path::Path>,
+    ) -> Result<Self> {
+        let p = model_dir.join("model.json");
+        let card: ModelCard = serde_json::from_str(
+            &std::fs::read_to_string(&p)
+                .with_context(|| format!("reading {} (train one with `thaw train`)", p.display()))?,
+        )
+        .with_context(|| format!("parsing {}", p.display()))?;
+        let text = TextEncoder::load(&TextEncoderConfig {
+            model_dir: text_dir.to_path_buf(),
+            ort_dylib: ort_dylib.map(|p| p.to_path_buf()),
+            ..Default::default()
+        })
+        .with_context(|| format!("loading the text encoder from {}", text_dir.display()))?;
+        let items = ItemModels::load(&ItemModelsConfig {
+            model_dir: model_dir.to_path_buf(),
+            ort_dylib: ort_dylib.map(|p| p.to_path_buf()),
+            ..Default::default()
+        })
+        .with_context(|| format!("loading the item model from {}", model_dir.display()))?;
+        if items.d_in() != text.dim() + card.config.kg_dim {
+            bail!(
+                "the item model takes {} features, but text ({}) + KG bag ({}) give {}",
+                items.d_in(),
+                text.dim(),
+                card.config.kg_dim,
+                text.dim() + card.config.kg_dim
+            );
+        }
+        if items.relations() != card.relations.len() || items.dim() != card.dim {
+            bail!("{}: ONNX graphs and model.json disagree on relations or dim", model_dir.display());
+        }
+        Ok(Self { card, items, text })
+    }
+}
+
+/// The engine state.
+pub struct Core {
+    model: LoadedModel,
+    pkg: Pkg,
+    prop: Propagator,
+    slots: Vec<ItemSlot>,
+    /// Fused embeddings, one row per slot (capacity rows).
+    fused: Array2<f32>,
+    users: HashMap<String, UserState>,
+    now_ms: u64,
+    adapt: AdaptConfig,
+    top_k: usize,
+    refresh_all: bool,
+    /// Users with interactions since the last refresh of all users.
+    dirty_users: BTreeSet<String>,
+    /// Something changed since the last idle refresh.
+    changed_since_idle: bool,
+    metrics: Arc<Metrics>,
+}
+
+impl Core {
+    /// An empty engine state for `model`.
+    pub fn new(
+        model: LoadedModel,
+        adapt: AdaptConfig,
+        top_k: usize,
+        refresh_all: bool,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self> {
+        let pkg = Pkg::new(model.card.relations.iter().map(String::as_str))?;
+        let prop = Propagator::full(
+            PropagatorConfig {
+                hops: model.card.hops,
+                ..Default::default()
+            },
+            &pkg,
+            &vec![Array2::<f32>::zeros((0, model.card.dim)).view(); model.card.relations.len()],
+        )?;
+        metrics.set_provider(model.items.provider());
+        metrics.set_model(&model.card.version);
+        let d = model.card.dim;
+        Ok(Self {
+            model,
+            pkg,
+            prop,
+            slots: Vec::new(),
+            fused: Array2::zeros((0, d)),
+            users: HashMap::new(),
+            now_ms: 0,
+            adapt,
+            top_k,
+            refresh_all,
+            dirty_users: BTreeSet::new(),
+            changed_since_idle: false,
+            metrics,
+        })
+    }
+
+    /// The model's card.
+    pub fn card(&self) -> &ModelCard {
+        &self.model.card
+    }
+
+    /// Items with an item event (ranked and published).
+    pub fn described_items(&self) -> usize {
+        self.slots.iter().filter(|s| s.described).count()
+    }
+
+    /// Users seen.
+    pub fn users(&self) -> usize {
+        self.users.len()
+    }
+
+    fn slot(&mut self, id: &str) -> (u32, bool) {
+        if let Some(s) = self.pkg.item_index(id) {
+            return (s, false);
+        }
+        let s = self.pkg.add_item(id);
+        let n = s as usize + 1;
+        if self.slots.len() < n {
+            self.slots.resize_with(n, ItemSlot::default);
+        } else {
+            self.slots[s as usize] = ItemSlot::default();
+        }
+        if self.fused.nrows() < n {
+            let cap = n.next_power_of_two().max(1024);
+            let mut f = Array2::zeros((cap, self.model.card.dim));
+            f.slice_mut(ndarray::s![..self.fused.nrows(), ..])
+                .assign(&self.fused);
+            self.fused = f;
+        }
+        (s, true)
+    }
+
+    /// Applies a batch of events. In [`Mode::Live`] returns what to publish;
+    /// in [`Mode::Restore`] only the state changes (call [`Core::finish_restore`]
+    /// after the last restored batch).
+    pub fn apply(&mut self, msgs: &[Msg], mode: Mode) -> Result<(Publish, Applied)> {
+        let mut out = Publish::default();
+        let mut counts = Applied::default();
+        // Slots that need a new input row (new placeholders: zeros; described
+        // items: their projected features), and texts to encode.
+        let mut new_inputs: BTreeSet<u32> = BTreeSet::new();
+        let mut texts: BTreeMap<u32, (String, Vec<String>)> = BTreeMap::new();
+        let mut item_sources: Vec<(u32, i64)> = Vec::new();
+        let mut edge_sources: Vec<(u32, i64)> = Vec::new();
+        let mut user_sources: Vec<(String, i64)> = Vec::new();
+        for m in msgs {
+            let topic = m.event.topic().name();
+            self.now_ms = self.now_ms.max(m.event.ts());
+            match &m.event {
+                Event::Item(e) => {
+                    let (s, new) = self.slot(&e.item_id);
+                    if new {
+                        new_inputs.insert(s);
+                    }
+                    let text = match e.description.as_deref() {
+                        Some(d) if !d.is_empty() && !e.title.is_empty() => {
+                            format!("{}. {d}", e.title)
+                        }
+                        Some(d) if !d.is_empty() => d.to_string(),
+                        _ => e.title.clone(),
+                    };
+                    texts.insert(s, (text, e.categories.clone()));
+                    let slot = &mut self.slots[s as usize];
+                    slot.described = true;
+                    slot.ts = slot.ts.max(e.ts);
+                    if let Some(k) = m.kafka_ms {
+                        item_sources.push((s, k));
+                    }
+                }
+                Event::Relation(e) => {
+                    let Some(r) = self.pkg.relation_index(&e.relation) else {
+                        self.metrics.unknown_relation(&e.relation);
+                        *counts.ignored.entry(topic).or_default() += 1;
+                        continue;
+                    };
+                    let (u, nu) = self.slot(&e.src);
+                    let (v, nv) = self.slot(&e.dst);
+                    for (s, new) in [(u, nu), (v, nv)] {
+                        if new {
+                            new_inputs.insert(s);
+                        }
+                    }
+                    let changed = match e.op {
+                        crate::ingest::Op::Add => self.pkg.add_edge(r, u, v)?,
+                        crate::ingest::Op::Remove => self.pkg.remove_edge(r, u, v)?,
+                    };
+                    if changed {
+                        if let Some(k) = m.kafka_ms {
+                            edge_sources.push((u, k));
+                        }
+                    }
+                }
+                Event::Interaction(e) => {
+                    let (s, new) = self.slot(&e.item_id);
+                    if new {
+                        new_inputs.insert(s);
+                    }
+                    let user = self.users.entry(e.user_id.clone()).or_default();
+                    user.ts = user.ts.max(e.ts);
+                    if !user.items.contains(&s) {
+                        user.items.push(s);
+                        let slot = &mut self.slots[s as usize];
+                        slot.count += 1;
+                        slot.first_ms = slot.first_ms.min(e.ts);
+                    }
+                    self.dirty_users.insert(e.user_id.clone());
+                    if let Some(k) = m.kafka_ms {
+                        user_sources.push((e.user_id.clone(), k));
+                    }
+                }
+            }
+            *counts.applied.entry(topic).or_default() += 1;
+        }
+        if msgs.is_empty() {
+            return Ok((out, counts));
+        }
+        self.changed_since_idle = true;
+
+        // Text and features of described items.
+        if !texts.is_empty() {
+            let t0 = Instant::now();
+            let strs: Vec<&str> = texts.values().map(|(t, _)| t.as_str()).collect();
+            let emb = self.model.text.embed(&strs)?;
+            self.metrics.inference(
+                "text_encoder",
+                self.model.items.provider(),
+                strs.len(),
+                t0.elapsed().as_secs_f64(),
+            );
+            let kg = self.model.card.config.kg_dim;
+            for (row, (&s, (text, cats))) in texts.iter().enumerate() {
+                let mut x = if text.is_empty() {
+                    vec![0f32; emb.ncols()]
+                } else {
+                    emb.row(row).to_vec()
+                };
+                x.extend(category_bag(cats, kg));
+                self.slots[s as usize].x = x;
+                new_inputs.insert(s);
+            }
+        }
+
+        // Input rows H_0 = X W_r of every new or changed slot.
+        let mut batch: Batch = self.pkg.take_changes();
+        let (r_n, d) = (self.model.card.relations.len(), self.model.card.dim);
+        let described: Vec<u32> = new_inputs
+            .iter()
+            .copied()
+            .filter(|&s| !self.slots[s as usize].x.is_empty())
+            .collect();
+        let zero = Array2::<f32>::zeros((r_n, d));
+        for &s in &new_inputs {
+            if self.slots[s as usize].x.is_empty() && self.pkg.contains_item(s) {
+                batch.set_inputs(s, zero.view());
+            }
+        }
+        if !described.is_empty() {
+            let projected = self.project(&described)?;
+            for (k, &s) in described.iter().enumerate() {
+                batch.set_inputs(s, projected.index_axis(ndarray::Axis(0), k));
+            }
+        }
+        let t0 = Instant::now();
+        let edits = batch.edits().map_or(0, |r| (r.end - r.start) as usize) + batch.num_inputs();
+        self.prop.apply(&self.pkg, &batch)?;
+        self.metrics
+            .propagation(edits, t0.elapsed().as_secs_f64());
+        self.report_graph();
+
+        if mode == Mode::Restore {
+            return Ok((out, counts));
+        }
+
+        // Rows whose output may have changed: per relation, the M-hop ball of
+        // the slots the batch touched or gave new inputs.
+        let changed = self.ball(&batch, &new_inputs);
+        let to_fuse: Vec<u32> = changed
+            .into_iter()
+            .filter(|&s| self.slots.get(s as usize).is_some_and(|x| x.described))
+            .collect();
+        self.fuse(&to_fuse)?;
+        for &s in &to_fuse {
+            out.items.push(self.item_out(s));
+        }
+        for (s, k) in item_sources {
+            if self.slots[s as usize].described {
+                out.sources.push(("item", k));
+            }
+        }
+        out.sources
+            .extend(edge_sources.into_iter().map(|(_, k)| ("edge", k)));
+
+        // Users with new interactions.
+        let dirty: Vec<String> = std::mem::take(&mut self.dirty_users).into_iter().collect();
+        out.users = self.user_outs(&dirty);
+        let published: BTreeSet<&str> = out.users.iter().map(|u| u.id.as_str()).collect();
+        for (u, k) in user_sources {
+            if published.contains(u.as_str()) {
+                out.sources.push(("user", k));
+            }
+        }
+        Ok((out, counts))
+    }
+
+    /// After the last restored batch: fuses every item (nothing is published:
+    /// it was before the restart), and marks every user for the next idle
+    /// refresh.
+    pub fn finish_restore(&mut self) -> Result<()> {
+        let all: Vec<u32> = (0..self.slots.len() as u32)
+            .filter(|&s| self.slots[s as usize].described && self.pkg.contains_item(s))
+            .collect();
+        self.fuse(&all)?;
+        self.dirty_users.clear();
+        self.changed_since_idle = true;
+        Ok(())
+    }
+
+    /// Everything there is to publish: every described item and every user
+    /// (after a model change, or when Redis holds another version).
+    pub fn publish_all(&mut self) -> Result<Publish> {
+        let items: Vec<u32> = (0..self.slots.len() as u32)
+            .filter(|&s| self.slots[s as usize].described && self.pkg.contains_item(s))
+            .collect();
+        let users: Vec<String> = self.users.keys().cloned().collect();
+        let mut users = users;
+        users.sort();
+        Ok(Publish {
+            items: items.iter().map(|&s| self.item_out(s)).collect(),
+            users: self.user_outs(&users),
+            sources: Vec::new(),
+        })
+    }
+
+    /// Called when the stream has been idle: if anything changed since the
+    /// last call, refreshes every user (or those with new interactions, per
+    /// settings) against the current catalogue.
+    pub fn idle(&mut self) -> Publish {
+        if !self.changed_since_idle {
+            return Publish::default();
+        }
+        self.changed_since_idle = false;
+        let mut users: Vec<String> = if self.refresh_all {
+            self.users.keys().cloned().collect()
+        } else {
+            std::mem::take(&mut self.dirty_users).into_iter().collect()
+        };
+        users.sort();
+        Publish {
+            items: Vec::new(),
+            users: self.user_outs(&users),
+            sources: Vec::new(),
+        }
+    }
+
+    /// Swaps in a new model: every item is projected, propagated and fused
+    /// again from its stored features; returns everything to publish under
+    /// the new version.
+    pub fn swap_model(&mut self, model: LoadedModel) -> Result<Publish> {
+        if model.card.relations != self.model.card.relations {
+            bail!(
+                "model {} has relations {:?}, the running graph {:?}: restart the engine to change relations",
+                model.card.version,
+                model.card.relations,
+                self.model.card.relations
+            );
+        }
+        let old = std::mem::replace(&mut self.model, model);
+        let res = self.recompute_all();
+        if let Err(e) = res {
+            self.model = old;
+            self.recompute_all()?;
+            return Err(e);
+        }
+        self.metrics.set_model(&self.model.card.version);
+        self.publish_all()
+    }
+
+    fn recompute_all(&mut self) -> Result<()> {
+        let (r_n, d) = (self.model.card.relations.len(), self.model.card.dim);
+        let n = self.pkg.slots();
+        let mut inputs = vec![Array2::<f32>::zeros((n, d)); r_n];
+        let described: Vec<u32> = (0..n as u32)
+            .filter(|&s| self.pkg.contains_item(s) && !self.slots[s as usize].x.is_empty())
+            .collect();
+        for chunk in described.chunks(4096) {
+            let p = self.project(chunk)?;
+            for (k, &s) in chunk.iter().enumerate() {
+                for (r, input) in inputs.iter_mut().enumerate() {
+                    input.row_mut(s as usize).assign(&p.slice(ndarray::s![k, r, ..]));
+                }
+            }
+        }
+        let _ = self.pkg.take_changes();
+        let views: Vec<ArrayView2<'_, f32>> = inputs.iter().map(|a| a.view()).collect();
+        self.prop = Propagator::full(
+            PropagatorConfig {
+                hops: self.model.card.hops,
+                ..Default::default()
+            },
+            &self.pkg,
+            &views,
+        )?;
+        if self.fused.ncols() != d {
+            self.fused = Array2::zeros((self.fused.nrows(), d));
+        }
+        self.fuse(&described)
+    }
+
+    fn project(&self, slots: &[u32]) -> Result<Array3<f32>> {
+        let d_in = self.model.items.d_in();
+        let mut x = Array2::<f32>::zeros((slots.len(), d_in));
+        for (k, &s) in slots.iter().enumerate() {
+            let row = &self.slots[s as usize].x;
+            x.row_mut(k).assign(&ndarray::ArrayView1::from(&row[..]));
+        }
+        let t0 = Instant::now();
+        let p = self.model.items.project(x.view())?;
+        self.metrics.inference(
+            "item_projection",
+            self.model.items.provider(),
+            slots.len(),
+            t0.elapsed().as_secs_f64(),
+        );
+        Ok(p)
+    }
+
+    fn fuse(&mut self, slots: &[u32]) -> Result<()> {
+        let (r_n, d) = (self.model.card.relations.len(), self.model.card.dim);
+        for chunk in slots.chunks(4096) {
+            let mut e = Array3::<f32>::zeros((chunk.len(), r_n, d));
+            for (k, &s) in chunk.iter().enumerate() {
+                for r in 0..r_n {
+                    e.slice_mut(ndarray::s![k, r, ..])
+                        .assign(&self.prop.row(r, s)?);
+                }
+            }
+            let t0 = Instant::now();
+            let (fused, _) = self.model.items.fuse(e.view())?;
+            self.metrics.inference(
+                "item_fusion",
+                self.model.items.provider(),
+                chunk.len(),
+                t0.elapsed().as_secs_f64(),
+            );
+            for (k, &s) in chunk.iter().enumerate() {
+                self.fused.row_mut(s as usize).assign(&fused.row(k));
+            }
+        }
+        Ok(())
+    }
+
+    fn ball(&self, batch: &Batch, inputs: &BTreeSet<u32>) -> BTreeSet<u32> {
+        let hops = self.model.card.hops;
+        let mut all = BTreeSet::new();
+        let mut seen = vec![false; self.pkg.slots()];
+        for r in 0..self.pkg.num_relations() {
+            let mut frontier: Vec<u32> = batch
+                .touched(r)
+                .iter()
+                .chain(inputs.iter())
+                .copied()
+                .filter(|&s| self.pkg.contains_item(s))
+                .collect();
+            seen.iter_mut().for_each(|x| *x = false);
+            let mut visited = Vec::new();
+            for &s in &frontier {
+                if !seen[s as usize] {
+                    seen[s as usize] = true;
+                    visited.push(s);
+                }
+            }
+            frontier = visited.clone();
+            for _ in 0..hops {
+                let mut next = Vec::new();
+                for &s in &frontier {
+                    if let Ok(nb) = self.pkg.neighbours(r, s) {
+                        for &t in nb {
+                            if !seen[t as usize] {
+                                seen[t as usize] = true;
+                                next.push(t);
+                            }
+                        }
+                    }
+                }
+                visited.extend_from_slice(&next);
+                frontier = next;
+            }
+            all.extend(visited);
+        }
+        all
+    }
+
+    fn item_out(&self, s: u32) -> ItemOut {
+        ItemOut {
+            id: self.pkg.ext_id(s).unwrap_or_default().to_string(),
+            emb: self.fused.row(s as usize).to_vec(),
+            ts: self.slots[s as usize].ts,
+        }
+    }
+
+    /// Item biases from observable popularity (as `train::bias_features` in
+    /// the blind mode: no scenario counts), relative to the latest event time.
+    fn bias(&self) -> Array1<f32> {
+        let w = &self.model.card.bias_weights;
+        let mut b = Array1::<f32>::zeros(self.fused.nrows());
+        if w.len() != BIAS_FEATURES {
+            return b;
+        }
+        for (s, slot) in self.slots.iter().enumerate() {
+            let count = slot.count as f64;
+            let days = if slot.first_ms != u64::MAX {
+                ((self.now_ms.saturating_sub(slot.first_ms)) as f64 / 86_400_000.0).max(1.0)
+            } else {
+                1.0
+            };
+            b[s] = w[0] * (count as f32).ln_1p() + w[1] * ((count / days) as f32).ln_1p();
+        }
+        b
+    }
+
+    fn active(&self) -> Vec<bool> {
+        let mut a = vec![false; self.fused.nrows()];
+        for (s, slot) in self.slots.iter().enumerate() {
+            a[s] = slot.described && self.pkg.contains_item(s as u32);
+        }
+        a
+    }
+
+    fn user_outs(&self, users: &[String]) -> Vec<UserOut> {
+        if users.is_empty() {
+            return Vec::new();
+        }
+        let bias = self.bias();
+        let active = self.active();
+        let mut out = Vec::with_capacity(users.len());
+        for id in users {
+            let Some(u) = self.users.get(id) else { continue };
+            let t0 = Instant::now();
+            let Some(v) = adapt_user(
+                self.fused.view(),
+                bias.view(),
+                &active,
+                &u.items,
+                &self.adapt,
+            ) else {
+                continue;
+            };
+            let recs = top_k(
+                self.fused.view(),
+                bias.view(),
+                &active,
+                v.view(),
+                &u.items,
+                self.top_k,
+            );
+            self.metrics.adaptation(t0.elapsed().as_secs_f64());
+            out.push(UserOut {
+                id: id.clone(),
+                emb: v.to_vec(),
+                ts: u.ts,
+                recs: recs
+                    .into_iter()
+                    .map(|(s, score)| (self.pkg.ext_id(s).unwrap_or_default().to_string(), score))
+                    .collect(),
+            });
+        }
+        out
+    }
+
+    fn report_graph(&self) {
+        let edges: Vec<(String, usize)> = self
+            .pkg
+            .relations()
+            .iter()
+            .cloned()
+            .zip(self.pkg.edge_counts().iter().copied())
+            .collect();
+        self.metrics.set_graph(self.pkg.num_items(), &edges);
+    }
+}
