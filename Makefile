@@ -20,12 +20,18 @@ MODEL_DIR ?= models/mpkg
 TRAIN_FLAGS ?= --kg-relations 0 --without fr
 
 
-.PHONY: demo test data models build split train eval-baselines eval-mpkg compare lint unit
+.PHONY: demo offline test data models build split train eval-baselines eval-mpkg compare lint unit
 
-## demo: until the streaming engine lands, the demo trains MPKG (if no model
-## exists), evaluates it and every baseline on the reference cold-start split
-## in both modes, and prints the comparison.
-demo: data models build eval-baselines eval-mpkg compare
+## demo: sets up (data, ONNX Runtime, text encoder), trains MPKG if no model
+## exists, then runs the streaming demo: embedded Kafka broker + thaw serve +
+## replay of MovieLens-100K with the cold-start split, and a report of what
+## landed in Redis (REDIS_URL, default localhost; started if none answers).
+demo: data models build train
+	@mkdir -p $(REPORTS)
+	$(THAW) demo --dataset $(DATA) --split $(SPLIT) --out $(REPORTS)/demo.json
+
+## offline: every baseline and MPKG on the reference split, both modes, compared.
+offline: data models build eval-baselines eval-mpkg compare
 
 data:
 	./scripts/setup-data.sh

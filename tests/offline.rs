@@ -312,3 +312,71 @@ fn split_naming_unknown_items_is_an_error() {
         "{err}"
     );
 }
+
+/// `thaw replay`'s order on the reference split: an item before any event
+/// that names it, edges after both endpoints, meta-training interactions
+/// before the support sets, and no query interaction ever.
+#[test]
+fn replay_order_on_the_reference_split() {
+    use thaw::ingest::{Event, Limits};
+    let ds = dataset();
+    let split = reference_split(&ds);
+    let cfg = thaw::train::pkg_build::PkgConfig {
+        kg_relations: 0,
+        ..Default::default()
+    };
+    let events = thaw::replay::dataset_events(&ds, Some(&split), &cfg).unwrap();
+    let mut sent: HashSet<String> = HashSet::new();
+    let query: HashSet<(String, String)> = split
+        .scenarios
+        .values()
+        .flatten()
+        .flat_map(|t| {
+            t.query
+                .iter()
+                .map(|&i| (ds.users.id(t.user).to_string(), ds.items.id(i).to_string()))
+        })
+        .collect();
+    let support: HashSet<(String, String)> = split
+        .scenarios
+        .values()
+        .flatten()
+        .flat_map(|t| {
+            t.support
+                .iter()
+                .map(|&i| (ds.users.id(t.user).to_string(), ds.items.id(i).to_string()))
+        })
+        .collect();
+    let (mut items, mut edges, mut inter, mut in_support) = (0, 0, 0, false);
+    for e in &events {
+        assert!(e.validate(&Limits::default()).is_ok());
+        match e {
+            Event::Item(x) => {
+                assert!(sent.insert(x.item_id.clone()), "item {} twice", x.item_id);
+                assert!(!in_support, "items come in phase 1");
+                items += 1;
+            }
+            Event::Relation(r) => {
+                assert!(sent.contains(&r.src) && sent.contains(&r.dst), "edge before its items");
+                edges += 1;
+            }
+            Event::Interaction(x) => {
+                assert!(sent.contains(&x.item_id), "interaction before its item");
+                let pair = (x.user_id.clone(), x.item_id.clone());
+                assert!(!query.contains(&pair), "a query interaction was replayed");
+                if support.contains(&pair) {
+                    in_support = true;
+                } else {
+                    assert!(!in_support, "meta-training after the support sets");
+                }
+                inter += 1;
+            }
+        }
+    }
+    let meta: usize = split.meta_training.iter().map(|(_, v)| v.len()).sum();
+    assert_eq!(items, ds.n_items());
+    assert_eq!(inter, meta + support.len());
+    assert!(edges > 1000, "{edges} edges");
+    // Deterministic.
+    assert_eq!(events, thaw::replay::dataset_events(&ds, Some(&split), &cfg).unwrap());
+}

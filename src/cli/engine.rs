@@ -82,9 +82,10 @@ pub struct DemoArgs {
     /// Settings file for the engine (model folders, Redis, ...).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Replay rate, events per second (default: as fast as possible).
-    #[arg(long)]
-    pub rate: Option<f64>,
+    /// Rate of the live phase (the scenario users' support interactions),
+    /// events per second; the history before it goes as fast as possible.
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
     /// K of the scored lists.
     #[arg(long, default_value_t = 20)]
     pub k: usize,
@@ -249,7 +250,7 @@ pub fn run_demo(a: DemoArgs) -> anyhow::Result<()> {
         dataset: a.dataset,
         split,
         settings,
-        rate: a.rate,
+        rate: (a.rate > 0.0).then_some(a.rate),
         k: a.k,
         out: a.out,
     }))?;

@@ -32,7 +32,7 @@ pub struct DemoArgs {
     /// Engine settings (model folders, Redis URL, ...); Kafka is replaced by
     /// the embedded broker.
     pub settings: Settings,
-    /// Replay rate, events per second (None: as fast as possible).
+    /// Rate of the live phase, events per second (None: as fast as possible).
     pub rate: Option<f64>,
     /// K of the scored lists.
     pub k: usize,
@@ -71,9 +71,11 @@ pub struct ScenarioFigures {
 pub struct DemoReport {
     /// Input events replayed.
     pub events: u64,
-    /// Events through ingest, graph, inference and publish per second.
+    /// Events of the history replay (as fast as possible) through ingest,
+    /// graph, inference and publish per second, group join included.
     pub events_per_second: f64,
-    /// Publish time minus Kafka time, all kinds.
+    /// Publish time minus Kafka time of the live phase (support
+    /// interactions at `--rate`), all kinds.
     pub freshness_ms: Freshness,
     /// Per kind (`item`, `edge`, `user`).
     pub freshness_by_kind_ms: std::collections::BTreeMap<String, Quantiles>,
@@ -124,6 +126,34 @@ async fn redis_connection(url: &str) -> Result<(redis::aio::MultiplexedConnectio
         }
     }
     bail!("redis-server did not answer on port {port}")
+}
+
+/// Waits until `n` messages are published and an idle refresh ran after
+/// them (so the lists reflect the final catalogue).
+async fn wait_published(
+    progress: &Progress,
+    n: u64,
+    engine: &tokio::task::JoinHandle<Result<()>>,
+) -> Result<()> {
+    let mut last = 0;
+    let mut last_change = Instant::now();
+    loop {
+        if engine.is_finished() {
+            bail!("the engine stopped early (see the log above)");
+        }
+        let m = progress.messages.load(Ordering::SeqCst);
+        if m != last {
+            last = m;
+            last_change = Instant::now();
+        }
+        if m >= n && progress.idle_at_messages.load(Ordering::SeqCst) >= n {
+            return Ok(());
+        }
+        if last_change.elapsed() > Duration::from_secs(120) {
+            bail!("the engine made no progress for 2 minutes ({m} of {n} messages)");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Runs the demo and returns its report.
@@ -180,41 +210,27 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport> {
 
     let events = crate::replay::dataset_events(&ds, Some(&split), &card.config.pkg)?;
     let total = events.len() as u64;
-    eprintln!("replaying {total} events (items, relations, meta-training interactions, then the scenario users' support sets)");
-    let t0 = Instant::now();
-    let stats = crate::replay::produce(&events, &settings.kafka, args.rate).await?;
+    // Phase 1, the history (items, edges, meta-training interactions), as
+    // fast as the engine takes it: throughput. Phase 2, the scenario users'
+    // support interactions, at a steady rate: freshness of live traffic.
+    let live: usize = split.scenarios.values().flatten().map(|t| t.support.len()).sum();
+    let history = events.len().saturating_sub(live);
     eprintln!(
-        "produced {} events in {:.1} s",
-        stats.events, stats.seconds
+        "replaying {total} events: {history} of history (items, relations, meta-training interactions) as fast as possible, then {live} support interactions of the scenario users at {} events/s",
+        args.rate.map_or("an unthrottled rate".to_string(), |r| format!("{r:.0}"))
     );
-    // Wait until every message is published and the idle refresh after it ran.
-    let mut last = 0;
-    let mut last_change = Instant::now();
-    let mut done_at = None;
-    loop {
-        if engine.is_finished() {
-            let r = engine.await?;
-            r?;
-            bail!("the engine stopped early");
-        }
-        let n = progress.messages.load(Ordering::SeqCst);
-        if n != last {
-            last = n;
-            last_change = Instant::now();
-        }
-        if n >= total && done_at.is_none() {
-            done_at = Some(t0.elapsed());
-            progress.idle_refreshes.store(0, Ordering::SeqCst);
-        }
-        if done_at.is_some() && progress.idle_refreshes.load(Ordering::SeqCst) > 0 {
-            break;
-        }
-        if last_change.elapsed() > Duration::from_secs(120) {
-            bail!("the engine made no progress for 2 minutes ({n} of {total} messages)");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let elapsed = done_at.unwrap_or_else(|| t0.elapsed()).as_secs_f64();
+    let t0 = Instant::now();
+    let s1 = crate::replay::produce(&events[..history], &settings.kafka, None).await?;
+    wait_published(&progress, history as u64, &engine).await?;
+    let elapsed = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "history: {} events produced in {:.1} s, all published after {:.1} s",
+        s1.events, s1.seconds, elapsed
+    );
+    metrics.reset_freshness();
+    let s2 = crate::replay::produce(&events[history..], &settings.kafka, args.rate).await?;
+    wait_published(&progress, total, &engine).await?;
+    eprintln!("live: {} events produced in {:.1} s", s2.events, s2.seconds);
 
     // Read back and score.
     let k = args.k;
@@ -286,7 +302,7 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport> {
     }
     let report = DemoReport {
         events: total,
-        events_per_second: total as f64 / elapsed.max(1e-9),
+        events_per_second: history as f64 / elapsed.max(1e-9),
         freshness_ms: Freshness {
             p50: all.as_ref().map_or(0.0, |q| q.p50),
             p99: all.as_ref().map_or(0.0, |q| q.p99),
@@ -301,7 +317,7 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport> {
         k,
         scenarios,
         model: card.version.clone(),
-        provider: String::new(),
+        provider: metrics.provider_name(),
     };
     let _ = stop_tx.send(true);
     let r = engine.await?;

@@ -339,6 +339,11 @@ impl Metrics {
         }
     }
 
+    /// Forgets the raw freshness samples (the histograms keep counting).
+    pub fn reset_freshness(&self) {
+        self.samples.lock().unwrap_or_else(PoisonError::into_inner).by_kind.clear();
+    }
+
     /// Exact freshness quantiles (ms) of `kind`, or of all kinds.
     pub fn freshness_summary(&self, kind: Option<&str>) -> Option<Quantiles> {
         let s = self.samples.lock().unwrap_or_else(PoisonError::into_inner);

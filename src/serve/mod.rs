@@ -57,6 +57,10 @@ pub struct Progress {
     pub restored: AtomicU64,
     /// Idle refreshes published.
     pub idle_refreshes: AtomicU64,
+    /// The value of `messages` when the latest idle refresh was published:
+    /// once it reaches the number of messages produced, every effect of
+    /// them is in Redis, lists refreshed against the final catalogue.
+    pub idle_at_messages: AtomicU64,
     /// Messages dead-lettered.
     pub dead_lettered: AtomicU64,
 }
@@ -277,15 +281,20 @@ pub async fn run(
             }
             pub_metrics.offsets_committed(stored);
             pub_progress.messages.fetch_add(out.messages, Ordering::SeqCst);
-            if out.idle && !out.publish.is_empty() {
-                pub_progress.idle_refreshes.fetch_add(1, Ordering::SeqCst);
+            if out.idle {
+                if !out.publish.is_empty() {
+                    pub_progress.idle_refreshes.fetch_add(1, Ordering::SeqCst);
+                }
+                pub_progress
+                    .idle_at_messages
+                    .store(pub_progress.messages.load(Ordering::SeqCst), Ordering::SeqCst);
             }
         }
         anyhow::Ok(publisher)
     });
 
     // Lag, every few seconds.
-    let lag_consumer = consumer.clone();
+    let lag_consumer = Arc::downgrade(&consumer);
     let lag_metrics = metrics.clone();
     let mut lag_stop = stop.clone();
     let lag_task = tokio::spawn(async move {
@@ -295,9 +304,16 @@ pub async fn run(
                 _ = lag_stop.changed() => break,
                 _ = tick.tick() => {}
             }
+            // A weak handle: a report still running at shutdown must not keep
+            // the consumer (and its group membership) alive.
             let c = lag_consumer.clone();
             let m = lag_metrics.clone();
-            let _ = tokio::task::spawn_blocking(move || report_lag(&c, &m)).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Some(c) = c.upgrade() {
+                    report_lag(&c, &m)
+                }
+            })
+            .await;
         }
     });
 
@@ -434,6 +450,9 @@ pub async fn run(
     let commit = tokio::task::spawn_blocking(move || c.commit_consumer_state(CommitMode::Sync)).await?;
     match commit {
         Ok(()) => tracing::info!("offsets committed; stopped"),
+        Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {
+            tracing::info!("offsets already committed; stopped")
+        }
         Err(e) => tracing::warn!(error = %e, "final commit failed (the next start re-reads from the last commit)"),
     }
     result?;
