@@ -37,7 +37,11 @@ fn ms(ds: &Dataset, index: usize) -> u64 {
 }
 
 /// The events of `ds` in replay order (see the module documentation).
-pub fn dataset_events(ds: &Dataset, split: Option<&Split>, pkg_cfg: &PkgConfig) -> Result<Vec<Event>> {
+pub fn dataset_events(
+    ds: &Dataset,
+    split: Option<&Split>,
+    pkg_cfg: &PkgConfig,
+) -> Result<Vec<Event>> {
     let limits = Limits::default();
     let n_items = ds.n_items();
     // First (user, item) occurrence: value and time.
@@ -63,14 +67,19 @@ pub fn dataset_events(ds: &Dataset, split: Option<&Split>, pkg_cfg: &PkgConfig) 
         Event::Interaction(InteractionEvent {
             user_id: ds.users.id(u).to_string(),
             item_id: ds.items.id(i).to_string(),
-            kind: if value.is_some() { Kind::Rating } else { Kind::View },
+            kind: if value.is_some() {
+                Kind::Rating
+            } else {
+                Kind::View
+            },
             value,
             ts,
         })
     };
     // Training interactions: meta-training plus support sets (as TrainSet).
     let mut user_items = vec![Vec::new(); ds.users.len()];
-    let (phase1, phase2): (Vec<(u32, u32)>, Vec<(u32, u32)>) = match split {
+    type Pairs = Vec<(u32, u32)>;
+    let (phase1, phase2): (Pairs, Pairs) = match split {
         None => {
             let mut seen = std::collections::HashSet::new();
             let v: Vec<(u32, u32)> = ds
@@ -133,7 +142,10 @@ pub fn dataset_events(ds: &Dataset, split: Option<&Split>, pkg_cfg: &PkgConfig) 
     }
     for (r, name) in pkg.relations().iter().enumerate() {
         for (u, v) in pkg.edges(r)? {
-            let (a, b) = (pkg.ext_id(u).unwrap_or_default(), pkg.ext_id(v).unwrap_or_default());
+            let (a, b) = (
+                pkg.ext_id(u).unwrap_or_default(),
+                pkg.ext_id(v).unwrap_or_default(),
+            );
             let ta = ds.items.get(a).map_or(latest, |i| item_first[i as usize]);
             let tb = ds.items.get(b).map_or(latest, |i| item_first[i as usize]);
             let ts = ta.max(tb);
@@ -156,7 +168,12 @@ pub fn dataset_events(ds: &Dataset, split: Option<&Split>, pkg_cfg: &PkgConfig) 
             .into_iter()
             .map(|(u, i)| {
                 let e = interaction(u, i);
-                (e.ts(), 2, format!("{}|{}", ds.users.id(u), ds.items.id(i)), e)
+                (
+                    e.ts(),
+                    2,
+                    format!("{}|{}", ds.users.id(u), ds.items.id(i)),
+                    e,
+                )
             })
             .collect();
         v.sort_by(|a, b| (a.0, a.1, &a.2).cmp(&(b.0, b.1, &b.2)));
@@ -175,13 +192,19 @@ pub fn dataset_events(ds: &Dataset, split: Option<&Split>, pkg_cfg: &PkgConfig) 
         }
     }
     if invalid > 0 {
-        tracing::warn!(invalid, "dataset events that do not pass validation were skipped");
+        tracing::warn!(
+            invalid,
+            "dataset events that do not pass validation were skipped"
+        );
     }
     Ok(out)
 }
 
 fn check(
-    r: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>,
+    r: Result<
+        rdkafka::producer::future_producer::OwnedDeliveryResult,
+        futures::channel::oneshot::Canceled,
+    >,
 ) -> Result<()> {
     match r {
         Ok(Ok(_)) => Ok(()),
@@ -210,7 +233,11 @@ pub struct ReplayStats {
 
 /// Produces `events` in order (per key, Kafka keeps the order), at most
 /// `rate` per second when given; waits for every delivery.
-pub async fn produce(events: &[Event], kafka: &KafkaSettings, rate: Option<f64>) -> Result<ReplayStats> {
+pub async fn produce(
+    events: &[Event],
+    kafka: &KafkaSettings,
+    rate: Option<f64>,
+) -> Result<ReplayStats> {
     let producer: FutureProducer = kafka
         .producer_config()
         .create()
@@ -229,7 +256,9 @@ pub async fn produce(events: &[Event], kafka: &KafkaSettings, rate: Option<f64>)
         let key = e.key();
         let topic = e.topic().name();
         loop {
-            let rec = FutureRecord::to(topic).key(key.as_bytes()).payload(&payload);
+            let rec = FutureRecord::to(topic)
+                .key(key.as_bytes())
+                .payload(&payload);
             match producer.send_result(rec) {
                 Ok(delivery) => {
                     inflight.push(delivery);

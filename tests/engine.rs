@@ -47,8 +47,10 @@ fn text_ready() -> bool {
 }
 
 fn untrained_model(dir: &Path) {
-    let mut cfg = thaw::train::TrainConfig::default();
-    cfg.text_model_dir = PathBuf::from(TEXT_DIR);
+    let cfg = thaw::train::TrainConfig {
+        text_model_dir: PathBuf::from(TEXT_DIR),
+        ..Default::default()
+    };
     thaw::train::write_untrained_model(
         dir,
         vec!["co_interacted".into(), "also_viewed".into()],
@@ -103,22 +105,32 @@ async fn produce_raw(p: &FutureProducer, topic: &str, key: Option<&[u8]>, payloa
     if let Some(k) = key {
         rec = rec.key(k);
     }
-    p.send(rec, Duration::from_secs(10)).await.expect("delivered");
+    p.send(rec, Duration::from_secs(10))
+        .await
+        .expect("delivered");
 }
 
 async fn produce(p: &FutureProducer, events: &[Event]) {
     for e in events {
         let key = e.key();
-        produce_raw(p, e.topic().name(), Some(key.as_bytes()), &e.encode().unwrap()).await;
+        produce_raw(
+            p,
+            e.topic().name(),
+            Some(key.as_bytes()),
+            &e.encode().unwrap(),
+        )
+        .await;
     }
 }
 
 fn settings(brokers: &str, model_dir: &Path, tag: &str) -> Settings {
-    let mut s = Settings::default();
-    s.kafka = KafkaSettings {
-        brokers: brokers.into(),
-        group_id: unique(tag),
-        properties: Default::default(),
+    let mut s = Settings {
+        kafka: KafkaSettings {
+            brokers: brokers.into(),
+            group_id: unique(tag),
+            properties: Default::default(),
+        },
+        ..Default::default()
     };
     s.redis.url = redis_url();
     s.redis.prefix = unique(tag);
@@ -163,7 +175,12 @@ async fn keys(c: &mut redis::aio::MultiplexedConnection, pattern: &str) -> Vec<S
 }
 
 async fn emb(c: &mut redis::aio::MultiplexedConnection, key: &str) -> Option<Vec<f32>> {
-    let b: Option<Vec<u8>> = redis::cmd("HGET").arg(key).arg("emb").query_async(c).await.unwrap();
+    let b: Option<Vec<u8>> = redis::cmd("HGET")
+        .arg(key)
+        .arg("emb")
+        .query_async(c)
+        .await
+        .unwrap();
     b.and_then(|b| emb_from_bytes(&b))
 }
 
@@ -193,7 +210,10 @@ async fn wait_for(progress: &Progress, messages: u64, what: &str) {
 
 fn dead_letters(brokers: &str) -> Vec<DeadLetter> {
     let c: BaseConsumer = KafkaSettings::with_brokers(brokers)
-        .client_config(&[("group.id", &unique("dlq-reader")), ("enable.auto.commit", "false")])
+        .client_config(&[
+            ("group.id", &unique("dlq-reader")),
+            ("enable.auto.commit", "false"),
+        ])
         .create()
         .unwrap();
     let parts = thaw::kafka::topics()
@@ -204,9 +224,12 @@ fn dead_letters(brokers: &str) -> Vec<DeadLetter> {
     let mut tpl = TopicPartitionList::new();
     let mut total = 0;
     for p in 0..parts {
-        let (lo, hi) = c.fetch_watermarks("thaw-dlq", p, Duration::from_secs(5)).unwrap();
+        let (lo, hi) = c
+            .fetch_watermarks("thaw-dlq", p, Duration::from_secs(5))
+            .unwrap();
         total += hi - lo;
-        tpl.add_partition_offset("thaw-dlq", p, Offset::Beginning).unwrap();
+        tpl.add_partition_offset("thaw-dlq", p, Offset::Beginning)
+            .unwrap();
     }
     c.assign(&tpl).unwrap();
     let mut out = Vec::new();
@@ -234,10 +257,19 @@ async fn serve_end_to_end() {
 
     let mut events = Vec::new();
     for i in 0..30 {
-        events.push(item(&format!("m{i}"), &format!("Movie number {i}"), 1_000 + i));
+        events.push(item(
+            &format!("m{i}"),
+            &format!("Movie number {i}"),
+            1_000 + i,
+        ));
     }
     for i in 0..29 {
-        events.push(edge(&format!("m{i}"), &format!("m{}", i + 1), "co_interacted", 2_000 + i));
+        events.push(edge(
+            &format!("m{i}"),
+            &format!("m{}", i + 1),
+            "co_interacted",
+            2_000 + i,
+        ));
     }
     events.push(edge("m0", "m5", "also_viewed", 2_100));
     events.push(edge("m0", "m7", "not_a_model_relation", 2_101));
@@ -248,10 +280,19 @@ async fn serve_end_to_end() {
     }
     produce(&producer, &events).await;
     // Malformed: bad JSON, a missing field, a key that does not match, too big.
-    let bad: Vec<(&str, Option<&[u8]>, Vec<u8>)> = vec![
+    type Raw<'a> = (&'a str, Option<&'a [u8]>, Vec<u8>);
+    let bad: Vec<Raw> = vec![
         ("items", Some(b"x1".as_slice()), b"{not json".to_vec()),
-        ("interactions", Some(b"carol".as_slice()), br#"{"user_id":"carol","kind":"click","ts":5}"#.to_vec()),
-        ("items", Some(b"other".as_slice()), br#"{"item_id":"m99","title":"t","ts":5}"#.to_vec()),
+        (
+            "interactions",
+            Some(b"carol".as_slice()),
+            br#"{"user_id":"carol","kind":"click","ts":5}"#.to_vec(),
+        ),
+        (
+            "items",
+            Some(b"other".as_slice()),
+            br#"{"item_id":"m99","title":"t","ts":5}"#.to_vec(),
+        ),
         ("items", Some(b"big".as_slice()), vec![b' '; 70_000]),
     ];
     for (t, k, p) in &bad {
@@ -281,7 +322,10 @@ async fn serve_end_to_end() {
     let alice = recs(&mut c, &format!("{prefix}:recs:alice")).await;
     assert_eq!(alice.len(), 10, "top 10 of 27 candidates");
     for (id, _) in &alice {
-        assert!(!["m1", "m2", "m3"].contains(&id.as_str()), "alice's own item {id} recommended");
+        assert!(
+            !["m1", "m2", "m3"].contains(&id.as_str()),
+            "alice's own item {id} recommended"
+        );
     }
     assert!(alice.windows(2).all(|w| w[0].1 >= w[1].1));
     assert!(emb(&mut c, &format!("{prefix}:user:alice")).await.is_some());
@@ -303,11 +347,17 @@ async fn serve_end_to_end() {
     let fresh = emb(&mut c, &format!("{prefix}:item:fresh")).await;
     assert!(fresh.is_some(), "the zero-shot item has an embedding");
     let after_m0 = emb(&mut c, &format!("{prefix}:item:m0")).await.unwrap();
-    assert_ne!(before_m0, after_m0, "m0's embedding follows its new neighbour");
+    assert_ne!(
+        before_m0, after_m0,
+        "m0's embedding follows its new neighbour"
+    );
 
     // Malformed messages are in the DLQ with reasons; nothing else is.
     let dl = dead_letters(&brokers);
-    let mut reasons: Vec<String> = dl.iter().map(|d| d.reason_code.as_str().to_string()).collect();
+    let mut reasons: Vec<String> = dl
+        .iter()
+        .map(|d| d.reason_code.as_str().to_string())
+        .collect();
     reasons.sort();
     assert_eq!(dl.len(), 4, "{reasons:?}");
     assert!(dl.iter().all(|d| !d.reason.is_empty() && d.offset >= 0));
@@ -317,7 +367,10 @@ async fn serve_end_to_end() {
     assert_eq!(keys(&mut c, &format!("{prefix}:item:*")).await.len(), 31);
     assert_eq!(keys(&mut c, &format!("{prefix}:recs:*")).await.len(), 2);
     let text = metrics.encode();
-    assert!(text.contains("not_a_model_relation"), "unknown relation counted");
+    assert!(
+        text.contains("not_a_model_relation"),
+        "unknown relation counted"
+    );
 
     let _ = stop_tx.send(true);
     engine.await.unwrap().expect("clean shutdown");
@@ -371,7 +424,11 @@ fn differences(a: &Snapshot, b: &Snapshot) -> Vec<String> {
         }
     }
     if a.recs.keys().ne(b.recs.keys()) {
-        out.push(format!("recs keys differ: {} vs {}", a.recs.len(), b.recs.len()));
+        out.push(format!(
+            "recs keys differ: {} vs {}",
+            a.recs.len(),
+            b.recs.len()
+        ));
     } else {
         for (k, x) in &a.recs {
             let y = &b.recs[k];
@@ -427,7 +484,11 @@ fn spawn_serve(s: &Settings, dir: &Path, log: &Path) -> std::process::Child {
         .expect("thaw serve starts")
 }
 
-async fn converge(c: &mut redis::aio::MultiplexedConnection, prefix: &str, want: Option<&Snapshot>) -> Snapshot {
+async fn converge(
+    c: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+    want: Option<&Snapshot>,
+) -> Snapshot {
     // Settled: the snapshot stops changing (idle refresh done) or equals `want`.
     let t0 = Instant::now();
     let mut prev: Option<Snapshot> = None;
@@ -439,14 +500,22 @@ async fn converge(c: &mut redis::aio::MultiplexedConnection, prefix: &str, want:
                 return s;
             }
         } else if let Some(p) = &prev {
-            if !s.items.is_empty() && !s.recs.is_empty() && differences(p, &s).is_empty() && p.recs == s.recs {
+            if !s.items.is_empty()
+                && !s.recs.is_empty()
+                && differences(p, &s).is_empty()
+                && p.recs == s.recs
+            {
                 return s;
             }
         }
         if t0.elapsed() > Duration::from_secs(120) {
             if let Some(w) = want {
                 let d = differences(w, &s);
-                panic!("no convergence after 120 s: {} differences, first {:?}", d.len(), &d[..d.len().min(10)]);
+                panic!(
+                    "no convergence after 120 s: {} differences, first {:?}",
+                    d.len(),
+                    &d[..d.len().min(10)]
+                );
             }
             panic!("the uninterrupted run did not settle in 120 s");
         }
@@ -470,15 +539,33 @@ async fn kill_and_restart_converges() {
     // 150 items, a power-law-ish graph, 40 users; produced before either run.
     let mut events = Vec::new();
     for i in 0..150u64 {
-        events.push(item(&format!("i{i}"), &format!("Item {i} of the catalogue"), i));
+        events.push(item(
+            &format!("i{i}"),
+            &format!("Item {i} of the catalogue"),
+            i,
+        ));
         if i > 0 {
-            events.push(edge(&format!("i{i}"), &format!("i{}", (i * 7) % i), "co_interacted", 200 + i));
-            events.push(edge(&format!("i{i}"), &format!("i{}", i / 2), "also_viewed", 400 + i));
+            events.push(edge(
+                &format!("i{i}"),
+                &format!("i{}", (i * 7) % i),
+                "co_interacted",
+                200 + i,
+            ));
+            events.push(edge(
+                &format!("i{i}"),
+                &format!("i{}", i / 2),
+                "also_viewed",
+                400 + i,
+            ));
         }
     }
     for u in 0..40u64 {
         for k in 0..(3 + u % 6) {
-            events.push(click(&format!("u{u}"), &format!("i{}", (u * 13 + k * 29) % 150), 1_000 + u * 10 + k));
+            events.push(click(
+                &format!("u{u}"),
+                &format!("i{}", (u * 13 + k * 29) % 150),
+                1_000 + u * 10 + k,
+            ));
         }
     }
     produce(&producer, &events).await;
@@ -503,11 +590,16 @@ async fn kill_and_restart_converges() {
     let mut p = spawn_serve(&b, tmp.path(), &log_b);
     let t0 = Instant::now();
     loop {
-        let n = keys(&mut c, &format!("{}:item:*", b.redis.prefix)).await.len();
+        let n = keys(&mut c, &format!("{}:item:*", b.redis.prefix))
+            .await
+            .len();
         if n >= 20 {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(90), "the engine published nothing");
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "the engine published nothing"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     p.kill().unwrap();

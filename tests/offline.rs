@@ -357,7 +357,10 @@ fn replay_order_on_the_reference_split() {
                 items += 1;
             }
             Event::Relation(r) => {
-                assert!(sent.contains(&r.src) && sent.contains(&r.dst), "edge before its items");
+                assert!(
+                    sent.contains(&r.src) && sent.contains(&r.dst),
+                    "edge before its items"
+                );
                 edges += 1;
             }
             Event::Interaction(x) => {
@@ -378,5 +381,8 @@ fn replay_order_on_the_reference_split() {
     assert_eq!(inter, meta + support.len());
     assert!(edges > 1000, "{edges} edges");
     // Deterministic.
-    assert_eq!(events, thaw::replay::dataset_events(&ds, Some(&split), &cfg).unwrap());
+    assert_eq!(
+        events,
+        thaw::replay::dataset_events(&ds, Some(&split), &cfg).unwrap()
+    );
 }

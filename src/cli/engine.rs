@@ -139,9 +139,14 @@ pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(addr = %listener.local_addr()?, "metrics and health endpoints");
         let http = {
             let (m, h, mut s) = (metrics.clone(), health.clone(), stop_rx.clone());
-            tokio::spawn(crate::serve::metrics::serve_http(listener, m, h, async move {
-                let _ = s.changed().await;
-            }))
+            tokio::spawn(crate::serve::metrics::serve_http(
+                listener,
+                m,
+                h,
+                async move {
+                    let _ = s.changed().await;
+                },
+            ))
         };
         tokio::spawn(async move {
             terminated().await;
@@ -208,7 +213,10 @@ pub fn run_replay(a: ReplayArgs) -> anyhow::Result<()> {
         );
         for e in &events {
             let value: serde_json::Value = serde_json::from_slice(&e.encode()?)?;
-            serde_json::to_writer(&mut f, &serde_json::json!({"topic": e.topic().name(), "key": e.key(), "value": value}))?;
+            serde_json::to_writer(
+                &mut f,
+                &serde_json::json!({"topic": e.topic().name(), "key": e.key(), "value": value}),
+            )?;
             writeln!(f)?;
         }
         println!("{} events written to {}", events.len(), path.display());

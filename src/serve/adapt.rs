@@ -102,7 +102,7 @@ pub fn adapt_user(
     for _ in 0..cfg.steps {
         let s_pos = e_pos.dot(&u) + &b_pos; // [P]
         let s_neg = e_neg.dot(&u) + &b_neg; // [Nn]
-        // w[p, j] = σ(s_neg[j] − s_pos[p]) = −∂ log σ(s_pos − s_neg) / ∂ margin.
+                                            // w[p, j] = σ(s_neg[j] − s_pos[p]) = −∂ log σ(s_pos − s_neg) / ∂ margin.
         let mut w = Array2::<f32>::zeros((pos.len(), neg.len()));
         for (p, mut row) in w.rows_mut().into_iter().enumerate() {
             let sp = s_pos[p];
@@ -128,7 +128,7 @@ pub fn bpr_loss(
     items: &[u32],
     u: ArrayView1<'_, f32>,
 ) -> f32 {
-    let scores = emb.dot(&u) + &bias;
+    let scores = emb.dot(&u) + bias;
     let mut is_pos = vec![false; emb.nrows()];
     items.iter().for_each(|&i| is_pos[i as usize] = true);
     let (mut sum, mut n) = (0f64, 0usize);
@@ -153,7 +153,7 @@ pub fn top_k(
     exclude: &[u32],
     k: usize,
 ) -> Vec<(u32, f32)> {
-    let scores = emb.dot(&u) + &bias;
+    let scores = emb.dot(&u) + bias;
     let mut skip = vec![false; emb.nrows()];
     for &i in exclude {
         if let Some(s) = skip.get_mut(i as usize) {

@@ -198,6 +198,7 @@ impl Settings {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
 mod tests {
     use super::*;
 
@@ -213,7 +214,10 @@ mod tests {
             let s = Settings::load(Some(Path::new("thaw.toml"))).map_err(|e| e.to_string())?;
             assert_eq!(s.kafka.brokers, "k1:9092");
             assert_eq!(
-                s.kafka.properties.get("security.protocol").map(String::as_str),
+                s.kafka
+                    .properties
+                    .get("security.protocol")
+                    .map(String::as_str),
                 Some("SASL_SSL")
             );
             assert_eq!(s.users.top_k, 7);

@@ -99,10 +99,24 @@ pub struct DemoReport {
     pub provider: String,
 }
 
-async fn redis_connection(url: &str) -> Result<(redis::aio::MultiplexedConnection, Option<std::process::Child>)> {
+async fn redis_connection(
+    url: &str,
+) -> Result<(
+    redis::aio::MultiplexedConnection,
+    Option<std::process::Child>,
+)> {
     let client = redis::Client::open(url).with_context(|| format!("invalid Redis URL {url:?}"))?;
-    if let Ok(Ok(mut c)) = tokio::time::timeout(Duration::from_secs(2), client.get_multiplexed_async_connection()).await {
-        if redis::cmd("PING").query_async::<String>(&mut c).await.is_ok() {
+    if let Ok(Ok(mut c)) = tokio::time::timeout(
+        Duration::from_secs(2),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    {
+        if redis::cmd("PING")
+            .query_async::<String>(&mut c)
+            .await
+            .is_ok()
+        {
             return Ok((c, None));
         }
     }
@@ -113,14 +127,25 @@ async fn redis_connection(url: &str) -> Result<(redis::aio::MultiplexedConnectio
     };
     eprintln!("no Redis at {url}: starting redis-server on port {port}");
     let child = std::process::Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .stdout(std::process::Stdio::null())
         .spawn()
         .context("starting redis-server (install it, or set REDIS_URL to a running Redis)")?;
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         if let Ok(mut c) = client.get_multiplexed_async_connection().await {
-            if redis::cmd("PING").query_async::<String>(&mut c).await.is_ok() {
+            if redis::cmd("PING")
+                .query_async::<String>(&mut c)
+                .await
+                .is_ok()
+            {
                 return Ok((c, Some(child)));
             }
         }
@@ -163,17 +188,22 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport> {
     let split = Split::read(&args.split, &ds)
         .with_context(|| format!("reading the split {}", args.split.display()))?;
     let card: crate::train::ModelCard = serde_json::from_str(
-        &std::fs::read_to_string(args.settings.model.dir.join("model.json")).with_context(|| {
-            format!(
-                "reading {}/model.json (make train)",
-                args.settings.model.dir.display()
-            )
-        })?,
+        &std::fs::read_to_string(args.settings.model.dir.join("model.json")).with_context(
+            || {
+                format!(
+                    "reading {}/model.json (make train)",
+                    args.settings.model.dir.display()
+                )
+            },
+        )?,
     )?;
     let (mut conn, redis_child) = redis_connection(&args.settings.redis.url).await?;
     let prefix = args.settings.redis.prefix.clone();
     let cleared = publish::clear_prefix(&mut conn, &prefix).await?;
-    eprintln!("redis: {} ({cleared} old `{prefix}:*` keys cleared)", args.settings.redis.url);
+    eprintln!(
+        "redis: {} ({cleared} old `{prefix}:*` keys cleared)",
+        args.settings.redis.url
+    );
 
     let broker = EmbeddedBroker::start(None).await?;
     eprintln!("embedded Kafka broker: {}", broker.bootstrap_servers());
@@ -213,7 +243,12 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport> {
     // Phase 1, the history (items, edges, meta-training interactions), as
     // fast as the engine takes it: throughput. Phase 2, the scenario users'
     // support interactions, at a steady rate: freshness of live traffic.
-    let live: usize = split.scenarios.values().flatten().map(|t| t.support.len()).sum();
+    let live: usize = split
+        .scenarios
+        .values()
+        .flatten()
+        .map(|t| t.support.len())
+        .sum();
     let history = events.len().saturating_sub(live);
     eprintln!(
         "replaying {total} events: {history} of history (items, relations, meta-training interactions) as fast as possible, then {live} support interactions of the scenario users at {} events/s",
@@ -255,7 +290,10 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport> {
             }
             per_user.push(user_metrics(&scores, |i| !listed[i as usize], &t.query, k));
         }
-        if matches!(sc, crate::eval::split::Scenario::Uc | crate::eval::split::Scenario::Uic) {
+        if matches!(
+            sc,
+            crate::eval::split::Scenario::Uc | crate::eval::split::Scenario::Uic
+        ) {
             cold_users += with;
         }
         let m = ScenarioMetrics::from_users(&per_user, 7);
@@ -280,7 +318,7 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport> {
     let mut zero_shot = 0;
     let mut zero_shot_embedded = 0;
     let mut embedded = 0;
-    for i in 0..ds.n_items() {
+    for (i, &trained) in in_training.iter().enumerate() {
         let key = format!("{prefix}:item:{}", ds.items.id(i as u32));
         let exists: bool = redis::cmd("HEXISTS")
             .arg(&key)
@@ -288,7 +326,7 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport> {
             .query_async(&mut conn)
             .await?;
         embedded += exists as usize;
-        if !in_training[i] {
+        if !trained {
             zero_shot += 1;
             zero_shot_embedded += exists as usize;
         }
@@ -342,13 +380,19 @@ pub fn render(r: &DemoReport) -> String {
         r.model, r.events, r.events_per_second, r.freshness_ms.p50, r.freshness_ms.p99, r.freshness_ms.max
     );
     for (k, q) in &r.freshness_by_kind_ms {
-        s += &format!("  {k:<5} p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms ({} samples)\n", q.p50, q.p99, q.max, q.count);
+        s += &format!(
+            "  {k:<5} p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms ({} samples)\n",
+            q.p50, q.p99, q.max, q.count
+        );
     }
     s += &format!(
         "items embedded: {} (zero-shot: {} of {}); cold users with a list: {}; dead-lettered: {}\n\n",
         r.items_embedded, r.zero_shot_items_embedded, r.zero_shot_items, r.cold_users_with_recs, r.dead_lettered
     );
-    s += &format!("lists read back from Redis, scored on the split's query items (K = {}):\n", r.k);
+    s += &format!(
+        "lists read back from Redis, scored on the split's query items (K = {}):\n",
+        r.k
+    );
     s += "| scenario | users | Recall | NDCG | MRR@K |\n|---|---|---|---|---|\n";
     for name in ["warm", "uc", "ic", "uic"] {
         if let Some(f) = r.scenarios.get(name) {

@@ -153,45 +153,115 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("thaw");
         let events = Family::<TopicOutcome, Counter>::default();
-        registry.register("events", "Input messages by topic and outcome (applied, dead_lettered, ignored)", events.clone());
+        registry.register(
+            "events",
+            "Input messages by topic and outcome (applied, dead_lettered, ignored)",
+            events.clone(),
+        );
         let dlq = Family::<Reason, Counter>::default();
         registry.register("dlq", "Messages dead-lettered, by reason", dlq.clone());
         let unknown_relations = Family::<Relation, Counter>::default();
-        registry.register("unknown_relation", "Relation events ignored because the model does not know the relation", unknown_relations.clone());
+        registry.register(
+            "unknown_relation",
+            "Relation events ignored because the model does not know the relation",
+            unknown_relations.clone(),
+        );
         let graph_items = Gauge::default();
-        registry.register("graph_items", "Items in the product knowledge graph", graph_items.clone());
+        registry.register(
+            "graph_items",
+            "Items in the product knowledge graph",
+            graph_items.clone(),
+        );
         let graph_edges = Family::<Relation, Gauge>::default();
         registry.register("graph_edges", "Edges per relation", graph_edges.clone());
         let propagation_edits = Histogram::new(exponential_buckets(1.0, 4.0, 11));
-        registry.register("propagation_batch_edits", "Graph edits and input rows per propagation batch", propagation_edits.clone());
+        registry.register(
+            "propagation_batch_edits",
+            "Graph edits and input rows per propagation batch",
+            propagation_edits.clone(),
+        );
         let propagation_seconds = work_histogram();
-        registry.register("propagation_seconds", "Incremental propagation time per batch", propagation_seconds.clone());
-        let inference_seconds = Family::<ModelProvider, Histogram>::new_with_constructor(work_histogram as fn() -> Histogram);
-        registry.register("inference_seconds", "ONNX Runtime time per batch, by model and execution provider", inference_seconds.clone());
-        let inference_rows = Family::<ModelLabel, Histogram>::new_with_constructor((|| Histogram::new(exponential_buckets(1.0, 4.0, 10))) as fn() -> Histogram);
-        registry.register("inference_batch_rows", "Rows per inference batch", inference_rows.clone());
+        registry.register(
+            "propagation_seconds",
+            "Incremental propagation time per batch",
+            propagation_seconds.clone(),
+        );
+        let inference_seconds = Family::<ModelProvider, Histogram>::new_with_constructor(
+            work_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "inference_seconds",
+            "ONNX Runtime time per batch, by model and execution provider",
+            inference_seconds.clone(),
+        );
+        let inference_rows = Family::<ModelLabel, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(1.0, 4.0, 10))) as fn() -> Histogram,
+        );
+        registry.register(
+            "inference_batch_rows",
+            "Rows per inference batch",
+            inference_rows.clone(),
+        );
         let provider = Family::<ProviderLabel, Gauge>::default();
-        registry.register("inference_provider", "The ONNX Runtime execution provider in use (1)", provider.clone());
+        registry.register(
+            "inference_provider",
+            "The ONNX Runtime execution provider in use (1)",
+            provider.clone(),
+        );
         let redis_seconds = work_histogram();
-        registry.register("redis_write_seconds", "Time per Redis pipeline", redis_seconds.clone());
+        registry.register(
+            "redis_write_seconds",
+            "Time per Redis pipeline",
+            redis_seconds.clone(),
+        );
         let redis_errors = Counter::default();
-        registry.register("redis_errors", "Failed Redis writes (each retried)", redis_errors.clone());
+        registry.register(
+            "redis_errors",
+            "Failed Redis writes (each retried)",
+            redis_errors.clone(),
+        );
         let redis_writes = Counter::default();
-        registry.register("redis_writes", "Redis commands written", redis_writes.clone());
+        registry.register(
+            "redis_writes",
+            "Redis commands written",
+            redis_writes.clone(),
+        );
         let adaptation_seconds = work_histogram();
-        registry.register("adaptation_seconds", "Per-user adaptation and top-K time", adaptation_seconds.clone());
+        registry.register(
+            "adaptation_seconds",
+            "Per-user adaptation and top-K time",
+            adaptation_seconds.clone(),
+        );
         let users_adapted = Counter::default();
         registry.register("users_adapted", "Users adapted", users_adapted.clone());
-        let freshness = Family::<KindLabel, Histogram>::new_with_constructor((|| Histogram::new(exponential_buckets(1e-3, 2.0, 20))) as fn() -> Histogram);
-        registry.register("freshness_seconds", "Publish time minus the event's Kafka time, by kind (item, edge, user)", freshness.clone());
+        let freshness = Family::<KindLabel, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(1e-3, 2.0, 20))) as fn() -> Histogram,
+        );
+        registry.register(
+            "freshness_seconds",
+            "Publish time minus the event's Kafka time, by kind (item, edge, user)",
+            freshness.clone(),
+        );
         let lag = Family::<TopicPartition, Gauge>::default();
-        registry.register("consumer_lag", "Messages behind the end of each assigned partition", lag.clone());
+        registry.register(
+            "consumer_lag",
+            "Messages behind the end of each assigned partition",
+            lag.clone(),
+        );
         let model = Family::<Version, Gauge>::default();
         registry.register("model_info", "The model version served (1)", model.clone());
         let published = Family::<KindLabel, Counter>::default();
-        registry.register("published", "Keys published, by kind (item, user, recs)", published.clone());
+        registry.register(
+            "published",
+            "Keys published, by kind (item, user, recs)",
+            published.clone(),
+        );
         let offsets = Counter::default();
-        registry.register("offsets_stored", "Partition offsets stored for commit after publishing", offsets.clone());
+        registry.register(
+            "offsets_stored",
+            "Partition offsets stored for commit after publishing",
+            offsets.clone(),
+        );
         Self {
             registry,
             events,
@@ -258,7 +328,9 @@ impl Metrics {
         self.graph_items.set(items as i64);
         for (r, n) in edges {
             self.graph_edges
-                .get_or_create(&Relation { relation: r.clone() })
+                .get_or_create(&Relation {
+                    relation: r.clone(),
+                })
                 .set(*n as i64);
         }
     }
@@ -292,12 +364,18 @@ impl Metrics {
                 provider: provider.into(),
             })
             .set(1);
-        *self.provider_name.lock().unwrap_or_else(PoisonError::into_inner) = provider.into();
+        *self
+            .provider_name
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = provider.into();
     }
 
     /// The execution provider in use.
     pub fn provider_name(&self) -> String {
-        self.provider_name.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.provider_name
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// One Redis pipeline of `commands`.
@@ -341,7 +419,11 @@ impl Metrics {
 
     /// Forgets the raw freshness samples (the histograms keep counting).
     pub fn reset_freshness(&self) {
-        self.samples.lock().unwrap_or_else(PoisonError::into_inner).by_kind.clear();
+        self.samples
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .by_kind
+            .clear();
     }
 
     /// Exact freshness quantiles (ms) of `kind`, or of all kinds.
@@ -349,7 +431,11 @@ impl Metrics {
         let s = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
         let v: Vec<f64> = match kind {
             Some(k) => s.by_kind.get(k).map(|x| x.0.clone()).unwrap_or_default(),
-            None => s.by_kind.values().flat_map(|x| x.0.iter().copied()).collect(),
+            None => s
+                .by_kind
+                .values()
+                .flat_map(|x| x.0.iter().copied())
+                .collect(),
         };
         Quantiles::of(v)
     }
@@ -497,7 +583,10 @@ mod tests {
         m.set_model("v1");
         m.set_model("v2");
         let t = m.encode();
-        assert!(t.contains("thaw_events_total{topic=\"items\",outcome=\"applied\"} 1"), "{t}");
+        assert!(
+            t.contains("thaw_events_total{topic=\"items\",outcome=\"applied\"} 1"),
+            "{t}"
+        );
         assert!(t.contains("thaw_dlq_total{reason=\"json\"} 1"));
         assert!(t.contains("model=\"item_fusion\",provider=\"cpu\""));
         assert!(t.contains("thaw_model_info{version=\"v2\"} 1"));
@@ -530,16 +619,21 @@ mod tests {
         }));
         let get = |path: &'static str| async move {
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-                .await
-                .unwrap();
+            s.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
             let mut out = String::new();
             s.read_to_string(&mut out).await.unwrap();
             out
         };
         assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
         let r = get("/readyz").await;
-        assert!(r.starts_with("HTTP/1.1 503") && r.contains("restoring"), "{r}");
+        assert!(
+            r.starts_with("HTTP/1.1 503") && r.contains("restoring"),
+            "{r}"
+        );
         health.ready.store(true, Ordering::SeqCst);
         assert!(get("/readyz").await.contains("redis unavailable"));
         health.redis_ok.store(true, Ordering::SeqCst);

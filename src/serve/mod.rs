@@ -97,7 +97,11 @@ fn model_version(dir: &std::path::Path) -> Option<String> {
 }
 
 fn load_model(s: &Settings) -> Result<LoadedModel> {
-    LoadedModel::load(&s.model.dir, &s.model.text_dir, s.model.ort_dylib.as_deref())
+    LoadedModel::load(
+        &s.model.dir,
+        &s.model.text_dir,
+        s.model.ort_dylib.as_deref(),
+    )
 }
 
 /// Runs the engine until `stop` turns true (or an unrecoverable error).
@@ -262,7 +266,9 @@ pub async fn run(
     let pub_stop = stop.clone();
     let pub_task = tokio::spawn(async move {
         while let Some(out) = rx_pub.recv().await {
-            publisher.publish(&out.publish, &out.version, &pub_stop).await?;
+            publisher
+                .publish(&out.publish, &out.version, &pub_stop)
+                .await?;
             if let Some((v, dim, rel)) = &out.flip {
                 publisher.set_model(v, *dim, rel, &pub_stop).await?;
             }
@@ -276,18 +282,23 @@ pub async fn run(
                     Ok(()) => stored += 1,
                     // After a rebalance took the partition away: the new owner
                     // re-reads from the last commit (at-least-once).
-                    Err(e) => tracing::warn!(topic, partition, offset, error = %e, "offset not stored"),
+                    Err(e) => {
+                        tracing::warn!(topic, partition, offset, error = %e, "offset not stored")
+                    }
                 }
             }
             pub_metrics.offsets_committed(stored);
-            pub_progress.messages.fetch_add(out.messages, Ordering::SeqCst);
+            pub_progress
+                .messages
+                .fetch_add(out.messages, Ordering::SeqCst);
             if out.idle {
                 if !out.publish.is_empty() {
                     pub_progress.idle_refreshes.fetch_add(1, Ordering::SeqCst);
                 }
-                pub_progress
-                    .idle_at_messages
-                    .store(pub_progress.messages.load(Ordering::SeqCst), Ordering::SeqCst);
+                pub_progress.idle_at_messages.store(
+                    pub_progress.messages.load(Ordering::SeqCst),
+                    Ordering::SeqCst,
+                );
             }
         }
         anyhow::Ok(publisher)
@@ -414,7 +425,9 @@ pub async fn run(
                     None => metrics.event(&topic_name, "ignored"),
                 }
                 offsets.insert((topic_name, partition), offset);
-                if msgs.len() >= settings.ingest.max_batch || count >= settings.ingest.max_batch as u64 {
+                if msgs.len() >= settings.ingest.max_batch
+                    || count >= settings.ingest.max_batch as u64
+                {
                     close = true;
                 }
             }
@@ -447,13 +460,18 @@ pub async fn run(
     let pub_res = pub_task.await.map_err(|e| anyhow!("publisher: {e}"))?;
     lag_task.abort();
     let c = consumer.clone();
-    let commit = tokio::task::spawn_blocking(move || c.commit_consumer_state(CommitMode::Sync)).await?;
+    let commit =
+        tokio::task::spawn_blocking(move || c.commit_consumer_state(CommitMode::Sync)).await?;
     match commit {
         Ok(()) => tracing::info!("offsets committed; stopped"),
-        Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {
+        Err(rdkafka::error::KafkaError::ConsumerCommit(
+            rdkafka::types::RDKafkaErrorCode::NoOffset,
+        )) => {
             tracing::info!("offsets already committed; stopped")
         }
-        Err(e) => tracing::warn!(error = %e, "final commit failed (the next start re-reads from the last commit)"),
+        Err(e) => {
+            tracing::warn!(error = %e, "final commit failed (the next start re-reads from the last commit)")
+        }
     }
     result?;
     core_res?;
@@ -572,7 +590,10 @@ fn restore(settings: &Settings, group: &StreamConsumer, core: &mut Core) -> Resu
         match reader.poll(Duration::from_millis(200)) {
             None => {
                 if quiet.elapsed() > Duration::from_secs(60) {
-                    anyhow::bail!("restore stalled: partitions {:?} did not reach their committed offsets", pending.keys().collect::<Vec<_>>());
+                    anyhow::bail!(
+                        "restore stalled: partitions {:?} did not reach their committed offsets",
+                        pending.keys().collect::<Vec<_>>()
+                    );
                 }
             }
             Some(Err(e)) => tracing::warn!(error = %e, "restore consumer error"),

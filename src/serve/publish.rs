@@ -33,7 +33,7 @@ pub fn emb_bytes(v: &[f32]) -> Vec<u8> {
 /// The embedding of little-endian bytes (`None` if the length is not a
 /// multiple of 4).
 pub fn emb_from_bytes(b: &[u8]) -> Option<Vec<f32>> {
-    (b.len() % 4 == 0).then(|| {
+    b.len().is_multiple_of(4).then(|| {
         b.chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect()
@@ -78,7 +78,11 @@ impl Publisher {
 
     /// Runs `pipes` in order, each retried until it succeeds; gives up only
     /// when `stop` turns true (then returns an error).
-    async fn run(&mut self, pipes: Vec<redis::Pipeline>, stop: &tokio::sync::watch::Receiver<bool>) -> Result<()> {
+    async fn run(
+        &mut self,
+        pipes: Vec<redis::Pipeline>,
+        stop: &tokio::sync::watch::Receiver<bool>,
+    ) -> Result<()> {
         for pipe in pipes {
             let mut delay = Duration::from_millis(self.cfg.retry_initial_ms.max(1));
             loop {
@@ -91,19 +95,24 @@ impl Publisher {
                     Ok(()) => {
                         self.metrics
                             .redis_write(pipe.cmd_iter().count(), t0.elapsed().as_secs_f64());
-                        self.health.redis_ok.store(true, std::sync::atomic::Ordering::SeqCst);
+                        self.health
+                            .redis_ok
+                            .store(true, std::sync::atomic::Ordering::SeqCst);
                         break;
                     }
                     Err(e) => {
                         self.metrics.redis_error();
-                        self.health.redis_ok.store(false, std::sync::atomic::Ordering::SeqCst);
+                        self.health
+                            .redis_ok
+                            .store(false, std::sync::atomic::Ordering::SeqCst);
                         self.conn = None;
                         tracing::warn!(error = %e, retry_ms = delay.as_millis() as u64, "Redis write failed; retrying");
                         if *stop.borrow() {
                             anyhow::bail!("stopping with an unpublished batch: {e}");
                         }
                         tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_millis(self.cfg.retry_max_ms.max(1)));
+                        delay =
+                            (delay * 2).min(Duration::from_millis(self.cfg.retry_max_ms.max(1)));
                     }
                 }
             }
@@ -154,15 +163,25 @@ impl Publisher {
                 ],
             )
             .ignore();
-            pipe.xadd_maxlen(&updates, maxlen, "*", &[("kind", "item"), ("id", it.id.as_str()), ("model", version)])
-                .ignore();
+            pipe.xadd_maxlen(
+                &updates,
+                maxlen,
+                "*",
+                &[("kind", "item"), ("id", it.id.as_str()), ("model", version)],
+            )
+            .ignore();
             n += 2;
         }
         for u in &batch.users {
             flush(&mut pipe, &mut n, 4);
             self.user_cmds(&mut pipe, u, version);
-            pipe.xadd_maxlen(&updates, maxlen, "*", &[("kind", "user"), ("id", u.id.as_str()), ("model", version)])
-                .ignore();
+            pipe.xadd_maxlen(
+                &updates,
+                maxlen,
+                "*",
+                &[("kind", "user"), ("id", u.id.as_str()), ("model", version)],
+            )
+            .ignore();
             n += 4;
         }
         if n > 0 {
@@ -188,13 +207,20 @@ impl Publisher {
         let recs = self.key("recs", &u.id);
         pipe.del(&recs).ignore();
         if !u.recs.is_empty() {
-            let members: Vec<(f64, &str)> = u.recs.iter().map(|(id, s)| (*s as f64, id.as_str())).collect();
+            let members: Vec<(f64, &str)> = u
+                .recs
+                .iter()
+                .map(|(id, s)| (*s as f64, id.as_str()))
+                .collect();
             pipe.zadd_multiple(&recs, &members).ignore();
         }
     }
 
     /// The model version Redis serves now (`{prefix}:model` `version`).
-    pub async fn active_version(&mut self, stop: &tokio::sync::watch::Receiver<bool>) -> Result<Option<String>> {
+    pub async fn active_version(
+        &mut self,
+        stop: &tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Option<String>> {
         self.ping(stop).await?;
         let mut c = self.conn().await?;
         let v: Option<String> = redis::cmd("HGET")
@@ -253,7 +279,10 @@ pub async fn read_recs(
 }
 
 /// Deletes every key under `prefix:` (SCAN + UNLINK); returns how many.
-pub async fn clear_prefix(conn: &mut MultiplexedConnection, prefix: &str) -> redis::RedisResult<usize> {
+pub async fn clear_prefix(
+    conn: &mut MultiplexedConnection,
+    prefix: &str,
+) -> redis::RedisResult<usize> {
     let mut cursor: u64 = 0;
     let mut n = 0;
     loop {
@@ -267,7 +296,10 @@ pub async fn clear_prefix(conn: &mut MultiplexedConnection, prefix: &str) -> red
             .await?;
         if !keys.is_empty() {
             n += keys.len();
-            redis::cmd("UNLINK").arg(&keys).query_async::<()>(conn).await?;
+            redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async::<()>(conn)
+                .await?;
         }
         if next == 0 {
             return Ok(n);

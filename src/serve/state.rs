@@ -152,11 +152,11 @@ impl LoadedModel {
         ort_dylib: Option<&std::path::Path>,
     ) -> Result<Self> {
         let p = model_dir.join("model.json");
-        let card: ModelCard = serde_json::from_str(
-            &std::fs::read_to_string(&p)
-                .with_context(|| format!("reading {} (train one with `thaw train`)", p.display()))?,
-        )
-        .with_context(|| format!("parsing {}", p.display()))?;
+        let card: ModelCard =
+            serde_json::from_str(&std::fs::read_to_string(&p).with_context(|| {
+                format!("reading {} (train one with `thaw train`)", p.display())
+            })?)
+            .with_context(|| format!("parsing {}", p.display()))?;
         let text = TextEncoder::load(&TextEncoderConfig {
             model_dir: text_dir.to_path_buf(),
             ort_dylib: ort_dylib.map(|p| p.to_path_buf()),
@@ -179,7 +179,10 @@ impl LoadedModel {
             );
         }
         if items.relations() != card.relations.len() || items.dim() != card.dim {
-            bail!("{}: ONNX graphs and model.json disagree on relations or dim", model_dir.display());
+            bail!(
+                "{}: ONNX graphs and model.json disagree on relations or dim",
+                model_dir.display()
+            );
         }
         Ok(Self { card, items, text })
     }
@@ -412,8 +415,7 @@ impl Core {
         let t0 = Instant::now();
         let edits = batch.edits().map_or(0, |r| (r.end - r.start) as usize) + batch.num_inputs();
         self.prop.apply(&self.pkg, &batch)?;
-        self.metrics
-            .propagation(edits, t0.elapsed().as_secs_f64());
+        self.metrics.propagation(edits, t0.elapsed().as_secs_f64());
         self.report_graph();
 
         if mode == Mode::Restore {
@@ -535,7 +537,9 @@ impl Core {
             let p = self.project(chunk)?;
             for (k, &s) in chunk.iter().enumerate() {
                 for (r, input) in inputs.iter_mut().enumerate() {
-                    input.row_mut(s as usize).assign(&p.slice(ndarray::s![k, r, ..]));
+                    input
+                        .row_mut(s as usize)
+                        .assign(&p.slice(ndarray::s![k, r, ..]));
                 }
             }
         }
@@ -683,7 +687,9 @@ impl Core {
         let active = self.active();
         let mut out = Vec::with_capacity(users.len());
         for id in users {
-            let Some(u) = self.users.get(id) else { continue };
+            let Some(u) = self.users.get(id) else {
+                continue;
+            };
             let t0 = Instant::now();
             let Some(v) = adapt_user(
                 self.fused.view(),
