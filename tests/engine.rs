@@ -47,16 +47,21 @@ fn text_ready() -> bool {
 }
 
 fn untrained_model(dir: &Path) {
-    let cfg = thaw::train::TrainConfig {
+    untrained_model_version(dir, "test-1", 7);
+}
+
+fn untrained_model_version(dir: &Path, version: &str, seed: u64) {
+    let mut cfg = thaw::train::TrainConfig {
         text_model_dir: PathBuf::from(TEXT_DIR),
         ..Default::default()
     };
+    cfg.mpkg.seed = seed;
     thaw::train::write_untrained_model(
         dir,
         vec!["co_interacted".into(), "also_viewed".into()],
         384 + cfg.kg_dim,
         &cfg,
-        "test-1",
+        version,
     )
     .expect("model folder");
 }
@@ -251,7 +256,8 @@ async fn serve_end_to_end() {
     untrained_model(tmp.path());
     let broker = EmbeddedBroker::start(None).await.unwrap();
     let brokers = broker.bootstrap_servers().to_string();
-    let s = settings(&brokers, tmp.path(), "e2e");
+    let mut s = settings(&brokers, tmp.path(), "e2e");
+    s.model.reload_check_secs = 1;
     let prefix = s.redis.prefix.clone();
     let producer: FutureProducer = s.kafka.producer_config().create().unwrap();
 
@@ -371,6 +377,42 @@ async fn serve_end_to_end() {
         text.contains("not_a_model_relation"),
         "unknown relation counted"
     );
+
+    // A new model version in the folder: every item is recomputed and
+    // published under it, then `thaw:model` flips.
+    untrained_model_version(tmp.path(), "test-2", 99);
+    let t0 = Instant::now();
+    loop {
+        let v: Option<String> = redis::cmd("HGET")
+            .arg(format!("{prefix}:model"))
+            .arg("version")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        if v.as_deref() == Some("test-2") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the new model was not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for k in keys(&mut c, &format!("{prefix}:item:*")).await {
+        let m: String = redis::cmd("HGET")
+            .arg(&k)
+            .arg("model")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(
+            m, "test-2",
+            "{k} still under the old version after the flip"
+        );
+    }
+    let swapped_m0 = emb(&mut c, &format!("{prefix}:item:m0")).await.unwrap();
+    assert_ne!(swapped_m0, after_m0, "new weights, new embedding");
+    assert!(text.contains("thaw_inference_provider"));
 
     let _ = stop_tx.send(true);
     engine.await.unwrap().expect("clean shutdown");
@@ -634,4 +676,106 @@ async fn kill_and_restart_converges() {
 fn producer_flush(p: &FutureProducer) {
     use rdkafka::producer::Producer;
     p.flush(Duration::from_secs(10)).unwrap();
+}
+
+fn start_redis(port: u16) -> std::process::Child {
+    let child = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server runs");
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "redis-server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
+/// Redis goes away mid-stream: the engine keeps the batch, stops reading and
+/// committing (backpressure), reports not-ready, and publishes the batch once
+/// Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_applies_backpressure() {
+    if !text_ready() {
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut redis_proc = start_redis(port);
+    let tmp = tempfile::tempdir().unwrap();
+    untrained_model(tmp.path());
+    let broker = EmbeddedBroker::start(None).await.unwrap();
+    let mut s = settings(broker.bootstrap_servers(), tmp.path(), "outage");
+    s.redis.url = format!("redis://127.0.0.1:{port}");
+    s.redis.retry_max_ms = 200;
+    let prefix = s.redis.prefix.clone();
+    let producer: FutureProducer = s.kafka.producer_config().create().unwrap();
+    let first: Vec<Event> = (0..10)
+        .map(|i| item(&format!("a{i}"), "An item", i))
+        .collect();
+    produce(&producer, &first).await;
+
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    let progress = Arc::new(Progress::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let engine = tokio::spawn(thaw::serve::run(
+        s.clone(),
+        metrics.clone(),
+        health.clone(),
+        progress.clone(),
+        stop_rx,
+    ));
+    wait_for(&progress, 10, "before the outage").await;
+    assert!(health.is_ready());
+
+    redis_proc.kill().unwrap();
+    redis_proc.wait().unwrap();
+    let second: Vec<Event> = (0..5)
+        .map(|i| item(&format!("b{i}"), "A later item", 100 + i))
+        .collect();
+    produce(&producer, &second).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        progress.messages.load(Ordering::SeqCst),
+        10,
+        "nothing counted as published while Redis is down"
+    );
+    assert!(!health.is_ready(), "not ready while Redis is down");
+    assert!(metrics.encode().contains("thaw_redis_errors_total"));
+
+    let _redis_back = start_redis(port);
+    wait_for(&progress, 15, "after the outage").await;
+    let url = format!("redis://127.0.0.1:{port}");
+    let mut c = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for i in 0..5 {
+        assert!(
+            emb(&mut c, &format!("{prefix}:item:b{i}")).await.is_some(),
+            "b{i} published after the outage"
+        );
+    }
+    assert!(health.is_ready());
+    let _ = stop_tx.send(true);
+    engine.await.unwrap().expect("clean shutdown");
+    let mut back = _redis_back;
+    let _ = back.kill();
+    let _ = back.wait();
 }
