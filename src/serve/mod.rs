@@ -144,6 +144,12 @@ pub async fn run(
                 ("enable.auto.offset.store", "false"),
                 ("auto.commit.interval.ms", "1000"),
                 ("auto.offset.reset", "earliest"),
+                // librdkafka's default is 500 ms; a broker that answers a fetch
+                // only when this runs out (librdkafka's mock cluster does) would
+                // add up to that much to every event's freshness. A real broker
+                // answers as soon as data arrives, so this only costs more
+                // empty fetches on an idle topic. Override in kafka.properties.
+                ("fetch.wait.max.ms", "10"),
             ])
             .create()
             .context("creating the Kafka consumer")?,
