@@ -14,10 +14,12 @@
 //! - [`kafka`]: Kafka client settings and the embedded broker (`thaw broker`).
 //! - [`replay`]: a dataset as the three event streams (`thaw replay`).
 //! - [`serve`]: the streaming engine (`thaw serve`) and the demo (`thaw demo`).
+//! - [`bench`]: the synthetic catalogue and the end-to-end benchmark (`thaw bench`).
 //! - [`cli`]: the command line; `main.rs` only parses and calls [`cli::run`].
 
 #![deny(missing_docs)]
 
+pub mod bench;
 pub mod cli;
 pub mod dataset;
 pub mod eval;

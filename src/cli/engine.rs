@@ -265,3 +265,32 @@ pub fn run_demo(a: DemoArgs) -> anyhow::Result<()> {
     println!("{}", crate::serve::demo::render(&report));
     Ok(())
 }
+
+/// Arguments of `thaw bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Catalogue size: small (10K items), medium (100K), large (1M; graph only).
+    #[arg(long, value_enum, default_value = "medium")]
+    pub size: crate::bench::Size,
+    /// Offered rate of the freshness phase, events per second.
+    #[arg(long, default_value_t = 10_000.0)]
+    pub rate: f64,
+    /// Text encoder folder.
+    #[arg(long, default_value = "models/text")]
+    pub text_dir: PathBuf,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// `thaw bench`.
+pub fn run_bench(a: BenchArgs) -> anyhow::Result<()> {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let report = runtime()?.block_on(crate::bench::run(a.size, &url, &a.text_dir, a.rate))?;
+    let json = serde_json::to_string_pretty(&report)?;
+    if let Some(p) = &a.out {
+        std::fs::write(p, &json).with_context(|| format!("writing {}", p.display()))?;
+    }
+    println!("{json}");
+    Ok(())
+}

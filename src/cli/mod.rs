@@ -40,6 +40,8 @@ pub enum Command {
     Replay(engine::ReplayArgs),
     /// Broker, engine and replay in one process, then a report read back from Redis.
     Demo(engine::DemoArgs),
+    /// End-to-end benchmark on a synthetic catalogue, as ratios against baselines.
+    Bench(engine::BenchArgs),
 }
 
 /// Arguments of `thaw train`.
@@ -152,6 +154,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Broker(a) => engine::run_broker(a),
         Command::Replay(a) => engine::run_replay(a),
         Command::Demo(a) => engine::run_demo(a),
+        Command::Bench(a) => engine::run_bench(a),
     }
 }
 

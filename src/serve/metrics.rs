@@ -140,6 +140,7 @@ pub struct Metrics {
     samples: Mutex<Samples>,
     version: Mutex<String>,
     provider_name: Mutex<String>,
+    redis_totals: Mutex<(u64, f64)>,
 }
 
 impl Default for Metrics {
@@ -287,6 +288,7 @@ impl Metrics {
             samples: Mutex::new(Samples::default()),
             version: Mutex::new(String::new()),
             provider_name: Mutex::new(String::new()),
+            redis_totals: Mutex::new((0, 0.0)),
         }
     }
 
@@ -382,6 +384,20 @@ impl Metrics {
     pub fn redis_write(&self, commands: usize, seconds: f64) {
         self.redis_writes.inc_by(commands as u64);
         self.redis_seconds.observe(seconds);
+        let mut t = self
+            .redis_totals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        t.0 += commands as u64;
+        t.1 += seconds;
+    }
+
+    /// Redis commands written and seconds spent writing them, in total.
+    pub fn redis_totals(&self) -> (u64, f64) {
+        *self
+            .redis_totals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// A failed Redis write.

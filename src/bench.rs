@@ -1,0 +1,666 @@
+//! `thaw bench`: a synthetic catalogue shaped like a real one, and the
+//! end-to-end load test of the engine against the limits of the machine,
+//! each figure a ratio against a baseline measured in the same run.
+//!
+//! The generator ([`generate`]) is seeded: power-law item popularity (Zipf
+//! weights, exponent 0.8), three relations with MPKG's densities
+//! (`also_bought` 20, `also_viewed` 10, `bought_together` 1 edge per item:
+//! 2.0M / 1.0M / 0.1M over 100K items), titles of 4–8 words from a
+//! 500-word vocabulary, and an interaction stream in which items and users
+//! arrive over time.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ndarray::Array2;
+use rand::{Rng, SeedableRng};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use serde::Serialize;
+
+use crate::graph::{Pkg, Propagator, PropagatorConfig};
+use crate::ingest::{Event, InteractionEvent, ItemEvent, Kind, Op, RelationEvent};
+use crate::kafka::{EmbeddedBroker, KafkaSettings};
+use crate::serve::config::Settings;
+use crate::serve::metrics::{Health, Metrics, Quantiles};
+use crate::serve::Progress;
+
+/// The relations of the synthetic catalogue and their edges per item.
+pub const RELATIONS: [(&str, usize); 3] = [
+    ("also_bought", 20),
+    ("also_viewed", 10),
+    ("bought_together", 1),
+];
+
+/// Catalogue sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Size {
+    /// 10K items, ~0.3M edges.
+    Small,
+    /// 100K items, ~3M edges.
+    Medium,
+    /// 1M items, ~30M edges.
+    Large,
+}
+
+impl Size {
+    /// Items of the size.
+    pub fn items(self) -> usize {
+        match self {
+            Size::Small => 10_000,
+            Size::Medium => 100_000,
+            Size::Large => 1_000_000,
+        }
+    }
+}
+
+/// A synthetic catalogue and its streams.
+#[derive(Debug, Clone)]
+pub struct Synth {
+    /// Item ids, in arrival order.
+    pub ids: Vec<String>,
+    /// Titles.
+    pub titles: Vec<String>,
+    /// Edges `(relation, a, b)` over item indexes, `a` and `b` both arrived.
+    pub edges: Vec<(usize, u32, u32)>,
+    /// Interactions `(user, item)`, in time order.
+    pub interactions: Vec<(u32, u32)>,
+}
+
+struct Sampler {
+    cumulative: Vec<f64>,
+}
+
+impl Sampler {
+    fn zipf(n: usize, s: f64) -> Self {
+        let mut c = Vec::with_capacity(n);
+        let mut acc = 0.0;
+        for k in 0..n {
+            acc += 1.0 / ((k + 1) as f64).powf(s);
+            c.push(acc);
+        }
+        Self { cumulative: c }
+    }
+
+    fn sample(&self, rng: &mut impl Rng) -> usize {
+        let total = *self.cumulative.last().unwrap_or(&1.0);
+        let x = rng.random::<f64>() * total;
+        self.cumulative
+            .partition_point(|&c| c < x)
+            .min(self.cumulative.len() - 1)
+    }
+}
+
+/// Generates a catalogue of `n` items (seeded). Item popularity ranks are a
+/// random permutation of arrival order, so hubs arrive at any time.
+pub fn generate(n: usize, seed: u64) -> Synth {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let vocab: Vec<String> = (0..500)
+        .map(|k| {
+            let syll = ["ka", "lo", "mi", "ra", "ne", "to", "su", "vi", "de", "po"];
+            format!(
+                "{}{}{}",
+                syll[k % 10],
+                syll[(k / 10) % 10],
+                syll[(k / 100) % 10]
+            )
+        })
+        .collect();
+    let ids: Vec<String> = (0..n).map(|i| format!("p{i}")).collect();
+    let titles: Vec<String> = (0..n)
+        .map(|_| {
+            let w = rng.random_range(4..=8);
+            (0..w)
+                .map(|_| vocab[rng.random_range(0..vocab.len())].as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    let mut rank: Vec<u32> = (0..n as u32).collect();
+    for i in (1..n).rev() {
+        let j = rng.random_range(0..=i);
+        rank.swap(i, j);
+    }
+    let by_rank: Vec<u32> = {
+        let mut v = vec![0u32; n];
+        for (item, &r) in rank.iter().enumerate() {
+            v[r as usize] = item as u32;
+        }
+        v
+    };
+    let zipf = Sampler::zipf(n, 0.8);
+    let mut edges = Vec::new();
+    for (r, (_, per_item)) in RELATIONS.iter().enumerate() {
+        for _ in 0..n * per_item {
+            let a = by_rank[zipf.sample(&mut rng)];
+            let b = by_rank[zipf.sample(&mut rng)];
+            if a != b {
+                edges.push((r, a, b));
+            }
+        }
+    }
+    // Interactions: users arrive over time, each with a few items.
+    let mut interactions = Vec::new();
+    let users = n / 2;
+    for u in 0..users as u32 {
+        for _ in 0..rng.random_range(2..=6) {
+            interactions.push((u, by_rank[zipf.sample(&mut rng)]));
+        }
+    }
+    Synth {
+        ids,
+        titles,
+        edges,
+        interactions,
+    }
+}
+
+impl Synth {
+    /// The catalogue as events: every item, then every edge, then the
+    /// interactions (`ts` in ms from `t0`).
+    pub fn events(&self, t0: u64) -> Vec<Event> {
+        let mut out =
+            Vec::with_capacity(self.ids.len() + self.edges.len() + self.interactions.len());
+        for (i, id) in self.ids.iter().enumerate() {
+            out.push(Event::Item(ItemEvent {
+                item_id: id.clone(),
+                title: self.titles[i].clone(),
+                description: None,
+                categories: Vec::new(),
+                features: None,
+                ts: t0,
+            }));
+        }
+        for &(r, a, b) in &self.edges {
+            out.push(Event::Relation(RelationEvent {
+                src: self.ids[a as usize].clone(),
+                dst: self.ids[b as usize].clone(),
+                relation: RELATIONS[r].0.to_string(),
+                op: Op::Add,
+                ts: t0,
+            }));
+        }
+        for &(u, i) in &self.interactions {
+            out.push(Event::Interaction(InteractionEvent {
+                user_id: format!("u{u}"),
+                item_id: self.ids[i as usize].clone(),
+                kind: Kind::Click,
+                value: None,
+                ts: t0,
+            }));
+        }
+        out
+    }
+
+    /// The graph alone.
+    pub fn pkg(&self) -> Result<Pkg> {
+        let mut pkg = Pkg::new(RELATIONS.iter().map(|r| r.0))?;
+        pkg.reserve(self.ids.len());
+        for id in &self.ids {
+            pkg.add_item(id);
+        }
+        for &(r, a, b) in &self.edges {
+            pkg.add_edge(r, a, b)?;
+        }
+        let _ = pkg.take_changes();
+        Ok(pkg)
+    }
+}
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Graph figures: memory per item and edge, full vs incremental propagation.
+#[derive(Debug, Clone, Serialize)]
+pub struct GraphFigures {
+    /// Items.
+    pub items: usize,
+    /// Distinct edges.
+    pub edges: usize,
+    /// Seconds to build the graph.
+    pub build_seconds: f64,
+    /// Seconds of one full propagation (every relation, M = 3, d = 64).
+    pub full_seconds: f64,
+    /// Seconds to apply one added edge.
+    pub one_edge_seconds: f64,
+    /// Seconds to apply a batch of 1,000 added edges.
+    pub batch_1000_seconds: f64,
+    /// Full time over one-edge time.
+    pub incremental_vs_full_per_edge: f64,
+    /// Full time over per-edge time in a batch of 1,000.
+    pub incremental_vs_full_per_edge_batch_1000: f64,
+    /// Resident bytes per item (graph + propagated layers) .
+    pub bytes_per_item: f64,
+    /// Resident bytes per edge (adjacency).
+    pub bytes_per_edge: f64,
+}
+
+/// Builds the graph of `synth`, measures memory and propagation.
+pub fn graph_figures(synth: &Synth, seed: u64) -> Result<GraphFigures> {
+    let d = 64;
+    let base = rss_bytes();
+    let t0 = Instant::now();
+    let mut pkg = Pkg::new(RELATIONS.iter().map(|r| r.0))?;
+    pkg.reserve(synth.ids.len());
+    for id in &synth.ids {
+        pkg.add_item(id);
+    }
+    let _ = pkg.take_changes();
+    let after_items = rss_bytes();
+    for &(r, a, b) in &synth.edges {
+        pkg.add_edge(r, a, b)?;
+    }
+    let _ = pkg.take_changes();
+    let build_seconds = t0.elapsed().as_secs_f64();
+    let after_edges = rss_bytes();
+    let edges: usize = pkg.edge_counts().iter().sum();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n = pkg.slots();
+    let inputs: Vec<Array2<f32>> = (0..RELATIONS.len())
+        .map(|_| Array2::from_shape_fn((n, d), |_| rng.random_range(-1.0..1.0f32)))
+        .collect();
+    let views: Vec<_> = inputs.iter().map(|a| a.view()).collect();
+    let cfg = PropagatorConfig::default();
+    let before_prop = rss_bytes();
+    let t1 = Instant::now();
+    let mut prop = Propagator::full(cfg, &pkg, &views)?;
+    let full_seconds = t1.elapsed().as_secs_f64();
+    let after_prop = rss_bytes();
+    drop(inputs);
+    // One edge between two random items, then 1,000.
+    let mut one = || -> Result<f64> {
+        let (a, b) = (rng.random_range(0..n as u32), rng.random_range(0..n as u32));
+        if a != b {
+            pkg.add_edge(0, a, b)?;
+        }
+        let batch = pkg.take_changes();
+        let t = Instant::now();
+        prop.apply(&pkg, &batch)?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let mut samples: Vec<f64> = (0..20).map(|_| one()).collect::<Result<_>>()?;
+    samples.sort_by(f64::total_cmp);
+    let one_edge_seconds = samples[samples.len() / 2];
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 1);
+    for _ in 0..1000 {
+        let (a, b) = (rng.random_range(0..n as u32), rng.random_range(0..n as u32));
+        if a != b {
+            pkg.add_edge(1, a, b)?;
+        }
+    }
+    let batch = pkg.take_changes();
+    let t = Instant::now();
+    prop.apply(&pkg, &batch)?;
+    let batch_1000_seconds = t.elapsed().as_secs_f64();
+    let items = synth.ids.len();
+    Ok(GraphFigures {
+        items,
+        edges,
+        build_seconds,
+        full_seconds,
+        one_edge_seconds,
+        batch_1000_seconds,
+        incremental_vs_full_per_edge: full_seconds / one_edge_seconds.max(1e-12),
+        incremental_vs_full_per_edge_batch_1000: full_seconds
+            / (batch_1000_seconds / 1000.0).max(1e-12),
+        bytes_per_item: (after_items.saturating_sub(base) + after_prop.saturating_sub(before_prop))
+            as f64
+            / items as f64,
+        bytes_per_edge: after_edges.saturating_sub(after_items) as f64 / edges.max(1) as f64,
+    })
+}
+
+/// The end-to-end report (`--out`).
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Catalogue size.
+    pub size: Size,
+    /// Input messages.
+    pub events: usize,
+    /// A bare rdkafka consumer's messages per second on the same topics.
+    pub bare_consumer_per_second: f64,
+    /// thaw's events per second through ingest, graph, inference, publish.
+    pub thaw_events_per_second: f64,
+    /// thaw / bare consumer.
+    pub ratio_vs_bare_consumer: f64,
+    /// Freshness at the offered rate, ms, by kind (`edge`, `new_item`).
+    pub freshness_ms: BTreeMap<String, Quantiles>,
+    /// Offered rate of the freshness phase.
+    pub offered_events_per_second: f64,
+    /// Full propagation time over one edge's incremental time.
+    pub incremental_vs_full_per_edge: f64,
+    /// thaw's Redis commands per second while publishing.
+    pub redis_writes_per_second: f64,
+    /// `redis-benchmark -P 64 -d 256 -t set`, requests per second.
+    pub redis_benchmark_per_second: f64,
+    /// thaw / redis-benchmark.
+    pub ratio_vs_redis_benchmark: f64,
+    /// Resident bytes per item.
+    pub bytes_per_item: f64,
+    /// Resident bytes per edge.
+    pub bytes_per_edge: f64,
+    /// The graph figures in full.
+    pub graph: GraphFigures,
+    /// Wall time of the whole benchmark.
+    pub seconds: f64,
+}
+
+fn redis_benchmark(url: &str) -> Result<f64> {
+    let client = redis::Client::open(url)?;
+    let info = client.get_connection_info();
+    let (host, port) = match info.addr() {
+        redis::ConnectionAddr::Tcp(h, p) => (h.clone(), *p),
+        _ => bail!("redis-benchmark needs a TCP Redis"),
+    };
+    let out = std::process::Command::new("redis-benchmark")
+        .args([
+            "-h",
+            &host,
+            "-p",
+            &port.to_string(),
+            "-P",
+            "64",
+            "-d",
+            "256",
+            "-t",
+            "set",
+            "-n",
+            "500000",
+            "-q",
+        ])
+        .output()
+        .context("running redis-benchmark (Debian package redis-tools)")?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    // "SET: 412371.12 requests per second, p50=..." (possibly after \r progress).
+    let line = text.rsplit('\r').next().unwrap_or(&text);
+    let v = line
+        .split_whitespace()
+        .skip_while(|w| *w != "SET:")
+        .nth(1)
+        .and_then(|x| x.parse::<f64>().ok())
+        .with_context(|| format!("parsing redis-benchmark output {text:?}"))?;
+    Ok(v)
+}
+
+/// Reads every input message once with a bare consumer; returns the rate and
+/// the number of messages the broker holds (the target of both consumers).
+async fn bare_consumer(brokers: &str, total: usize) -> Result<(f64, usize)> {
+    let c: StreamConsumer = KafkaSettings::with_brokers(brokers)
+        .client_config(&[
+            ("group.id", &format!("bench-bare-{}", std::process::id())),
+            ("auto.offset.reset", "earliest"),
+            ("enable.auto.commit", "false"),
+            ("fetch.wait.max.ms", "10"),
+        ])
+        .create()?;
+    let topics: Vec<&str> = crate::serve::INPUT_TOPICS
+        .iter()
+        .map(|t| t.name())
+        .collect();
+    let mut stored = 0i64;
+    for t in crate::kafka::topics()
+        .iter()
+        .filter(|t| topics.contains(&t.name.as_str()))
+    {
+        for p in 0..t.partitions {
+            let (lo, hi) = c.fetch_watermarks(&t.name, p, Duration::from_secs(10))?;
+            stored += hi - lo;
+        }
+    }
+    if stored as usize != total {
+        eprintln!("note: the broker holds {stored} messages of the {total} produced and delivered");
+    }
+    let total = stored as usize;
+    c.subscribe(&topics)?;
+    // The clock starts at the first message, so the group join is not counted.
+    let first = c.recv().await?;
+    drop(first);
+    let t0 = Instant::now();
+    let mut n = 1usize;
+    while n < total {
+        match tokio::time::timeout(Duration::from_secs(30), c.recv()).await {
+            Ok(Ok(_)) => n += 1,
+            Ok(Err(e)) => bail!("bare consumer: {e}"),
+            Err(_) => bail!("bare consumer stalled at {n} of {total}"),
+        }
+    }
+    Ok((n as f64 / t0.elapsed().as_secs_f64(), total))
+}
+
+/// Runs the end-to-end benchmark.
+pub async fn run(
+    size: Size,
+    redis_url: &str,
+    text_dir: &std::path::Path,
+    rate: f64,
+) -> Result<BenchReport> {
+    let t_all = Instant::now();
+    let n = size.items();
+    eprintln!("generating {n} items");
+    let synth = generate(n, 42);
+    let graph = tokio::task::block_in_place(|| graph_figures(&synth, 7))?;
+    eprintln!(
+        "graph: {} items, {} edges; full propagation {:.3} s, one edge {:.6} s ({:.0}x), 1,000 edges {:.3} s",
+        graph.items, graph.edges, graph.full_seconds, graph.one_edge_seconds, graph.incremental_vs_full_per_edge, graph.batch_1000_seconds
+    );
+    if size == Size::Large {
+        return Ok(BenchReport {
+            size,
+            events: 0,
+            bare_consumer_per_second: 0.0,
+            thaw_events_per_second: 0.0,
+            ratio_vs_bare_consumer: 0.0,
+            freshness_ms: BTreeMap::new(),
+            offered_events_per_second: 0.0,
+            incremental_vs_full_per_edge: graph.incremental_vs_full_per_edge,
+            redis_writes_per_second: 0.0,
+            redis_benchmark_per_second: 0.0,
+            ratio_vs_redis_benchmark: 0.0,
+            bytes_per_item: graph.bytes_per_item,
+            bytes_per_edge: graph.bytes_per_edge,
+            graph,
+            seconds: t_all.elapsed().as_secs_f64(),
+        });
+    }
+    // The model: MPKG's initial weights over the synthetic relations.
+    let model_dir = std::env::temp_dir().join(format!("thaw-bench-model-{}", std::process::id()));
+    let mut cfg = crate::train::TrainConfig {
+        text_model_dir: text_dir.to_path_buf(),
+        kg_dim: 64,
+        ..Default::default()
+    };
+    cfg.mpkg.seed = 1;
+    crate::train::write_untrained_model(
+        &model_dir,
+        RELATIONS.iter().map(|r| r.0.to_string()).collect(),
+        384 + cfg.kg_dim,
+        &cfg,
+        "bench",
+    )?;
+    let broker = EmbeddedBroker::start(None).await?;
+    let brokers = broker.bootstrap_servers().to_string();
+    let kafka = KafkaSettings::with_brokers(&brokers);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    let events = synth.events(now_ms);
+    let total = events.len();
+    eprintln!("producing {total} events");
+    crate::replay::produce(&events, &kafka, None).await?;
+    drop(events);
+    eprintln!("bare consumer");
+    let (bare, total) = bare_consumer(&brokers, total).await?;
+
+    let mut s = Settings {
+        kafka: kafka.clone(),
+        ..Default::default()
+    };
+    s.kafka.group_id = format!("bench-thaw-{}", std::process::id());
+    s.redis.url = redis_url.to_string();
+    s.redis.prefix = format!("thaw-bench-{}", std::process::id());
+    s.model.dir = model_dir.clone();
+    s.model.text_dir = text_dir.to_path_buf();
+    s.model.reload_check_secs = 0;
+    s.ingest.max_batch = 20_000;
+    s.ingest.idle_ms = 500;
+    s.users.refresh_all_when_idle = false;
+    s.users.top_k = 20;
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    let progress = Arc::new(Progress::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let engine = tokio::spawn(crate::serve::run(
+        s.clone(),
+        metrics.clone(),
+        health.clone(),
+        progress.clone(),
+        stop_rx,
+    ));
+    eprintln!("thaw");
+    // Clock from the first published message, as for the bare consumer.
+    let mut t0 = None;
+    loop {
+        if engine.is_finished() {
+            engine.await??;
+            bail!("the engine stopped");
+        }
+        let m = progress.messages.load(Ordering::SeqCst) as usize;
+        if m > 0 && t0.is_none() {
+            t0 = Some((Instant::now(), m));
+        }
+        if m >= total {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (start, first) = t0.unwrap_or((Instant::now(), 0));
+    let thaw_rate = (total - first) as f64 / start.elapsed().as_secs_f64().max(1e-9);
+    let (commands, seconds) = metrics.redis_totals();
+
+    // Freshness at a fixed offered rate: new items with text, and edge
+    // changes between existing items, mixed 1:9, for 10 s.
+    metrics.reset_freshness();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    let live_n = (rate * 10.0) as usize;
+    let ts = now_ms + 1;
+    let live: Vec<Event> = (0..live_n)
+        .map(|k| {
+            if k % 10 == 0 {
+                Event::Item(ItemEvent {
+                    item_id: format!("new{k}"),
+                    title: format!("brand new item number {k}"),
+                    description: None,
+                    categories: Vec::new(),
+                    features: None,
+                    ts,
+                })
+            } else {
+                let a = rng.random_range(0..n);
+                let mut b = rng.random_range(0..n);
+                if a == b {
+                    b = (b + 1) % n;
+                }
+                Event::Relation(RelationEvent {
+                    src: synth.ids[a].clone(),
+                    dst: synth.ids[b].clone(),
+                    relation: RELATIONS[k % 3].0.into(),
+                    op: Op::Add,
+                    ts,
+                })
+            }
+        })
+        .collect();
+    eprintln!("freshness phase: {live_n} events at {rate} events/s");
+    crate::replay::produce(&live, &kafka, Some(rate)).await?;
+    let target = total + live_n;
+    let t_wait = Instant::now();
+    while (progress.messages.load(Ordering::SeqCst) as usize) < target {
+        if t_wait.elapsed() > Duration::from_secs(300) {
+            bail!("the freshness phase did not drain in 300 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut freshness = BTreeMap::new();
+    if let Some(q) = metrics.freshness_summary(Some("edge")) {
+        freshness.insert("edge".to_string(), q);
+    }
+    if let Some(q) = metrics.freshness_summary(Some("item")) {
+        freshness.insert("new_item".to_string(), q);
+    }
+    let _ = stop_tx.send(true);
+    engine.await??;
+    // Clean up Redis keys of the run.
+    if let Ok(mut c) = redis::Client::open(redis_url)?
+        .get_multiplexed_async_connection()
+        .await
+    {
+        let _ = crate::serve::publish::clear_prefix(&mut c, &s.redis.prefix).await;
+    }
+    let _ = std::fs::remove_dir_all(&model_dir);
+    eprintln!("redis-benchmark");
+    let rb = redis_benchmark(redis_url)?;
+    let writes = commands as f64 / seconds.max(1e-9);
+    Ok(BenchReport {
+        size,
+        events: total,
+        bare_consumer_per_second: bare,
+        thaw_events_per_second: thaw_rate,
+        ratio_vs_bare_consumer: thaw_rate / bare,
+        freshness_ms: freshness,
+        offered_events_per_second: rate,
+        incremental_vs_full_per_edge: graph.incremental_vs_full_per_edge,
+        redis_writes_per_second: writes,
+        redis_benchmark_per_second: rb,
+        ratio_vs_redis_benchmark: writes / rb,
+        bytes_per_item: graph.bytes_per_item,
+        bytes_per_edge: graph.bytes_per_edge,
+        graph,
+        seconds: t_all.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generator_is_seeded_and_shaped() {
+        let a = generate(2000, 3);
+        let b = generate(2000, 3);
+        assert_eq!(a.edges, b.edges);
+        assert_eq!(a.titles, b.titles);
+        // Densities: about 20 / 10 / 1 edges per item (self-loops dropped).
+        let per = |r: usize| a.edges.iter().filter(|e| e.0 == r).count() as f64 / 2000.0;
+        assert!(
+            (per(0) - 20.0).abs() < 0.5
+                && (per(1) - 10.0).abs() < 0.5
+                && (per(2) - 1.0).abs() < 0.2
+        );
+        // Power law: the most linked item has far more edges than the median.
+        let pkg = a.pkg().unwrap();
+        let mut deg: Vec<usize> = (0..2000u32).map(|i| pkg.degree(0, i).unwrap()).collect();
+        deg.sort_unstable();
+        assert!(
+            deg[1999] > 20 * deg[1000].max(1),
+            "max {} median {}",
+            deg[1999],
+            deg[1000]
+        );
+        assert!(a
+            .events(0)
+            .iter()
+            .all(|e| e.validate(&crate::ingest::Limits::default()).is_ok()));
+    }
+}
