@@ -241,6 +241,22 @@ pub struct GraphFigures {
     pub incremental_vs_full_per_edge: f64,
     /// Full time over per-edge time in a batch of 1,000.
     pub incremental_vs_full_per_edge_batch_1000: f64,
+    /// The engine's propagation tolerance (`graph.tolerance`) for the
+    /// `tolerant_*` figures.
+    pub tolerance: f32,
+    /// Seconds to apply one added edge with the tolerance.
+    pub tolerant_one_edge_seconds: f64,
+    /// Seconds to apply 1,000 added edges with the tolerance.
+    pub tolerant_batch_1000_seconds: f64,
+    /// Full time over one-edge time with the tolerance.
+    pub tolerant_incremental_vs_full_per_edge: f64,
+    /// Full time over per-edge time in a batch of 1,000, with the tolerance.
+    pub tolerant_incremental_vs_full_per_edge_batch_1000: f64,
+    /// Largest absolute error of any propagated value against the exact
+    /// propagation after the tolerant edges (21 batches).
+    pub tolerant_max_abs_error: f64,
+    /// Largest absolute propagated value (the scale of that error).
+    pub max_abs_value: f64,
     /// Resident bytes per item (graph + propagated layers) .
     pub bytes_per_item: f64,
     /// Resident bytes per edge (adjacency).
@@ -278,21 +294,42 @@ pub fn graph_figures(synth: &Synth, seed: u64) -> Result<GraphFigures> {
     let mut prop = Propagator::full(cfg, &pkg, &views)?;
     let full_seconds = t1.elapsed().as_secs_f64();
     let after_prop = rss_bytes();
+    let tolerance = crate::serve::config::GraphSettings::default().tolerance;
+    let mut tolerant = Propagator::full(
+        PropagatorConfig {
+            tolerance,
+            ..Default::default()
+        },
+        &pkg,
+        &views,
+    )?;
     drop(inputs);
-    // One edge between two random items, then 1,000.
-    let mut one = || -> Result<f64> {
+    // One edge between two random items (median of 20), then 1,000 in one
+    // batch; the same batches go through the exact and the tolerant
+    // propagator.
+    let mut apply = |pkg: &Pkg, batch: &crate::graph::Batch| -> Result<(f64, f64)> {
+        let t = Instant::now();
+        prop.apply(pkg, batch)?;
+        let exact = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        tolerant.apply(pkg, batch)?;
+        Ok((exact, t.elapsed().as_secs_f64()))
+    };
+    let mut samples: Vec<(f64, f64)> = Vec::new();
+    for _ in 0..20 {
         let (a, b) = (rng.random_range(0..n as u32), rng.random_range(0..n as u32));
         if a != b {
             pkg.add_edge(0, a, b)?;
         }
         let batch = pkg.take_changes();
-        let t = Instant::now();
-        prop.apply(&pkg, &batch)?;
-        Ok(t.elapsed().as_secs_f64())
+        samples.push(apply(&pkg, &batch)?);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
     };
-    let mut samples: Vec<f64> = (0..20).map(|_| one()).collect::<Result<_>>()?;
-    samples.sort_by(f64::total_cmp);
-    let one_edge_seconds = samples[samples.len() / 2];
+    let one_edge_seconds = median(samples.iter().map(|s| s.0).collect());
+    let tolerant_one_edge_seconds = median(samples.iter().map(|s| s.1).collect());
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 1);
     for _ in 0..1000 {
         let (a, b) = (rng.random_range(0..n as u32), rng.random_range(0..n as u32));
@@ -301,10 +338,18 @@ pub fn graph_figures(synth: &Synth, seed: u64) -> Result<GraphFigures> {
         }
     }
     let batch = pkg.take_changes();
-    let t = Instant::now();
-    prop.apply(&pkg, &batch)?;
-    let batch_1000_seconds = t.elapsed().as_secs_f64();
+    let (batch_1000_seconds, tolerant_batch_1000_seconds) = apply(&pkg, &batch)?;
+    let (mut err, mut scale) = (0.0f64, 0.0f64);
+    for r in 0..RELATIONS.len() {
+        for k in 1..=prop.hops() {
+            for (a, b) in prop.layer(r, k)?.iter().zip(tolerant.layer(r, k)?.iter()) {
+                err = err.max(f64::from((a - b).abs()));
+                scale = scale.max(f64::from(a.abs()));
+            }
+        }
+    }
     let items = synth.ids.len();
+    let ratio = |secs: f64| full_seconds / secs.max(1e-12);
     Ok(GraphFigures {
         items,
         edges,
@@ -312,9 +357,17 @@ pub fn graph_figures(synth: &Synth, seed: u64) -> Result<GraphFigures> {
         full_seconds,
         one_edge_seconds,
         batch_1000_seconds,
-        incremental_vs_full_per_edge: full_seconds / one_edge_seconds.max(1e-12),
-        incremental_vs_full_per_edge_batch_1000: full_seconds
-            / (batch_1000_seconds / 1000.0).max(1e-12),
+        incremental_vs_full_per_edge: ratio(one_edge_seconds),
+        incremental_vs_full_per_edge_batch_1000: ratio(batch_1000_seconds / 1000.0),
+        tolerance,
+        tolerant_one_edge_seconds,
+        tolerant_batch_1000_seconds,
+        tolerant_incremental_vs_full_per_edge: ratio(tolerant_one_edge_seconds),
+        tolerant_incremental_vs_full_per_edge_batch_1000: ratio(
+            tolerant_batch_1000_seconds / 1000.0,
+        ),
+        tolerant_max_abs_error: err,
+        max_abs_value: scale,
         bytes_per_item: (after_items.saturating_sub(base) + after_prop.saturating_sub(before_prop))
             as f64
             / items as f64,
@@ -339,7 +392,9 @@ pub struct BenchReport {
     pub freshness_ms: BTreeMap<String, Quantiles>,
     /// Offered rate of the freshness phase.
     pub offered_events_per_second: f64,
-    /// Full propagation time over one edge's incremental time.
+    /// Full propagation time over one edge's incremental time, at the
+    /// engine's default tolerance (`graph.incremental_vs_full_per_edge`
+    /// is the exact figure).
     pub incremental_vs_full_per_edge: f64,
     /// thaw's Redis commands per second while publishing.
     pub redis_writes_per_second: f64,
@@ -452,8 +507,9 @@ pub async fn run(
     let synth = generate(n, 42);
     let graph = tokio::task::block_in_place(|| graph_figures(&synth, 7))?;
     eprintln!(
-        "graph: {} items, {} edges; full propagation {:.3} s, one edge {:.6} s ({:.0}x), 1,000 edges {:.3} s",
-        graph.items, graph.edges, graph.full_seconds, graph.one_edge_seconds, graph.incremental_vs_full_per_edge, graph.batch_1000_seconds
+        "graph: {} items, {} edges built in {:.1} s; full propagation {:.3} s; exact: one edge {:.6} s ({:.0}x), 1,000 edges {:.3} s; tolerance {:e}: one edge {:.6} s ({:.0}x), 1,000 edges {:.3} s, max error {:.2e} (values up to {:.2})",
+        graph.items, graph.edges, graph.build_seconds, graph.full_seconds, graph.one_edge_seconds, graph.incremental_vs_full_per_edge, graph.batch_1000_seconds,
+        graph.tolerance, graph.tolerant_one_edge_seconds, graph.tolerant_incremental_vs_full_per_edge, graph.tolerant_batch_1000_seconds, graph.tolerant_max_abs_error, graph.max_abs_value
     );
     if size == Size::Large {
         return Ok(BenchReport {
@@ -464,7 +520,7 @@ pub async fn run(
             ratio_vs_bare_consumer: 0.0,
             freshness_ms: BTreeMap::new(),
             offered_events_per_second: 0.0,
-            incremental_vs_full_per_edge: graph.incremental_vs_full_per_edge,
+            incremental_vs_full_per_edge: graph.tolerant_incremental_vs_full_per_edge,
             redis_writes_per_second: 0.0,
             redis_benchmark_per_second: 0.0,
             ratio_vs_redis_benchmark: 0.0,
@@ -620,7 +676,7 @@ pub async fn run(
         ratio_vs_bare_consumer: thaw_rate / bare,
         freshness_ms: freshness,
         offered_events_per_second: rate,
-        incremental_vs_full_per_edge: graph.incremental_vs_full_per_edge,
+        incremental_vs_full_per_edge: graph.tolerant_incremental_vs_full_per_edge,
         redis_writes_per_second: writes,
         redis_benchmark_per_second: rb,
         ratio_vs_redis_benchmark: writes / rb,

@@ -19,6 +19,8 @@
 //! as a full computation: results are bitwise equal to recomputing from
 //! scratch.
 
+use std::collections::BTreeSet;
+
 use ndarray::{s, Array2, ArrayView1, ArrayView2};
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +52,16 @@ pub struct PropagatorConfig {
     /// the ball search that would otherwise cover most of the graph. The
     /// result is the same either way.
     pub full_recompute_fraction: f64,
+    /// Largest change (absolute, per coordinate) of a row that may be left
+    /// unpropagated. Default 0: exact, every change is propagated and the
+    /// result equals [`Propagator::full`] bitwise. Above 0, a row's changes
+    /// are accumulated per row and layer, and pushed to the next layer only
+    /// once their sum passes the tolerance; on a dense power-law graph this
+    /// stops an edit's update after a few rows instead of the `M`-hop ball
+    /// (most of the graph), and every stored row stays within a bounded
+    /// distance of the exact one (see [`Propagator::reconcile`] to return to
+    /// exact).
+    pub tolerance: f32,
 }
 
 impl Default for PropagatorConfig {
@@ -59,6 +71,7 @@ impl Default for PropagatorConfig {
             threads: 0,
             min_rows_per_thread: 2048,
             full_recompute_fraction: 0.5,
+            tolerance: 0.0,
         }
     }
 }
@@ -81,6 +94,12 @@ impl PropagatorConfig {
             return Err(Error::Config(
                 "full_recompute_fraction must be a number >= 0".into(),
             ));
+        }
+        if !(self.tolerance.is_finite() && self.tolerance >= 0.0) {
+            return Err(Error::Config(format!(
+                "tolerance = {} must be a finite number >= 0",
+                self.tolerance
+            )));
         }
         Ok(())
     }
@@ -105,6 +124,9 @@ pub struct ApplyStats {
     /// Input rows in the batch ignored because their item was removed in the
     /// same window.
     pub ignored_inputs: usize,
+    /// Slots whose output row (`E_r = H_M`) changed in at least one relation,
+    /// ascending: the items whose fused embedding must be recomputed.
+    pub changed: Vec<u32>,
 }
 
 impl ApplyStats {
@@ -143,6 +165,11 @@ pub struct Propagator {
     inv_sqrt: Vec<Vec<f32>>,
     /// Whether slot `x` holds a live item whose input rows are in `H_0`.
     has_input: Vec<bool>,
+    /// `resid[r][k][x]`: change of row `x` of `H_k` (k < M) accumulated
+    /// since it was last pushed to layer `k + 1`; empty when exact.
+    resid: Vec<Vec<Vec<f32>>>,
+    /// Some change below the tolerance is held back in `resid`.
+    drift: bool,
     /// Scratch for the ball search: slot visited iff `mark[x] == stamp`.
     mark: Vec<u32>,
     stamp: u32,
@@ -219,16 +246,22 @@ impl Plan<'_> {
         });
     }
 
-    /// `out[x] = (S prev)[x]` for the listed rows `x`.
-    fn rows(&self, rows: &[u32], prev: &[f32], out: &mut [f32]) {
+    /// `out[x] = (S prev)[x]` for the listed rows `x`; returns, per listed
+    /// row, the largest absolute change of a coordinate.
+    fn rows(&self, rows: &[u32], prev: &[f32], out: &mut [f32]) -> Vec<f32> {
         let d = self.d;
         let workers = self.workers(rows.len());
+        let mut changes = Vec::with_capacity(rows.len());
         if workers == 1 {
+            let mut row = vec![0.0f32; d];
             for &x in rows {
                 let x = x as usize;
-                propagate_row(x, self.adj, self.inv, prev, d, &mut out[x * d..(x + 1) * d]);
+                propagate_row(x, self.adj, self.inv, prev, d, &mut row);
+                let dst = &mut out[x * d..(x + 1) * d];
+                changes.push(max_change(dst, &row));
+                dst.copy_from_slice(&row);
             }
-            return;
+            return changes;
         }
         // Rows are scattered, so threads fill a dense scratch copied after.
         let mut scratch = vec![0.0f32; rows.len() * d];
@@ -244,9 +277,30 @@ impl Plan<'_> {
         });
         for (&x, row) in rows.iter().zip(scratch.chunks_exact(d)) {
             let x = x as usize;
-            out[x * d..(x + 1) * d].copy_from_slice(row);
+            let dst = &mut out[x * d..(x + 1) * d];
+            changes.push(max_change(dst, row));
+            dst.copy_from_slice(row);
         }
+        changes
     }
+}
+
+/// Largest absolute difference of two rows (infinite where one is NaN and
+/// the other is not, so a NaN appearing or vanishing counts as a change).
+#[inline]
+fn max_change(old: &[f32], new: &[f32]) -> f32 {
+    old.iter().zip(new).fold(0.0f32, |m, (&a, &b)| {
+        if a.to_bits() == b.to_bits() {
+            m
+        } else {
+            let c = (a - b).abs();
+            if c.is_nan() {
+                f32::INFINITY
+            } else {
+                m.max(c).max(f32::MIN_POSITIVE)
+            }
+        }
+    })
 }
 
 impl Propagator {
@@ -320,17 +374,25 @@ impl Propagator {
                 .map(|adj| adj.iter().map(|ns| inv_sqrt_degree(ns.len())).collect())
                 .collect(),
             has_input,
+            resid: Vec::new(),
+            drift: false,
             mark: vec![0; slots],
             stamp: 0,
         };
+        if prop.cfg.tolerance > 0.0 {
+            prop.resid = vec![vec![vec![0.0; slots]; prop.cfg.hops]; n_rel];
+        }
         for r in 0..n_rel {
-            prop.recompute_from(pkg, r, 1);
+            prop.recompute_from(pkg, r, 1, false);
         }
         Ok(prop)
     }
 
-    /// Recomputes layers `from..=M` of relation `r` in full.
-    fn recompute_from(&mut self, pkg: &Pkg, r: usize, from: usize) {
+    /// Recomputes layers `from..=M` of relation `r` in full; returns the
+    /// slots whose output row changed, ascending, when `track` (else
+    /// nothing). Clears the held-back changes of layers `from - 1..M`, which
+    /// the recomputed layers absorb.
+    fn recompute_from(&mut self, pkg: &Pkg, r: usize, from: usize, track: bool) -> Vec<u32> {
         let plan = Plan {
             adj: &pkg.adj[r],
             inv: &self.inv_sqrt[r],
@@ -338,11 +400,61 @@ impl Propagator {
             threads: self.threads,
             min_rows: self.cfg.min_rows_per_thread,
         };
+        let hops = self.cfg.hops;
+        let old = track.then(|| self.layers[r][hops].slice(s![..self.slots, ..]).to_owned());
         let layers = &mut self.layers[r];
         for k in from..layers.len() {
             let (done, rest) = layers.split_at_mut(k);
             plan.all(self.slots, flat(&done[k - 1]), flat_mut(&mut rest[0]));
         }
+        if let Some(resid) = self.resid.get_mut(r) {
+            for layer in resid.iter_mut().skip(from.saturating_sub(1)) {
+                layer.fill(0.0);
+            }
+        }
+        let Some(old) = old else {
+            return Vec::new();
+        };
+        let d = self.dim;
+        let new = flat(&self.layers[r][hops]);
+        let old = old.as_slice().expect("an owned copy is in standard layout");
+        (0..self.slots)
+            .filter(|&x| max_change(&old[x * d..(x + 1) * d], &new[x * d..(x + 1) * d]) > 0.0)
+            .map(|x| x as u32)
+            .collect()
+    }
+
+    /// Recomputes every layer of every relation in full from the stored
+    /// inputs, dropping every held-back change: afterwards the layers equal
+    /// [`Propagator::full`] on `pkg` bitwise. Returns the slots whose output
+    /// row changed, ascending. `pkg` must have no edits since the last apply.
+    /// Cheap to call when [`Propagator::is_exact`] (nothing is done).
+    pub fn reconcile(&mut self, pkg: &Pkg) -> Result<Vec<u32>> {
+        if pkg.id() != self.graph {
+            return Err(Error::ForeignGraph);
+        }
+        if pkg.edits() != self.synced {
+            return Err(Error::OutOfOrder {
+                synced: self.synced,
+                graph: pkg.edits(),
+                start: self.synced,
+                end: pkg.edits(),
+            });
+        }
+        if !self.drift {
+            return Ok(Vec::new());
+        }
+        let mut changed = BTreeSet::new();
+        for r in 0..self.layers.len() {
+            changed.extend(self.recompute_from(pkg, r, 1, true));
+        }
+        self.drift = false;
+        Ok(changed.into_iter().collect())
+    }
+
+    /// Whether every layer is exact (no change held back by the tolerance).
+    pub fn is_exact(&self) -> bool {
+        !self.drift
     }
 
     /// Brings the layers up to date with `pkg` after the edits in `batch`,
@@ -366,9 +478,11 @@ impl Propagator {
             rows: vec![vec![0; self.cfg.hops + 1]; n_rel],
             full_layers: 0,
             ignored_inputs: 0,
+            changed: Vec::new(),
         };
+        let mut changed = BTreeSet::new();
         for r in 0..n_rel {
-            let (rows, full_from, ignored) = self.apply_relation(pkg, batch, r);
+            let (rows, full_from, ignored) = self.apply_relation(pkg, batch, r, &mut changed);
             stats.rows[r] = rows;
             stats.ignored_inputs += ignored;
             if let Some(k) = full_from {
@@ -381,6 +495,7 @@ impl Propagator {
         if let Some(origin) = &batch.origin {
             self.synced = self.synced.max(origin.edits.end);
         }
+        stats.changed = changed.into_iter().collect();
         Ok(stats)
     }
 
@@ -481,88 +596,144 @@ impl Propagator {
         for inv in &mut self.inv_sqrt {
             inv.resize(capacity, inv_sqrt_degree(0));
         }
+        for layer in self.resid.iter_mut().flatten() {
+            layer.resize(capacity, 0.0);
+        }
         self.has_input.resize(capacity, false);
         self.mark.resize(capacity, 0);
         self.capacity = capacity;
     }
 
     /// Incremental update of relation `r`: returns rows written per layer,
-    /// the first layer recomputed in full (if any), and ignored input rows.
+    /// the first layer recomputed in full (if any), and ignored input rows;
+    /// adds the slots whose output row changed to `changed`.
+    ///
+    /// Layer `k >= 1` recomputes row `x` when `x`'s normalisation or a
+    /// neighbour's changed (`x` in `T ∪ N(T)`, `T` the slots whose degree
+    /// changed) or when `x` or a neighbour was pushed from layer `k - 1`: its
+    /// row changed (exact), or its accumulated change passed the tolerance.
+    /// Every other row has the same inputs as before, or inputs within the
+    /// tolerance of those it was computed from.
     fn apply_relation(
         &mut self,
         pkg: &Pkg,
         batch: &Batch,
         r: usize,
+        changed: &mut BTreeSet<u32>,
     ) -> (Vec<usize>, Option<usize>, usize) {
         let hops = self.cfg.hops;
         let d = self.dim;
+        let tol = self.cfg.tolerance;
         let adj = &pkg.adj[r];
         let mut rows = vec![0; hops + 1];
         let mut ignored = 0;
 
-        self.stamp = self.stamp.wrapping_add(1);
-        if self.stamp == 0 {
-            self.mark.fill(0);
-            self.stamp = 1;
-        }
-        let (mark, stamp) = (&mut self.mark, self.stamp);
-        let mut dirty: Vec<u32> = Vec::new();
-        let mut visit = |x: u32, dirty: &mut Vec<u32>| {
-            let m = &mut mark[x as usize];
-            if *m != stamp {
-                *m = stamp;
-                dirty.push(x);
-            }
+        // Degrees changed only at touched slots; an added or removed item is
+        // touched too (its row appears or vanishes).
+        let touched: Vec<u32> = {
+            let mut t: Vec<u32> = batch
+                .touched(r)
+                .iter()
+                .chain(&batch.items)
+                .copied()
+                .collect();
+            t.sort_unstable();
+            t.dedup();
+            t
         };
-        let inputs = batch.inputs.range((r, 0)..=(r, u32::MAX));
-        for &x in batch.touched(r).iter().chain(&batch.items) {
-            visit(x, &mut dirty);
-        }
-        for (&(_, x), _) in inputs.clone() {
-            visit(x, &mut dirty);
-        }
-
-        // Degrees changed only at touched slots.
         let inv = &mut self.inv_sqrt[r];
-        for &x in &dirty {
+        for &x in &touched {
             inv[x as usize] = inv_sqrt_degree(adj[x as usize].len());
         }
+        // `T ∪ N(T)`: rows whose normalisation, or a neighbour's, changed.
+        let mut norm: Vec<u32> = touched.clone();
+        for &x in &touched {
+            norm.extend_from_slice(&adj[x as usize]);
+        }
+        norm.sort_unstable();
+        norm.dedup();
 
-        // H_0: zero removed items, write new input rows.
+        // H_0: zero removed items, write new input rows; note each change.
+        let inputs = batch.inputs.range((r, 0)..=(r, u32::MAX));
+        let mut written: Vec<(u32, f32)> = Vec::new();
         let h0 = &mut self.layers[r][0];
+        let zero = vec![0.0f32; d];
         for &x in &batch.items {
             if !pkg.contains_item(x) {
-                h0.row_mut(x as usize).fill(0.0);
+                let row = h0
+                    .row_mut(x as usize)
+                    .into_slice()
+                    .expect("standard layout");
+                written.push((x, max_change(row, &zero)));
+                row.fill(0.0);
                 rows[0] += 1;
             }
         }
-        for (&(_, x), row) in inputs {
+        for (&(_, x), new) in inputs {
             if pkg.contains_item(x) {
-                h0.row_mut(x as usize)
-                    .assign(&ArrayView1::from(row.as_slice()));
+                let row = h0
+                    .row_mut(x as usize)
+                    .into_slice()
+                    .expect("standard layout");
+                written.push((x, max_change(row, new)));
+                row.copy_from_slice(new);
                 rows[0] += 1;
             } else {
                 ignored += 1;
             }
         }
 
-        // H_k: the rows within k hops of the touched slots, or all rows once
-        // the ball passes full_recompute_fraction.
         let limit = self.cfg.full_recompute_fraction * self.slots as f64;
-        let mut frontier = 0;
         let mut full_from = None;
         for k in 1..=hops {
-            let end = dirty.len();
-            for i in frontier..end {
-                for &y in &adj[dirty[i] as usize] {
+            // Rows of layer k - 1 to push: changed (exact), or whose held-back
+            // change passed the tolerance.
+            let mut pushed: Vec<u32> = Vec::new();
+            if tol > 0.0 {
+                let resid = &mut self.resid[r][k - 1];
+                for &(x, c) in &written {
+                    let acc = &mut resid[x as usize];
+                    *acc += c;
+                    if *acc > tol {
+                        *acc = 0.0;
+                        pushed.push(x);
+                    } else if *acc > 0.0 {
+                        self.drift = true;
+                    }
+                }
+            } else {
+                pushed.extend(written.iter().filter(|(_, c)| *c > 0.0).map(|(x, _)| *x));
+            }
+
+            // Rows of layer k to recompute.
+            self.stamp = self.stamp.wrapping_add(1);
+            if self.stamp == 0 {
+                self.mark.fill(0);
+                self.stamp = 1;
+            }
+            let (mark, stamp) = (&mut self.mark, self.stamp);
+            let mut dirty: Vec<u32> = Vec::with_capacity(norm.len() + pushed.len());
+            let mut visit = |x: u32, dirty: &mut Vec<u32>| {
+                let m = &mut mark[x as usize];
+                if *m != stamp {
+                    *m = stamp;
+                    dirty.push(x);
+                }
+            };
+            for &x in &norm {
+                visit(x, &mut dirty);
+            }
+            for &x in &pushed {
+                visit(x, &mut dirty);
+                for &y in &adj[x as usize] {
                     visit(y, &mut dirty);
                 }
             }
-            frontier = end;
             if dirty.len() as f64 > limit {
                 full_from = Some(k);
                 break;
             }
+            dirty.sort_unstable();
             let plan = Plan {
                 adj,
                 inv: &self.inv_sqrt[r],
@@ -571,14 +742,18 @@ impl Propagator {
                 min_rows: self.cfg.min_rows_per_thread,
             };
             let (done, rest) = self.layers[r].split_at_mut(k);
-            plan.rows(&dirty, flat(&done[k - 1]), flat_mut(&mut rest[0]));
+            let changes = plan.rows(&dirty, flat(&done[k - 1]), flat_mut(&mut rest[0]));
             rows[k] = dirty.len();
+            written = dirty.into_iter().zip(changes).collect();
         }
-        if let Some(k) = full_from {
-            self.recompute_from(pkg, r, k);
-            for n in &mut rows[k..] {
-                *n = self.slots;
+        match full_from {
+            Some(k) => {
+                changed.extend(self.recompute_from(pkg, r, k, true));
+                for n in &mut rows[k..] {
+                    *n = self.slots;
+                }
             }
+            None => changed.extend(written.iter().filter(|(_, c)| *c > 0.0).map(|(x, _)| *x)),
         }
         (rows, full_from, ignored)
     }
@@ -929,6 +1104,171 @@ mod tests {
         assert_eq!(stats.full_layers, 0);
         let full = Propagator::full(cfg, &pkg, &views(&inputs)).unwrap();
         assert_eq!(max_diff(&prop, &full), 0.0);
+    }
+
+    /// Largest row sum of `S_r` over relations: `max_x s_x (s_x + Σ_y s_y)`.
+    fn max_row_sum(pkg: &Pkg) -> f64 {
+        let mut rho = 0.0f64;
+        for adj in &pkg.adj {
+            let s = |x: usize| f64::from(inv_sqrt_degree(adj[x].len()));
+            for (x, ns) in adj.iter().enumerate() {
+                let row = s(x) * (s(x) + ns.iter().map(|&y| s(y as usize)).sum::<f64>());
+                rho = rho.max(row);
+            }
+        }
+        rho
+    }
+
+    /// Largest absolute difference at layer `k`, over relations.
+    fn layer_diff(a: &Propagator, b: &Propagator, k: usize) -> f64 {
+        let mut worst = 0.0f64;
+        for r in 0..a.num_relations() {
+            let (x, y) = (a.layer(r, k).unwrap(), b.layer(r, k).unwrap());
+            for (p, q) in x.iter().zip(y.iter()) {
+                worst = worst.max(f64::from((p - q).abs()));
+            }
+        }
+        worst
+    }
+
+    #[test]
+    fn tolerance_keeps_every_layer_within_its_bound_and_reconcile_is_exact() {
+        // A row held back changes its neighbours' next layer by at most
+        // `tol · Σ_y S[x, y]`, so layer k stays within
+        // e_k = ρ (tol + e_{k-1}), e_0 = 0 (ρ: largest row sum of S).
+        let tol = 1e-3f32;
+        let cfg = PropagatorConfig {
+            tolerance: tol,
+            ..Default::default()
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        let (n, d) = (200, 6);
+        let mut pkg = random_pkg(&mut rng, n, 2, 900);
+        let mut inputs: Vec<_> = (0..2).map(|_| random_matrix(&mut rng, n, d)).collect();
+        let mut prop = Propagator::full(cfg.clone(), &pkg, &views(&inputs)).unwrap();
+        pkg.take_changes();
+        let mut next = 0;
+        let mut held_back = false;
+        for _ in 0..60 {
+            let mut batch = random_window(&mut rng, &mut pkg, &mut inputs, &mut next);
+            // Small input changes too, which the tolerance may hold back.
+            for _ in 0..10 {
+                let live: Vec<u32> = pkg.items().map(|(x, _)| x).collect();
+                let x = live[rng.random_range(0..live.len())];
+                let r = rng.random_range(0..2);
+                let mut row = inputs[r].row(x as usize).to_vec();
+                for v in &mut row {
+                    *v += rng.random_range(-2e-4f32..2e-4);
+                }
+                inputs[r]
+                    .row_mut(x as usize)
+                    .assign(&ArrayView1::from(row.as_slice()));
+                batch.set_input(r, x, &row);
+            }
+            prop.apply(&pkg, &batch).unwrap();
+            held_back |= !prop.is_exact();
+            let exact =
+                Propagator::full(PropagatorConfig::default(), &pkg, &views(&inputs)).unwrap();
+            let rho = max_row_sum(&pkg);
+            let mut bound = 0.0f64;
+            assert_eq!(
+                layer_diff(&prop, &exact, 0),
+                0.0,
+                "inputs are stored as given"
+            );
+            for k in 1..=prop.hops() {
+                bound = rho * (f64::from(tol) + bound);
+                let err = layer_diff(&prop, &exact, k);
+                assert!(
+                    err <= bound * 1.001 + 1e-5,
+                    "layer {k}: error {err} > bound {bound}"
+                );
+            }
+        }
+        assert!(held_back, "the test never held a change back");
+        let before = prop.clone();
+        let moved = prop.reconcile(&pkg).unwrap();
+        assert!(prop.is_exact());
+        let exact = Propagator::full(PropagatorConfig::default(), &pkg, &views(&inputs)).unwrap();
+        assert_eq!(max_diff(&prop, &exact), 0.0);
+        // `moved` is exactly the set of output rows that differ.
+        let hops = prop.hops();
+        let differ: Vec<u32> = (0..prop.slots() as u32)
+            .filter(|&x| {
+                (0..prop.num_relations()).any(|r| {
+                    before.layer(r, hops).unwrap().row(x as usize)
+                        != prop.layer(r, hops).unwrap().row(x as usize)
+                })
+            })
+            .collect();
+        assert!(!differ.is_empty());
+        assert_eq!(moved, differ);
+        assert!(
+            prop.reconcile(&pkg).unwrap().is_empty(),
+            "nothing left to reconcile"
+        );
+    }
+
+    #[test]
+    fn tolerance_stops_an_edge_on_a_dense_graph_early() {
+        // Average degree 40: the exact 3-hop ball of one edge is most of the
+        // graph, the tolerant update a small part of it.
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        let n = 4000;
+        let pkg0 = random_pkg(&mut rng, n, 1, 80_000);
+        let inputs = vec![random_matrix(&mut rng, n, 8)];
+        let mut rows = Vec::new();
+        for tolerance in [0.0f32, 1e-3] {
+            let cfg = PropagatorConfig {
+                tolerance,
+                full_recompute_fraction: f64::INFINITY,
+                ..Default::default()
+            };
+            let mut pkg = pkg0.clone();
+            let mut prop = Propagator::full(cfg, &pkg, &views(&inputs)).unwrap();
+            pkg.take_changes();
+            let (u, v) = (17, 3242);
+            assert!(pkg.add_edge(0, u, v).unwrap());
+            let stats = step(&mut prop, &mut pkg);
+            assert!(stats.changed.contains(&u) && stats.changed.contains(&v));
+            rows.push(stats.rows_recomputed());
+        }
+        assert!(rows[0] > n, "exact: {rows:?}");
+        assert!(rows[1] * 10 < rows[0], "tolerant vs exact rows: {rows:?}");
+    }
+
+    #[test]
+    fn exact_changed_rows_are_the_output_rows_that_differ() {
+        let mut rng = ChaCha8Rng::seed_from_u64(31);
+        let (n, d) = (120, 4);
+        let mut pkg = random_pkg(&mut rng, n, 2, 150);
+        let mut inputs: Vec<_> = (0..2).map(|_| random_matrix(&mut rng, n, d)).collect();
+        let mut prop =
+            Propagator::full(PropagatorConfig::default(), &pkg, &views(&inputs)).unwrap();
+        pkg.take_changes();
+        let mut next = 0;
+        for _ in 0..20 {
+            let before = prop.clone();
+            let batch = random_window(&mut rng, &mut pkg, &mut inputs, &mut next);
+            let stats = prop.apply(&pkg, &batch).unwrap();
+            let hops = prop.hops();
+            let differ: Vec<u32> = (0..prop.slots() as u32)
+                .filter(|&x| {
+                    (0..2).any(|r| {
+                        let new = prop.layer(r, hops).unwrap();
+                        (x as usize) >= before.slots()
+                            || before.layer(r, hops).unwrap().row(x as usize) != new.row(x as usize)
+                    })
+                })
+                .collect();
+            // Every differing row is reported; a reported row differs (or is new).
+            assert!(
+                differ.iter().all(|x| stats.changed.contains(x)),
+                "{differ:?} vs {:?}",
+                stats.changed
+            );
+            assert!(stats.changed.iter().all(|x| differ.contains(x)));
+        }
     }
 
     #[test]

@@ -29,6 +29,29 @@ pub struct Settings {
     pub users: UserSettings,
     /// The metrics and health endpoints.
     pub http: HttpSettings,
+    /// Incremental propagation over the product graph.
+    pub graph: GraphSettings,
+}
+
+/// Incremental propagation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GraphSettings {
+    /// Largest change of a propagated row (absolute, per coordinate) that may
+    /// be held back instead of propagated further
+    /// (`graph::PropagatorConfig::tolerance`). 0 is exact: every edit
+    /// recomputes its whole `M`-hop ball, which on a dense power-law catalogue
+    /// is most of the graph. Above 0, an edit's update stops after a few rows;
+    /// whenever the stream is idle the engine recomputes the propagation in
+    /// full and republishes what the held-back changes moved, so an idle
+    /// engine is exact.
+    pub tolerance: f32,
+}
+
+impl Default for GraphSettings {
+    fn default() -> Self {
+        Self { tolerance: 1e-4 }
+    }
 }
 
 /// Redis output.

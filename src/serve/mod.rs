@@ -130,6 +130,7 @@ pub async fn run(
         adapt,
         settings.users.top_k,
         settings.users.refresh_all_when_idle,
+        settings.graph.tolerance,
         metrics.clone(),
     )?;
     let mut publisher = Publisher::new(settings.redis.clone(), metrics.clone(), health.clone())?;
@@ -223,7 +224,7 @@ pub async fn run(
                     }
                 }
                 Work::Idle => Out {
-                    publish: core.idle(),
+                    publish: core.idle()?,
                     version,
                     flip: None,
                     offsets: BTreeMap::new(),

@@ -205,6 +205,8 @@ pub struct Core {
     dirty_users: BTreeSet<String>,
     /// Something changed since the last idle refresh.
     changed_since_idle: bool,
+    /// `graph::PropagatorConfig::tolerance`.
+    tolerance: f32,
     metrics: Arc<Metrics>,
 }
 
@@ -215,12 +217,14 @@ impl Core {
         adapt: AdaptConfig,
         top_k: usize,
         refresh_all: bool,
+        tolerance: f32,
         metrics: Arc<Metrics>,
     ) -> Result<Self> {
         let pkg = Pkg::new(model.card.relations.iter().map(String::as_str))?;
         let prop = Propagator::full(
             PropagatorConfig {
                 hops: model.card.hops,
+                tolerance,
                 ..Default::default()
             },
             &pkg,
@@ -242,6 +246,7 @@ impl Core {
             refresh_all,
             dirty_users: BTreeSet::new(),
             changed_since_idle: false,
+            tolerance,
             metrics,
         })
     }
@@ -414,7 +419,7 @@ impl Core {
         }
         let t0 = Instant::now();
         let edits = batch.edits().map_or(0, |r| (r.end - r.start) as usize) + batch.num_inputs();
-        self.prop.apply(&self.pkg, &batch)?;
+        let stats = self.prop.apply(&self.pkg, &batch)?;
         self.metrics.propagation(edits, t0.elapsed().as_secs_f64());
         self.report_graph();
 
@@ -422,12 +427,14 @@ impl Core {
             return Ok((out, counts));
         }
 
-        // Rows whose output may have changed: per relation, the M-hop ball of
-        // the slots the batch touched or gave new inputs.
-        let changed = self.ball(&batch, &new_inputs);
+        // Rows whose output changed in some relation (exact, or beyond the
+        // tolerance's held-back changes), and the items given new inputs.
+        let changed: BTreeSet<u32> = stats.changed.iter().chain(&new_inputs).copied().collect();
         let to_fuse: Vec<u32> = changed
             .into_iter()
-            .filter(|&s| self.slots.get(s as usize).is_some_and(|x| x.described))
+            .filter(|&s| {
+                self.pkg.contains_item(s) && self.slots.get(s as usize).is_some_and(|x| x.described)
+            })
             .collect();
         self.fuse(&to_fuse)?;
         for &s in &to_fuse {
@@ -485,9 +492,32 @@ impl Core {
     /// Called when the stream has been idle: if anything changed since the
     /// last call, refreshes every user (or those with new interactions, per
     /// settings) against the current catalogue.
-    pub fn idle(&mut self) -> Publish {
+    ///
+    /// First, if the tolerance held changes back, recomputes the propagation
+    /// exactly and republishes the items it moved.
+    pub fn idle(&mut self) -> Result<Publish> {
+        let mut items = Vec::new();
+        if !self.prop.is_exact() {
+            let t0 = Instant::now();
+            let moved = self.prop.reconcile(&self.pkg)?;
+            self.metrics.propagation(0, t0.elapsed().as_secs_f64());
+            let to_fuse: Vec<u32> = moved
+                .into_iter()
+                .filter(|&s| {
+                    self.pkg.contains_item(s)
+                        && self.slots.get(s as usize).is_some_and(|x| x.described)
+                })
+                .collect();
+            self.fuse(&to_fuse)?;
+            tracing::debug!(items = to_fuse.len(), "propagation reconciled");
+            items = to_fuse.iter().map(|&s| self.item_out(s)).collect();
+            self.changed_since_idle |= !items.is_empty();
+        }
         if !self.changed_since_idle {
-            return Publish::default();
+            return Ok(Publish {
+                items,
+                ..Default::default()
+            });
         }
         self.changed_since_idle = false;
         let mut users: Vec<String> = if self.refresh_all {
@@ -496,11 +526,11 @@ impl Core {
             std::mem::take(&mut self.dirty_users).into_iter().collect()
         };
         users.sort();
-        Publish {
-            items: Vec::new(),
+        Ok(Publish {
+            items,
             users: self.user_outs(&users),
             sources: Vec::new(),
-        }
+        })
     }
 
     /// Swaps in a new model: every item is projected, propagated and fused
@@ -548,6 +578,7 @@ impl Core {
         self.prop = Propagator::full(
             PropagatorConfig {
                 hops: self.model.card.hops,
+                tolerance: self.tolerance,
                 ..Default::default()
             },
             &self.pkg,
@@ -600,47 +631,6 @@ impl Core {
             }
         }
         Ok(())
-    }
-
-    fn ball(&self, batch: &Batch, inputs: &BTreeSet<u32>) -> BTreeSet<u32> {
-        let hops = self.model.card.hops;
-        let mut all = BTreeSet::new();
-        let mut seen = vec![false; self.pkg.slots()];
-        for r in 0..self.pkg.num_relations() {
-            let mut frontier: Vec<u32> = batch
-                .touched(r)
-                .iter()
-                .chain(inputs.iter())
-                .copied()
-                .filter(|&s| self.pkg.contains_item(s))
-                .collect();
-            seen.iter_mut().for_each(|x| *x = false);
-            let mut visited = Vec::new();
-            for &s in &frontier {
-                if !seen[s as usize] {
-                    seen[s as usize] = true;
-                    visited.push(s);
-                }
-            }
-            frontier = visited.clone();
-            for _ in 0..hops {
-                let mut next = Vec::new();
-                for &s in &frontier {
-                    if let Ok(nb) = self.pkg.neighbours(r, s) {
-                        for &t in nb {
-                            if !seen[t as usize] {
-                                seen[t as usize] = true;
-                                next.push(t);
-                            }
-                        }
-                    }
-                }
-                visited.extend_from_slice(&next);
-                frontier = next;
-            }
-            all.extend(visited);
-        }
-        all
     }
 
     fn item_out(&self, s: u32) -> ItemOut {
