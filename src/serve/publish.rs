@@ -11,6 +11,7 @@
 //! Each pipeline is one MULTI/EXEC transaction, so a reader never sees a list
 //! half replaced. Every write sets a value (HSET, DEL+ZADD), so writing the
 //! same batch twice leaves the same state: replays after a crash are safe.
+//! A batch's pipelines are sent concurrently on one multiplexed connection.
 //! A failed write is retried with exponential backoff until it succeeds or
 //! the engine stops; meanwhile the pipeline stages block (backpressure) and
 //! no offset is stored.
@@ -83,37 +84,60 @@ impl Publisher {
         pipes: Vec<redis::Pipeline>,
         stop: &tokio::sync::watch::Receiver<bool>,
     ) -> Result<()> {
-        for pipe in pipes {
-            let mut delay = Duration::from_millis(self.cfg.retry_initial_ms.max(1));
-            loop {
-                let t0 = Instant::now();
-                let res = match self.conn().await {
-                    Ok(mut c) => pipe.query_async::<()>(&mut c).await,
-                    Err(e) => Err(e),
-                };
-                match res {
-                    Ok(()) => {
-                        self.metrics
-                            .redis_write(pipe.cmd_iter().count(), t0.elapsed().as_secs_f64());
-                        self.health
-                            .redis_ok
-                            .store(true, std::sync::atomic::Ordering::SeqCst);
-                        break;
-                    }
-                    Err(e) => {
-                        self.metrics.redis_error();
-                        self.health
-                            .redis_ok
-                            .store(false, std::sync::atomic::Ordering::SeqCst);
-                        self.conn = None;
-                        tracing::warn!(error = %e, retry_ms = delay.as_millis() as u64, "Redis write failed; retrying");
-                        if *stop.borrow() {
-                            anyhow::bail!("stopping with an unpublished batch: {e}");
+        // All pipelines of a batch go out at once on the multiplexed
+        // connection (they touch distinct keys, so their order does not
+        // matter); the ones that fail are retried.
+        let mut pending = pipes;
+        let mut delay = Duration::from_millis(self.cfg.retry_initial_ms.max(1));
+        while !pending.is_empty() {
+            let t0 = Instant::now();
+            let conn = self.conn().await;
+            let (failed, error) = match conn {
+                Ok(c) => {
+                    let results = futures::future::join_all(pending.iter().map(|p| {
+                        let mut c = c.clone();
+                        async move { p.query_async::<()>(&mut c).await }
+                    }))
+                    .await;
+                    let mut failed = Vec::new();
+                    let mut error = None;
+                    let mut written = 0;
+                    for (p, r) in pending.into_iter().zip(results) {
+                        match r {
+                            Ok(()) => written += p.cmd_iter().count(),
+                            Err(e) => {
+                                error = Some(e);
+                                failed.push(p);
+                            }
                         }
-                        tokio::time::sleep(delay).await;
-                        delay =
-                            (delay * 2).min(Duration::from_millis(self.cfg.retry_max_ms.max(1)));
                     }
+                    if written > 0 {
+                        self.metrics
+                            .redis_write(written, t0.elapsed().as_secs_f64());
+                    }
+                    (failed, error)
+                }
+                Err(e) => (pending, Some(e)),
+            };
+            pending = failed;
+            match error {
+                None => {
+                    self.health
+                        .redis_ok
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                Some(e) => {
+                    self.metrics.redis_error();
+                    self.health
+                        .redis_ok
+                        .store(false, std::sync::atomic::Ordering::SeqCst);
+                    self.conn = None;
+                    tracing::warn!(error = %e, retry_ms = delay.as_millis() as u64, pipelines = pending.len(), "Redis write failed; retrying");
+                    if *stop.borrow() {
+                        anyhow::bail!("stopping with an unpublished batch: {e}");
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(self.cfg.retry_max_ms.max(1)));
                 }
             }
         }
