@@ -1,0 +1,311 @@
+//! Criterion micro-benchmarks of thaw's hot paths (`make bench-micro`, or
+//! `cargo bench --bench micro`). Throughput is reported in elements (events,
+//! edges, items, users). Each comparison (incremental vs full propagation,
+//! ONNX Runtime vs ndarray) is measured in the same run, and the ratio is
+//! printed at the end of its group.
+//!
+//! The graph is the `small` synthetic catalogue of `thaw bench` (10K items,
+//! ~0.3M edges, seeded), so these figures sit beside the end-to-end ones.
+
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use ndarray::{Array1, Array2, Array3};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use thaw::bench::generate;
+use thaw::graph::{Pkg, Propagator, PropagatorConfig};
+use thaw::infer::item::{ItemModels, ItemModelsConfig};
+use thaw::ingest::events::{decode, Limits, Topic};
+use thaw::serve::adapt::{adapt_user, top_k, AdaptConfig};
+use thaw::train::export;
+
+const D: usize = 64;
+const SEED: u64 = 7;
+
+fn random(rng: &mut ChaCha8Rng, shape: (usize, usize)) -> Array2<f32> {
+    Array2::from_shape_fn(shape, |_| rng.random_range(-0.5f32..0.5))
+}
+
+/// Median of a few timed runs of `f`, seconds.
+fn median_secs(runs: usize, mut f: impl FnMut()) -> f64 {
+    let mut t: Vec<f64> = (0..runs)
+        .map(|_| {
+            let t0 = std::time::Instant::now();
+            f();
+            t0.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
+
+fn decoding(c: &mut Criterion) {
+    let limits = Limits::default();
+    let items: Vec<Vec<u8>> = (0..1000)
+        .map(|i| {
+            format!(
+                r#"{{"item_id":"sku-{i}","title":"Blue cotton shirt with a pocket, size {i}","categories":["shirts","cotton"],"ts":1700000000{:03}}}"#,
+                i % 1000
+            )
+            .into_bytes()
+        })
+        .collect();
+    let edges: Vec<Vec<u8>> = (0..1000)
+        .map(|i| {
+            format!(
+                r#"{{"src":"sku-{i}","dst":"sku-{}","relation":"also_bought","op":"add","ts":1700000000000}}"#,
+                i + 1
+            )
+            .into_bytes()
+        })
+        .collect();
+    let clicks: Vec<Vec<u8>> = (0..1000)
+        .map(|i| {
+            format!(
+                r#"{{"user_id":"u-{}","item_id":"sku-{i}","kind":"click","ts":1700000000000}}"#,
+                i % 97
+            )
+            .into_bytes()
+        })
+        .collect();
+    let mut g = c.benchmark_group("decode");
+    for (name, topic, msgs) in [
+        ("item", Topic::Items, &items),
+        ("relation", Topic::ItemRelations, &edges),
+        ("interaction", Topic::Interactions, &clicks),
+    ] {
+        for m in msgs.iter() {
+            decode(topic, None, m, &limits).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        g.throughput(Throughput::Elements(msgs.len() as u64));
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                for m in msgs.iter() {
+                    black_box(decode(topic, None, black_box(m), &limits).is_ok());
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+/// New edges `(relation, a, b)` to add.
+type Edges = Vec<(usize, u32, u32)>;
+
+/// The small catalogue's graph, its inputs, and a list of new edges to add.
+fn graph() -> (Pkg, Vec<Array2<f32>>, Edges) {
+    let synth = generate(10_000, SEED);
+    let pkg = synth.pkg().expect("synthetic graph");
+    let mut rng = ChaCha8Rng::seed_from_u64(SEED);
+    let inputs: Vec<Array2<f32>> = (0..pkg.num_relations())
+        .map(|_| random(&mut rng, (pkg.slots(), D)))
+        .collect();
+    let n = pkg.slots() as u32;
+    let mut new_edges = Vec::new();
+    while new_edges.len() < 1000 {
+        let (a, b) = (rng.random_range(0..n), rng.random_range(0..n));
+        if a != b && !pkg.neighbours(0, a).unwrap().contains(&b) {
+            new_edges.push((0, a, b));
+        }
+    }
+    new_edges.sort_unstable();
+    new_edges.dedup();
+    (pkg, inputs, new_edges)
+}
+
+fn propagation(c: &mut Criterion) {
+    let (pkg, inputs, new_edges) = graph();
+    let views: Vec<_> = inputs.iter().map(|x| x.view()).collect();
+    let mut g = c.benchmark_group("propagation");
+    g.sample_size(10).measurement_time(Duration::from_secs(5));
+    let full_cfg = PropagatorConfig::default();
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("full", |b| {
+        b.iter(|| black_box(Propagator::full(full_cfg.clone(), &pkg, &views).unwrap()))
+    });
+    let full = median_secs(5, || {
+        black_box(Propagator::full(full_cfg.clone(), &pkg, &views).unwrap());
+    });
+    let mut ratios = Vec::new();
+    for tolerance in [0.0f32, 1e-4] {
+        let cfg = PropagatorConfig {
+            tolerance,
+            ..Default::default()
+        };
+        let base = Propagator::full(cfg.clone(), &pkg, &views).unwrap();
+        for n in [1usize, 1000] {
+            let name = format!("{n}_edge{}_tol{tolerance:e}", if n > 1 { "s" } else { "" });
+            let setup = || {
+                let mut p = pkg.clone();
+                let prop = base.clone();
+                for &(r, a, b) in &new_edges[..n] {
+                    p.add_edge(r, a, b).unwrap();
+                }
+                let batch = p.take_changes();
+                (p, prop, batch)
+            };
+            g.throughput(Throughput::Elements(n as u64));
+            g.bench_function(&name, |b| {
+                b.iter_batched(
+                    setup,
+                    |(p, mut prop, batch)| black_box(prop.apply(&p, &batch).unwrap()),
+                    BatchSize::LargeInput,
+                )
+            });
+            let mut secs = Vec::new();
+            for _ in 0..5 {
+                let (p, mut prop, batch) = setup();
+                let t0 = std::time::Instant::now();
+                black_box(prop.apply(&p, &batch).unwrap());
+                secs.push(t0.elapsed().as_secs_f64());
+            }
+            secs.sort_by(f64::total_cmp);
+            let per_edge = secs[2] / n as f64;
+            ratios.push((name, full / per_edge));
+        }
+    }
+    g.finish();
+    println!("\nfull propagation (median of 5): {:.1} ms", full * 1e3);
+    for (name, r) in ratios {
+        println!("incremental vs full, per edge, {name}: {r:.0}x");
+    }
+}
+
+/// The ONNX Runtime library, as `thaw` finds it: `ORT_DYLIB_PATH`, else the
+/// path `onnx/setup.sh` recorded.
+fn ort_dylib() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        return Some(PathBuf::from(p));
+    }
+    let recorded = std::fs::read_to_string("models/text/ort_dylib_path").ok()?;
+    Some(PathBuf::from(recorded.trim()))
+}
+
+fn fusion(c: &mut Criterion) {
+    let Some(dylib) = ort_dylib() else {
+        eprintln!("fusion: skipped, no ONNX Runtime (run `make models` or set ORT_DYLIB_PATH)");
+        return;
+    };
+    let (r, h, n, d_in) = (3usize, 32usize, 1024usize, 16usize);
+    let mut rng = ChaCha8Rng::seed_from_u64(SEED);
+    let w1 = Array3::from_shape_fn((r, D, h), |_| rng.random_range(-0.2f32..0.2));
+    let b1 = random(&mut rng, (r, h));
+    let w2 = random(&mut rng, (r, h));
+    let b2 = Array1::from_shape_fn(r, |_| rng.random_range(-0.2f32..0.2));
+    let proj = Array3::from_shape_fn((r, d_in, D), |_| rng.random_range(-0.2f32..0.2));
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(
+        dir.path().join(export::PROJECTION_FILE),
+        export::item_projection_model(proj.view()).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join(export::FUSION_FILE),
+        export::item_fusion_model(w1.view(), b1.view(), w2.view(), b2.view()).unwrap(),
+    )
+    .unwrap();
+    let models = ItemModels::load(&ItemModelsConfig {
+        model_dir: dir.path().to_path_buf(),
+        intra_threads: 1,
+        ort_dylib: Some(dylib),
+    })
+    .expect("loading the fusion graph");
+    let x = Array3::from_shape_fn((n, r, D), |_| rng.random_range(-1.0f32..1.0));
+    let (a, _) = models.fuse(x.view()).unwrap();
+    let (b, _) = export::fusion_reference(x.view(), w1.view(), b1.view(), w2.view(), b2.view());
+    let worst = a
+        .iter()
+        .zip(&b)
+        .fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
+    assert!(worst < 1e-4, "ONNX and ndarray fusion disagree by {worst}");
+
+    let mut g = c.benchmark_group("item_fusion");
+    g.throughput(Throughput::Elements(n as u64));
+    g.bench_function("onnxruntime", |bch| {
+        bch.iter(|| black_box(models.fuse(x.view()).unwrap()))
+    });
+    g.bench_function("ndarray", |bch| {
+        bch.iter(|| {
+            black_box(export::fusion_reference(
+                x.view(),
+                w1.view(),
+                b1.view(),
+                w2.view(),
+                b2.view(),
+            ))
+        })
+    });
+    g.finish();
+    let ort = median_secs(51, || {
+        black_box(models.fuse(x.view()).unwrap());
+    });
+    let nd = median_secs(51, || {
+        black_box(export::fusion_reference(
+            x.view(),
+            w1.view(),
+            b1.view(),
+            w2.view(),
+            b2.view(),
+        ));
+    });
+    println!(
+        "\nitem_fusion of {n} items: onnxruntime {:.0} us, ndarray {:.0} us, overhead ratio {:.2}",
+        ort * 1e6,
+        nd * 1e6,
+        ort / nd
+    );
+}
+
+fn users(c: &mut Criterion) {
+    let n = 100_000usize;
+    let mut rng = ChaCha8Rng::seed_from_u64(SEED);
+    let emb = random(&mut rng, (n, D));
+    let bias = Array1::from_shape_fn(n, |_| rng.random_range(-0.1f32..0.1));
+    let active = vec![true; n];
+    let histories: Vec<Vec<u32>> = (0..64)
+        .map(|_| (0..5).map(|_| rng.random_range(0..n as u32)).collect())
+        .collect();
+    let mut g = c.benchmark_group("users_100k_items");
+    g.sample_size(20);
+    g.throughput(Throughput::Elements(1));
+    for steps in [0usize, 3] {
+        let cfg = AdaptConfig {
+            steps,
+            ..Default::default()
+        };
+        let mut k = 0;
+        g.bench_function(format!("adapt_{steps}_steps"), |b| {
+            b.iter(|| {
+                k = (k + 1) % histories.len();
+                black_box(adapt_user(
+                    emb.view(),
+                    bias.view(),
+                    &active,
+                    &histories[k],
+                    &cfg,
+                ))
+            })
+        });
+    }
+    let u = Array1::from_shape_fn(D, |_| rng.random_range(-1.0f32..1.0));
+    g.bench_function("top_100", |b| {
+        b.iter(|| {
+            black_box(top_k(
+                emb.view(),
+                bias.view(),
+                &active,
+                u.view(),
+                &histories[0],
+                100,
+            ))
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, decoding, propagation, fusion, users);
+criterion_main!(benches);
