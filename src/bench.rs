@@ -68,8 +68,12 @@ pub struct Synth {
     pub edges: Vec<(usize, u32, u32)>,
     /// Interactions `(user, item)`, in time order.
     pub interactions: Vec<(u32, u32)>,
+    /// Items by popularity rank (most popular first).
+    pub by_rank: Vec<u32>,
+    zipf: Sampler,
 }
 
+#[derive(Debug, Clone)]
 struct Sampler {
     cumulative: Vec<f64>,
 }
@@ -155,10 +159,28 @@ pub fn generate(n: usize, seed: u64) -> Synth {
         titles,
         edges,
         interactions,
+        by_rank,
+        zipf,
     }
 }
 
 impl Synth {
+    /// An item drawn by popularity, as the generator draws edge endpoints.
+    pub fn popular_item(&self, rng: &mut impl Rng) -> u32 {
+        self.by_rank[self.zipf.sample(rng)]
+    }
+
+    /// A new edge as the catalogue's edges are drawn (both endpoints by
+    /// popularity, so most new edges touch a hub), not already in `pkg`.
+    pub fn new_edge(&self, pkg: &Pkg, r: usize, rng: &mut impl Rng) -> (u32, u32) {
+        loop {
+            let (a, b) = (self.popular_item(rng), self.popular_item(rng));
+            if a != b && pkg.neighbours(r, a).is_ok_and(|n| n.binary_search(&b).is_err()) {
+                return (a, b);
+            }
+        }
+    }
+
     /// The catalogue as events: every item, then every edge, then the
     /// interactions (`ts` in ms from `t0`).
     pub fn events(&self, t0: u64) -> Vec<Event> {
@@ -202,8 +224,12 @@ impl Synth {
         for id in &self.ids {
             pkg.add_item(id);
         }
-        for &(r, a, b) in &self.edges {
+        for (k, &(r, a, b)) in self.edges.iter().enumerate() {
             pkg.add_edge(r, a, b)?;
+            // Windows of edits, as the engine takes them (bounded edit log).
+            if k % 65_536 == 0 {
+                let _ = pkg.take_changes();
+            }
         }
         let _ = pkg.take_changes();
         Ok(pkg)
@@ -275,8 +301,11 @@ pub fn graph_figures(synth: &Synth, seed: u64) -> Result<GraphFigures> {
     }
     let _ = pkg.take_changes();
     let after_items = rss_bytes();
-    for &(r, a, b) in &synth.edges {
+    for (k, &(r, a, b)) in synth.edges.iter().enumerate() {
         pkg.add_edge(r, a, b)?;
+        if k % 65_536 == 0 {
+            let _ = pkg.take_changes();
+        }
     }
     let _ = pkg.take_changes();
     let build_seconds = t0.elapsed().as_secs_f64();
@@ -304,9 +333,9 @@ pub fn graph_figures(synth: &Synth, seed: u64) -> Result<GraphFigures> {
         &views,
     )?;
     drop(inputs);
-    // One edge between two random items (median of 20), then 1,000 in one
-    // batch; the same batches go through the exact and the tolerant
-    // propagator.
+    // One new edge (median of 20), then 1,000 in one batch, drawn as the
+    // catalogue's edges are (by popularity, so most touch a hub); the same
+    // batches go through the exact and the tolerant propagator.
     let mut apply = |pkg: &Pkg, batch: &crate::graph::Batch| -> Result<(f64, f64)> {
         let t = Instant::now();
         prop.apply(pkg, batch)?;
@@ -317,10 +346,8 @@ pub fn graph_figures(synth: &Synth, seed: u64) -> Result<GraphFigures> {
     };
     let mut samples: Vec<(f64, f64)> = Vec::new();
     for _ in 0..20 {
-        let (a, b) = (rng.random_range(0..n as u32), rng.random_range(0..n as u32));
-        if a != b {
-            pkg.add_edge(0, a, b)?;
-        }
+        let (a, b) = synth.new_edge(&pkg, 0, &mut rng);
+        pkg.add_edge(0, a, b)?;
         let batch = pkg.take_changes();
         samples.push(apply(&pkg, &batch)?);
     }
@@ -332,10 +359,8 @@ pub fn graph_figures(synth: &Synth, seed: u64) -> Result<GraphFigures> {
     let tolerant_one_edge_seconds = median(samples.iter().map(|s| s.1).collect());
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 1);
     for _ in 0..1000 {
-        let (a, b) = (rng.random_range(0..n as u32), rng.random_range(0..n as u32));
-        if a != b {
-            pkg.add_edge(1, a, b)?;
-        }
+        let (a, b) = synth.new_edge(&pkg, 1, &mut rng);
+        pkg.add_edge(1, a, b)?;
     }
     let batch = pkg.take_changes();
     let (batch_1000_seconds, tolerant_batch_1000_seconds) = apply(&pkg, &batch)?;
@@ -500,6 +525,7 @@ pub async fn run(
     redis_url: &str,
     text_dir: &std::path::Path,
     rate: f64,
+    graph_only: bool,
 ) -> Result<BenchReport> {
     let t_all = Instant::now();
     let n = size.items();
@@ -511,7 +537,7 @@ pub async fn run(
         graph.items, graph.edges, graph.build_seconds, graph.full_seconds, graph.one_edge_seconds, graph.incremental_vs_full_per_edge, graph.batch_1000_seconds,
         graph.tolerance, graph.tolerant_one_edge_seconds, graph.tolerant_incremental_vs_full_per_edge, graph.tolerant_batch_1000_seconds, graph.tolerant_max_abs_error, graph.max_abs_value
     );
-    if size == Size::Large {
+    if size == Size::Large || graph_only {
         return Ok(BenchReport {
             size,
             events: 0,

@@ -281,12 +281,15 @@ pub struct BenchArgs {
     /// Write the report as JSON here.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Only the graph figures (no Kafka, no Redis).
+    #[arg(long)]
+    pub graph_only: bool,
 }
 
 /// `thaw bench`.
 pub fn run_bench(a: BenchArgs) -> anyhow::Result<()> {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let report = runtime()?.block_on(crate::bench::run(a.size, &url, &a.text_dir, a.rate))?;
+    let report = runtime()?.block_on(crate::bench::run(a.size, &url, &a.text_dir, a.rate, a.graph_only))?;
     let json = serde_json::to_string_pretty(&report)?;
     if let Some(p) = &a.out {
         std::fs::write(p, &json).with_context(|| format!("writing {}", p.display()))?;

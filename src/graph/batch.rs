@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 
 use ndarray::ArrayView2;
 
+use super::pkg::EdgeEdit;
+
 /// Which graph a batch came from and which of its edits (numbered in order,
 /// see [`super::Pkg::edits`]) the batch covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +34,9 @@ pub struct Batch {
     pub(super) items: Vec<u32>,
     /// `(relation, slot) -> row`; ordered so a relation's rows are one range.
     pub(super) inputs: BTreeMap<(usize, u32), Vec<f32>>,
+    /// Per relation, the window's edge edits in order; `None` when the window
+    /// logged more than [`super::pkg::MAX_LOGGED_EDITS`].
+    pub(super) log: Option<Vec<Vec<EdgeEdit>>>,
 }
 
 impl Batch {
@@ -40,12 +45,28 @@ impl Batch {
         Self::default()
     }
 
-    pub(super) fn from_changes(origin: Origin, touched: Vec<Vec<u32>>, items: Vec<u32>) -> Self {
+    pub(super) fn from_changes(
+        origin: Origin,
+        touched: Vec<Vec<u32>>,
+        items: Vec<u32>,
+        log: Option<Vec<Vec<EdgeEdit>>>,
+    ) -> Self {
         Self {
             origin: Some(origin),
             touched,
             items,
             inputs: BTreeMap::new(),
+            log,
+        }
+    }
+
+    /// The edge edits of relation `relation` in order, `None` when the window
+    /// logged too many to keep (an input-only batch has none).
+    pub(super) fn log(&self, relation: usize) -> Option<&[EdgeEdit]> {
+        match &self.log {
+            Some(l) => Some(l.get(relation).map_or(&[], Vec::as_slice)),
+            None if self.origin.is_none() => Some(&[]),
+            None => None,
         }
     }
 

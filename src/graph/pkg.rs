@@ -63,13 +63,39 @@ pub struct Pkg {
     changes: Changes,
 }
 
-/// Slots touched in the open window, deduplicated by marks.
+/// Most edge edits one window logs ([`EdgeEdit`]); past this the window's
+/// log is dropped and a tolerant propagator recomputes the relations in full
+/// (24 bytes an entry: 48 MiB at most). The engine's windows hold a few
+/// thousand events; only bulk loads (building a graph before
+/// [`super::Propagator::full`]) pass it, and they need no log.
+pub const MAX_LOGGED_EDITS: usize = 1 << 21;
+
+/// One effective edge edit, as logged for the tolerant propagator: edge
+/// `u — v` added or removed by the graph's edit number `seq` (an item
+/// removal logs each of its edges under its own number).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EdgeEdit {
+    /// Edit number ([`Pkg::edits`] before the edit).
+    pub seq: u64,
+    /// One endpoint.
+    pub u: u32,
+    /// The other endpoint.
+    pub v: u32,
+    /// Added (true) or removed.
+    pub add: bool,
+}
+
+/// Slots touched in the open window, deduplicated by marks, and the window's
+/// edge edits in order (unless more than [`MAX_LOGGED_EDITS`]).
 #[derive(Debug, Clone, Default)]
 struct Changes {
     touched: Vec<Vec<u32>>,
     touched_mark: Vec<Vec<bool>>,
     items: Vec<u32>,
     item_mark: Vec<bool>,
+    log: Vec<Vec<EdgeEdit>>,
+    logged: usize,
+    log_overflow: bool,
 }
 
 impl Changes {
@@ -79,6 +105,19 @@ impl Changes {
             *mark = true;
             self.touched[r].push(x);
         }
+    }
+
+    fn log(&mut self, r: usize, edit: EdgeEdit) {
+        if self.log_overflow {
+            return;
+        }
+        if self.logged >= MAX_LOGGED_EDITS {
+            self.log_overflow = true;
+            self.log.iter_mut().for_each(|l| *l = Vec::new());
+            return;
+        }
+        self.logged += 1;
+        self.log[r].push(edit);
     }
 
     fn item(&mut self, x: u32) {
@@ -124,6 +163,9 @@ impl Pkg {
                 touched_mark: vec![Vec::new(); n],
                 items: Vec::new(),
                 item_mark: Vec::new(),
+                log: vec![Vec::new(); n],
+                logged: 0,
+                log_overflow: false,
             },
         })
     }
@@ -229,6 +271,15 @@ impl Pkg {
                     list.remove(p);
                 }
                 self.changes.touch(r, y);
+                self.changes.log(
+                    r,
+                    EdgeEdit {
+                        seq: self.edits,
+                        u: item,
+                        v: y,
+                        add: false,
+                    },
+                );
             }
             self.changes.touch(r, item);
         }
@@ -299,6 +350,15 @@ impl Pkg {
         if let Err(q) = adj[v as usize].binary_search(&u) {
             adj[v as usize].insert(q, u);
         }
+        self.changes.log(
+            r,
+            EdgeEdit {
+                seq: self.edits,
+                u,
+                v,
+                add: true,
+            },
+        );
         self.edges[r] += 1;
         self.edits += 1;
         self.changes.touch(r, u);
@@ -318,6 +378,15 @@ impl Pkg {
         if let Ok(q) = adj[v as usize].binary_search(&u) {
             adj[v as usize].remove(q);
         }
+        self.changes.log(
+            r,
+            EdgeEdit {
+                seq: self.edits,
+                u,
+                v,
+                add: false,
+            },
+        );
         self.edges[r] -= 1;
         self.edits += 1;
         self.changes.touch(r, u);
@@ -423,6 +492,13 @@ impl Pkg {
             .map(std::mem::take)
             .collect::<Vec<_>>();
         let items = std::mem::take(&mut changes.items);
+        let log = if changes.log_overflow {
+            None
+        } else {
+            Some(changes.log.iter_mut().map(std::mem::take).collect())
+        };
+        changes.logged = 0;
+        changes.log_overflow = false;
         if !self.pending_free.is_empty() {
             self.free.append(&mut self.pending_free);
             self.free.sort_unstable_by(|a, b| b.cmp(a));
@@ -432,7 +508,7 @@ impl Pkg {
             edits: self.window_start..self.edits,
         };
         self.window_start = self.edits;
-        Batch::from_changes(origin, touched, items)
+        Batch::from_changes(origin, touched, items, log)
     }
 
     /// Whether edits were made since the last [`Pkg::take_changes`].
