@@ -427,8 +427,7 @@ impl Propagator {
         if let Some(sent) = self.sent.get_mut(r) {
             let inv = &self.inv_sqrt[r];
             for (h, m) in self.layers[r].iter().zip(sent.iter_mut()) {
-                for x in 0..self.slots {
-                    let s = inv[x];
+                for (x, &s) in inv.iter().enumerate().take(self.slots) {
                     for (o, &v) in m.row_mut(x).iter_mut().zip(h.row(x)) {
                         *o = s * v;
                     }
@@ -769,12 +768,12 @@ impl Propagator {
                     .zip(&m[zi * d..(zi + 1) * d])
                 {
                     *o = sz * hv - mv;
+                    // NaN wins, so a NaN counts as a change and is pushed.
                     let a = o.abs();
-                    if !(a <= worst) {
+                    if a.is_nan() || a > worst {
                         worst = a;
                     }
                 }
-                // A NaN compares false: it is pushed, as a change.
                 if worst <= tol {
                     *held_back += usize::from(worst > 0.0);
                     continue;
