@@ -20,7 +20,7 @@ use thaw::bench::generate;
 use thaw::graph::{Pkg, Propagator, PropagatorConfig};
 use thaw::infer::item::{ItemModels, ItemModelsConfig};
 use thaw::ingest::events::{decode, Limits, Topic};
-use thaw::serve::adapt::{adapt_user, top_k, AdaptConfig};
+use thaw::serve::adapt::{adapt_user, key, rank_users, top_k, AdaptConfig, Catalogue};
 use thaw::train::export;
 
 const D: usize = 64;
@@ -266,6 +266,13 @@ fn users(c: &mut Criterion) {
     let emb = random(&mut rng, (n, D));
     let bias = Array1::from_shape_fn(n, |_| rng.random_range(-0.1f32..0.1));
     let active = vec![true; n];
+    let keys: Vec<u64> = (0..n).map(|i| key(&format!("p{i}"))).collect();
+    let cat = Catalogue {
+        emb: emb.view(),
+        bias: bias.view(),
+        active: &active,
+        keys: &keys,
+    };
     let histories: Vec<Vec<u32>> = (0..64)
         .map(|_| (0..5).map(|_| rng.random_range(0..n as u32)).collect())
         .collect();
@@ -281,28 +288,23 @@ fn users(c: &mut Criterion) {
         g.bench_function(format!("adapt_{steps}_steps"), |b| {
             b.iter(|| {
                 k = (k + 1) % histories.len();
-                black_box(adapt_user(
-                    emb.view(),
-                    bias.view(),
-                    &active,
-                    &histories[k],
-                    &cfg,
-                ))
+                black_box(adapt_user(&cat, &histories[k], k as u64, &cfg))
             })
         });
     }
     let u = Array1::from_shape_fn(D, |_| rng.random_range(-1.0f32..1.0));
-    g.bench_function("top_100", |b| {
-        b.iter(|| {
-            black_box(top_k(
-                emb.view(),
-                bias.view(),
-                &active,
-                u.view(),
-                &histories[0],
-                100,
-            ))
-        })
+    g.bench_function("top_100_one_user", |b| {
+        b.iter(|| black_box(top_k(&cat, u.view(), &histories[0], 100)))
+    });
+    let vs: Vec<Array1<f32>> = (0..64).map(|i| emb.row(i).to_owned()).collect();
+    let block: Vec<(ndarray::ArrayView1<'_, f32>, &[u32])> = vs
+        .iter()
+        .zip(&histories)
+        .map(|(v, h)| (v.view(), h.as_slice()))
+        .collect();
+    g.throughput(Throughput::Elements(block.len() as u64));
+    g.bench_function("top_100_block_of_64_users", |b| {
+        b.iter(|| black_box(rank_users(&cat, &block, 100)))
     });
     g.finish();
 }

@@ -98,31 +98,32 @@ impl Sampler {
     }
 }
 
+/// The generator's 500 title words: three syllables each, which the
+/// text encoder's tokenizer cuts into 2–3 word pieces, about as many tokens
+/// as a real product title's words.
+fn vocabulary() -> Vec<String> {
+    let syll = ["ka", "lo", "mi", "ra", "ne", "to", "su", "vi", "de", "po"];
+    (0..500)
+        .map(|k| format!("{}{}{}", syll[k % 10], syll[(k / 10) % 10], syll[(k / 100) % 10]))
+        .collect()
+}
+
+/// A title of 4–8 words of `vocab`.
+fn title(vocab: &[String], rng: &mut impl Rng) -> String {
+    let w = rng.random_range(4..=8);
+    (0..w)
+        .map(|_| vocab[rng.random_range(0..vocab.len())].as_str())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Generates a catalogue of `n` items (seeded). Item popularity ranks are a
 /// random permutation of arrival order, so hubs arrive at any time.
 pub fn generate(n: usize, seed: u64) -> Synth {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let vocab: Vec<String> = (0..500)
-        .map(|k| {
-            let syll = ["ka", "lo", "mi", "ra", "ne", "to", "su", "vi", "de", "po"];
-            format!(
-                "{}{}{}",
-                syll[k % 10],
-                syll[(k / 10) % 10],
-                syll[(k / 100) % 10]
-            )
-        })
-        .collect();
+    let vocab = vocabulary();
     let ids: Vec<String> = (0..n).map(|i| format!("p{i}")).collect();
-    let titles: Vec<String> = (0..n)
-        .map(|_| {
-            let w = rng.random_range(4..=8);
-            (0..w)
-                .map(|_| vocab[rng.random_range(0..vocab.len())].as_str())
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .collect();
+    let titles: Vec<String> = (0..n).map(|_| title(&vocab, &mut rng)).collect();
     let mut rank: Vec<u32> = (0..n as u32).collect();
     for i in (1..n).rev() {
         let j = rng.random_range(0..=i);
@@ -283,6 +284,8 @@ pub struct GraphFigures {
     pub tolerant_max_abs_error: f64,
     /// Largest absolute propagated value (the scale of that error).
     pub max_abs_value: f64,
+    /// RMS of the propagated values (layers 1..M).
+    pub rms_value: f64,
     /// Resident bytes per item (graph + propagated layers) .
     pub bytes_per_item: f64,
     /// Resident bytes per edge (adjacency).
@@ -290,7 +293,7 @@ pub struct GraphFigures {
 }
 
 /// Builds the graph of `synth`, measures memory and propagation.
-pub fn graph_figures(synth: &Synth, seed: u64) -> Result<GraphFigures> {
+pub fn graph_figures(synth: &Synth, seed: u64, tolerance: f32) -> Result<GraphFigures> {
     let d = 64;
     let base = rss_bytes();
     let t0 = Instant::now();
@@ -323,7 +326,6 @@ pub fn graph_figures(synth: &Synth, seed: u64) -> Result<GraphFigures> {
     let mut prop = Propagator::full(cfg, &pkg, &views)?;
     let full_seconds = t1.elapsed().as_secs_f64();
     let after_prop = rss_bytes();
-    let tolerance = crate::serve::config::GraphSettings::default().tolerance;
     let mut tolerant = Propagator::full(
         PropagatorConfig {
             tolerance,
@@ -364,12 +366,14 @@ pub fn graph_figures(synth: &Synth, seed: u64) -> Result<GraphFigures> {
     }
     let batch = pkg.take_changes();
     let (batch_1000_seconds, tolerant_batch_1000_seconds) = apply(&pkg, &batch)?;
-    let (mut err, mut scale) = (0.0f64, 0.0f64);
+    let (mut err, mut scale, mut sq, mut cells) = (0.0f64, 0.0f64, 0.0f64, 0usize);
     for r in 0..RELATIONS.len() {
         for k in 1..=prop.hops() {
             for (a, b) in prop.layer(r, k)?.iter().zip(tolerant.layer(r, k)?.iter()) {
                 err = err.max(f64::from((a - b).abs()));
                 scale = scale.max(f64::from(a.abs()));
+                sq += f64::from(*a) * f64::from(*a);
+                cells += 1;
             }
         }
     }
@@ -393,6 +397,7 @@ pub fn graph_figures(synth: &Synth, seed: u64) -> Result<GraphFigures> {
         ),
         tolerant_max_abs_error: err,
         max_abs_value: scale,
+        rms_value: (sq / cells.max(1) as f64).sqrt(),
         bytes_per_item: (after_items.saturating_sub(base) + after_prop.saturating_sub(before_prop))
             as f64
             / items as f64,
@@ -400,12 +405,77 @@ pub fn graph_figures(synth: &Synth, seed: u64) -> Result<GraphFigures> {
     })
 }
 
+/// Options of one benchmark run (`thaw bench`).
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Catalogue size.
+    pub size: Size,
+    /// Redis to write to (the engine's keys go under a prefix of the run).
+    pub redis_url: String,
+    /// The text encoder's folder.
+    pub text_dir: std::path::PathBuf,
+    /// Offered rate of the freshness phase, events per second.
+    pub rate: f64,
+    /// Length of the freshness phase, seconds.
+    pub seconds: f64,
+    /// Share of the freshness phase's events that are new items with a
+    /// title (each followed by two edges to popular items); the rest are
+    /// new edges between existing items.
+    pub item_share: f64,
+    /// Only the graph figures (and, for `large`, the from-scratch build).
+    pub graph_only: bool,
+    /// `graph.tolerance` of the tolerant figures and of the engine.
+    pub tolerance: f32,
+}
+
+impl BenchOptions {
+    /// Defaults for `size`: 10,000 events/s for 10 s, 2% new items.
+    pub fn new(size: Size) -> Self {
+        Self {
+            size,
+            redis_url: "redis://127.0.0.1:6379".into(),
+            text_dir: "models/text".into(),
+            rate: 10_000.0,
+            seconds: 10.0,
+            item_share: 0.02,
+            graph_only: false,
+            tolerance: crate::serve::config::GraphSettings::default().tolerance,
+        }
+    }
+}
+
+/// Building a catalogue's embeddings from nothing (`large`): the graph, the
+/// projection of every item's features, the propagation and the fusion.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScratchFigures {
+    /// Items.
+    pub items: usize,
+    /// Seconds to build the graph (items and edges).
+    pub graph_seconds: f64,
+    /// Seconds of `item_projection` over every item (ONNX Runtime), from
+    /// features drawn at random in place of text vectors.
+    pub projection_seconds: f64,
+    /// Seconds of one full propagation (every relation, M hops).
+    pub propagation_seconds: f64,
+    /// Seconds of `item_fusion` over every item (ONNX Runtime).
+    pub fusion_seconds: f64,
+    /// Sum of the four: every embedding from scratch, text aside.
+    pub total_seconds: f64,
+    /// The text encoder's titles per second, measured on a sample.
+    pub text_items_per_second: f64,
+    /// Titles in that sample.
+    pub text_sample: usize,
+    /// `items / text_items_per_second`: what encoding every title would
+    /// add on this machine (an estimate from the sample, not a run).
+    pub text_seconds_estimated: f64,
+}
+
 /// The end-to-end report (`--out`).
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     /// Catalogue size.
     pub size: Size,
-    /// Input messages.
+    /// Input messages of the throughput phase.
     pub events: usize,
     /// A bare rdkafka consumer's messages per second on the same topics.
     pub bare_consumer_per_second: f64,
@@ -413,10 +483,17 @@ pub struct BenchReport {
     pub thaw_events_per_second: f64,
     /// thaw / bare consumer.
     pub ratio_vs_bare_consumer: f64,
+    /// Titles per second through the text stage in the throughput phase.
+    pub text_encoder_items_per_second: f64,
     /// Freshness at the offered rate, ms, by kind (`edge`, `new_item`).
     pub freshness_ms: BTreeMap<String, Quantiles>,
     /// Offered rate of the freshness phase.
     pub offered_events_per_second: f64,
+    /// Rate the engine applied the freshness phase's events at (offered
+    /// events over the time from the first to the last being published).
+    pub freshness_phase_events_per_second: f64,
+    /// Share of new items in the freshness phase.
+    pub item_share: f64,
     /// Full propagation time over one edge's incremental time, at the
     /// engine's default tolerance (`graph.incremental_vs_full_per_edge`
     /// is the exact figure).
@@ -427,51 +504,67 @@ pub struct BenchReport {
     pub redis_benchmark_per_second: f64,
     /// thaw / redis-benchmark.
     pub ratio_vs_redis_benchmark: f64,
+    /// `redis-benchmark -P 64` of thaw's own item write (HSET of a
+    /// 256-byte `emb`, `model`, `ts`), requests per second.
+    pub redis_benchmark_hset_per_second: f64,
+    /// thaw / that.
+    pub ratio_vs_redis_benchmark_hset: f64,
     /// Resident bytes per item.
     pub bytes_per_item: f64,
     /// Resident bytes per edge.
     pub bytes_per_edge: f64,
     /// The graph figures in full.
     pub graph: GraphFigures,
+    /// `large` only: every embedding from scratch.
+    pub scratch: Option<ScratchFigures>,
     /// Wall time of the whole benchmark.
     pub seconds: f64,
 }
 
-fn redis_benchmark(url: &str) -> Result<f64> {
+/// Requests per second of one `redis-benchmark -P 64 -n 500000 -q` run
+/// with `args` (the Debian package redis-tools).
+fn redis_benchmark(url: &str, args: &[&str]) -> Result<f64> {
     let client = redis::Client::open(url)?;
     let info = client.get_connection_info();
     let (host, port) = match info.addr() {
         redis::ConnectionAddr::Tcp(h, p) => (h.clone(), *p),
         _ => bail!("redis-benchmark needs a TCP Redis"),
     };
+    let port = port.to_string();
+    let mut all = vec!["-h", &host, "-p", &port, "-P", "64", "-n", "500000", "-q"];
+    all.extend_from_slice(args);
     let out = std::process::Command::new("redis-benchmark")
-        .args([
-            "-h",
-            &host,
-            "-p",
-            &port.to_string(),
-            "-P",
-            "64",
-            "-d",
-            "256",
-            "-t",
-            "set",
-            "-n",
-            "500000",
-            "-q",
-        ])
+        .args(&all)
         .output()
         .context("running redis-benchmark (Debian package redis-tools)")?;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    // "SET: 412371.12 requests per second, p50=..." (possibly after \r progress).
+    // "SET: 412371.12 requests per second, p50=..." after \r progress lines.
     let line = text.rsplit('\r').next().unwrap_or(&text);
-    let v = line
-        .split_whitespace()
-        .skip_while(|w| *w != "SET:")
-        .nth(1)
-        .and_then(|x| x.parse::<f64>().ok())
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let v = words
+        .windows(2)
+        .find(|w| w[1] == "requests")
+        .and_then(|w| w[0].parse::<f64>().ok())
         .with_context(|| format!("parsing redis-benchmark output {text:?}"))?;
     Ok(v)
+}
+
+/// The two Redis baselines: `-d 256 -t set`, and thaw's item write as a
+/// custom command; the keys they write are deleted after.
+fn redis_baselines(url: &str) -> Result<(f64, f64)> {
+    let set = redis_benchmark(url, &["-d", "256", "-t", "set"])?;
+    let emb = "x".repeat(256);
+    let key = format!("thaw-bench-hset-{}", std::process::id());
+    let hset = redis_benchmark(
+        url,
+        &["HSET", &key, "emb", &emb, "model", "bench", "ts", "1700000000000"],
+    )?;
+    let mut c = redis::Client::open(url)?.get_connection()?;
+    redis::cmd("DEL")
+        .arg(&key)
+        .arg("key:__rand_int__")
+        .query::<()>(&mut c)?;
+    Ok((set, hset))
 }
 
 /// Reads every input message once with a bare consumer; returns the rate and
@@ -519,44 +612,9 @@ async fn bare_consumer(brokers: &str, total: usize) -> Result<(f64, usize)> {
     Ok((n as f64 / t0.elapsed().as_secs_f64(), total))
 }
 
-/// Runs the end-to-end benchmark.
-pub async fn run(
-    size: Size,
-    redis_url: &str,
-    text_dir: &std::path::Path,
-    rate: f64,
-    graph_only: bool,
-) -> Result<BenchReport> {
-    let t_all = Instant::now();
-    let n = size.items();
-    eprintln!("generating {n} items");
-    let synth = generate(n, 42);
-    let graph = tokio::task::block_in_place(|| graph_figures(&synth, 7))?;
-    eprintln!(
-        "graph: {} items, {} edges built in {:.1} s; full propagation {:.3} s; exact: one edge {:.6} s ({:.0}x), 1,000 edges {:.3} s; tolerance {:e}: one edge {:.6} s ({:.0}x), 1,000 edges {:.3} s, max error {:.2e} (values up to {:.2})",
-        graph.items, graph.edges, graph.build_seconds, graph.full_seconds, graph.one_edge_seconds, graph.incremental_vs_full_per_edge, graph.batch_1000_seconds,
-        graph.tolerance, graph.tolerant_one_edge_seconds, graph.tolerant_incremental_vs_full_per_edge, graph.tolerant_batch_1000_seconds, graph.tolerant_max_abs_error, graph.max_abs_value
-    );
-    if size == Size::Large || graph_only {
-        return Ok(BenchReport {
-            size,
-            events: 0,
-            bare_consumer_per_second: 0.0,
-            thaw_events_per_second: 0.0,
-            ratio_vs_bare_consumer: 0.0,
-            freshness_ms: BTreeMap::new(),
-            offered_events_per_second: 0.0,
-            incremental_vs_full_per_edge: graph.tolerant_incremental_vs_full_per_edge,
-            redis_writes_per_second: 0.0,
-            redis_benchmark_per_second: 0.0,
-            ratio_vs_redis_benchmark: 0.0,
-            bytes_per_item: graph.bytes_per_item,
-            bytes_per_edge: graph.bytes_per_edge,
-            graph,
-            seconds: t_all.elapsed().as_secs_f64(),
-        });
-    }
-    // The model: MPKG's initial weights over the synthetic relations.
+/// MPKG's initial weights over the synthetic relations, written to a
+/// temporary folder: speed does not depend on what the weights learned.
+fn bench_model(text_dir: &std::path::Path) -> Result<std::path::PathBuf> {
     let model_dir = std::env::temp_dir().join(format!("thaw-bench-model-{}", std::process::id()));
     let mut cfg = crate::train::TrainConfig {
         text_model_dir: text_dir.to_path_buf(),
@@ -571,6 +629,199 @@ pub async fn run(
         &cfg,
         "bench",
     )?;
+    Ok(model_dir)
+}
+
+/// Every embedding of `synth` from nothing (see [`ScratchFigures`]).
+fn scratch_figures(synth: &Synth, model_dir: &std::path::Path, text_dir: &std::path::Path) -> Result<ScratchFigures> {
+    use crate::infer::item::{ItemModels, ItemModelsConfig};
+    let n = synth.ids.len();
+    let t0 = Instant::now();
+    let pkg = synth.pkg()?;
+    let graph_seconds = t0.elapsed().as_secs_f64();
+    let models = ItemModels::load(&ItemModelsConfig {
+        model_dir: model_dir.to_path_buf(),
+        ..Default::default()
+    })?;
+    let (r_n, d, d_in) = (models.relations(), models.dim(), models.d_in());
+    let mut inputs: Vec<Array2<f32>> = (0..r_n).map(|_| Array2::zeros((n, d))).collect();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let chunk = 8192;
+    let t1 = Instant::now();
+    for start in (0..n).step_by(chunk) {
+        let rows = chunk.min(n - start);
+        let x = Array2::from_shape_fn((rows, d_in), |_| rng.random_range(-0.1f32..0.1));
+        let p = models.project(x.view())?;
+        for r in 0..r_n {
+            inputs[r]
+                .slice_mut(ndarray::s![start..start + rows, ..])
+                .assign(&p.slice(ndarray::s![.., r, ..]));
+        }
+    }
+    let projection_seconds = t1.elapsed().as_secs_f64();
+    let views: Vec<_> = inputs.iter().map(|a| a.view()).collect();
+    let t2 = Instant::now();
+    let prop = Propagator::full(PropagatorConfig::default(), &pkg, &views)?;
+    let propagation_seconds = t2.elapsed().as_secs_f64();
+    drop(views);
+    drop(inputs);
+    let t3 = Instant::now();
+    for start in (0..n).step_by(chunk) {
+        let rows = chunk.min(n - start);
+        let mut e = ndarray::Array3::<f32>::zeros((rows, r_n, d));
+        for r in 0..r_n {
+            e.slice_mut(ndarray::s![.., r, ..])
+                .assign(&prop.layer(r, prop.hops())?.slice(ndarray::s![start..start + rows, ..]));
+        }
+        std::hint::black_box(models.fuse(e.view())?);
+    }
+    let fusion_seconds = t3.elapsed().as_secs_f64();
+    drop(prop);
+    let text = crate::infer::text::TextEncoder::load(&crate::infer::text::TextEncoderConfig {
+        model_dir: text_dir.to_path_buf(),
+        ..Default::default()
+    })?;
+    let sample = 2000.min(n);
+    let titles: Vec<&str> = synth.titles[..sample].iter().map(String::as_str).collect();
+    let t4 = Instant::now();
+    std::hint::black_box(text.embed(&titles)?);
+    let text_items_per_second = sample as f64 / t4.elapsed().as_secs_f64().max(1e-9);
+    Ok(ScratchFigures {
+        items: n,
+        graph_seconds,
+        projection_seconds,
+        propagation_seconds,
+        fusion_seconds,
+        total_seconds: graph_seconds + projection_seconds + propagation_seconds + fusion_seconds,
+        text_items_per_second,
+        text_sample: sample,
+        text_seconds_estimated: n as f64 / text_items_per_second,
+    })
+}
+
+/// The freshness phase's events (see [`BenchOptions::item_share`]).
+fn live_events(synth: &Synth, o: &BenchOptions, ts: u64) -> Vec<Event> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    let vocab = vocabulary();
+    let total = (o.rate * o.seconds) as usize;
+    let mut out = Vec::with_capacity(total);
+    let mut items = 0usize;
+    let edge = |a: &str, b: &str, r: usize| {
+        Event::Relation(RelationEvent {
+            src: a.to_string(),
+            dst: b.to_string(),
+            relation: RELATIONS[r].0.into(),
+            op: Op::Add,
+            ts,
+        })
+    };
+    while out.len() < total {
+        let k = out.len();
+        if ((k + 1) as f64 * o.item_share).floor() > (k as f64 * o.item_share).floor() {
+            let id = format!("new{items}");
+            items += 1;
+            out.push(Event::Item(ItemEvent {
+                item_id: id.clone(),
+                title: title(&vocab, &mut rng),
+                description: None,
+                categories: Vec::new(),
+                features: None,
+                ts,
+            }));
+            for r in 0..2 {
+                let b = synth.popular_item(&mut rng);
+                out.push(edge(&id, &synth.ids[b as usize], r));
+            }
+        } else {
+            let (a, b) = (synth.popular_item(&mut rng), synth.popular_item(&mut rng));
+            if a != b {
+                let r = rng.random_range(0..RELATIONS.len());
+                out.push(edge(&synth.ids[a as usize], &synth.ids[b as usize], r));
+            }
+        }
+    }
+    out.truncate(total);
+    out
+}
+
+/// Waits until the engine has published `target` messages; `None` if it
+/// stopped first. Returns the time the first new message was published.
+async fn wait_published(
+    progress: &Progress,
+    engine: &tokio::task::JoinHandle<Result<()>>,
+    target: usize,
+    limit: Duration,
+) -> Result<Option<Instant>> {
+    let start = progress.messages.load(Ordering::SeqCst) as usize;
+    let t_wait = Instant::now();
+    let mut first = None;
+    loop {
+        if engine.is_finished() {
+            return Ok(None);
+        }
+        let m = progress.messages.load(Ordering::SeqCst) as usize;
+        if m > start && first.is_none() {
+            first = Some(Instant::now());
+        }
+        if m >= target {
+            return Ok(Some(first.unwrap_or_else(Instant::now)));
+        }
+        if t_wait.elapsed() > limit {
+            bail!("the engine published {m} of {target} messages in {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Runs the end-to-end benchmark.
+pub async fn run(o: &BenchOptions) -> Result<BenchReport> {
+    let t_all = Instant::now();
+    let n = o.size.items();
+    eprintln!("generating {n} items");
+    let synth = generate(n, 42);
+    let graph = tokio::task::block_in_place(|| graph_figures(&synth, 7, o.tolerance))?;
+    eprintln!(
+        "graph: {} items, {} edges built in {:.1} s; full propagation {:.3} s; exact: one edge {:.6} s ({:.0}x), 1,000 edges {:.3} s; tolerance {:e}: one edge {:.6} s ({:.0}x), 1,000 edges {:.3} s, max error {:.2e} (values up to {:.2}, RMS {:.3})",
+        graph.items, graph.edges, graph.build_seconds, graph.full_seconds, graph.one_edge_seconds, graph.incremental_vs_full_per_edge, graph.batch_1000_seconds,
+        graph.tolerance, graph.tolerant_one_edge_seconds, graph.tolerant_incremental_vs_full_per_edge, graph.tolerant_batch_1000_seconds, graph.tolerant_max_abs_error, graph.max_abs_value, graph.rms_value
+    );
+    let model_dir = bench_model(&o.text_dir)?;
+    let mut report = BenchReport {
+        size: o.size,
+        events: 0,
+        bare_consumer_per_second: 0.0,
+        thaw_events_per_second: 0.0,
+        ratio_vs_bare_consumer: 0.0,
+        text_encoder_items_per_second: 0.0,
+        freshness_ms: BTreeMap::new(),
+        offered_events_per_second: 0.0,
+        freshness_phase_events_per_second: 0.0,
+        item_share: o.item_share,
+        incremental_vs_full_per_edge: graph.tolerant_incremental_vs_full_per_edge,
+        redis_writes_per_second: 0.0,
+        redis_benchmark_per_second: 0.0,
+        ratio_vs_redis_benchmark: 0.0,
+        redis_benchmark_hset_per_second: 0.0,
+        ratio_vs_redis_benchmark_hset: 0.0,
+        bytes_per_item: graph.bytes_per_item,
+        bytes_per_edge: graph.bytes_per_edge,
+        graph,
+        scratch: None,
+        seconds: 0.0,
+    };
+    if o.size == Size::Large {
+        let scratch = tokio::task::block_in_place(|| scratch_figures(&synth, &model_dir, &o.text_dir))?;
+        eprintln!(
+            "from scratch: graph {:.1} s, projection {:.1} s, propagation {:.1} s, fusion {:.1} s: {:.1} s; text encoder {:.0} titles/s (estimated {:.0} s for every title)",
+            scratch.graph_seconds, scratch.projection_seconds, scratch.propagation_seconds, scratch.fusion_seconds, scratch.total_seconds, scratch.text_items_per_second, scratch.text_seconds_estimated
+        );
+        report.scratch = Some(scratch);
+    }
+    if o.size == Size::Large || o.graph_only {
+        let _ = std::fs::remove_dir_all(&model_dir);
+        report.seconds = t_all.elapsed().as_secs_f64();
+        return Ok(report);
+    }
     let broker = EmbeddedBroker::start(None).await?;
     let brokers = broker.bootstrap_servers().to_string();
     let kafka = KafkaSettings::with_brokers(&brokers);
@@ -590,13 +841,13 @@ pub async fn run(
         ..Default::default()
     };
     s.kafka.group_id = format!("bench-thaw-{}", std::process::id());
-    s.redis.url = redis_url.to_string();
+    s.redis.url = o.redis_url.clone();
     s.redis.prefix = format!("thaw-bench-{}", std::process::id());
     s.model.dir = model_dir.clone();
-    s.model.text_dir = text_dir.to_path_buf();
+    s.model.text_dir = o.text_dir.clone();
     s.model.reload_check_secs = 0;
-    s.ingest.max_batch = 20_000;
     s.ingest.idle_ms = 500;
+    s.graph.tolerance = o.tolerance;
     s.users.refresh_all_when_idle = false;
     s.users.top_k = 20;
     let metrics = Arc::new(Metrics::new());
@@ -610,70 +861,40 @@ pub async fn run(
         progress.clone(),
         stop_rx,
     ));
-    eprintln!("thaw");
+    eprintln!("thaw: {total} events");
     // Clock from the first published message, as for the bare consumer.
-    let mut t0 = None;
-    loop {
-        if engine.is_finished() {
-            engine.await??;
-            bail!("the engine stopped");
-        }
-        let m = progress.messages.load(Ordering::SeqCst) as usize;
-        if m > 0 && t0.is_none() {
-            t0 = Some((Instant::now(), m));
-        }
-        if m >= total {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let (start, first) = t0.unwrap_or((Instant::now(), 0));
-    let thaw_rate = (total - first) as f64 / start.elapsed().as_secs_f64().max(1e-9);
+    let limit = Duration::from_secs(1800);
+    let Some(start) = wait_published(&progress, &engine, total, limit).await? else {
+        engine.await??;
+        bail!("the engine stopped");
+    };
+    let thaw_rate = total as f64 / start.elapsed().as_secs_f64().max(1e-9);
     let (commands, seconds) = metrics.redis_totals();
+    let (titles, text_seconds) = metrics.inference_totals("text_encoder");
+    eprintln!(
+        "thaw: {thaw_rate:.0} events/s (bare consumer {bare:.0}); text encoder {:.0} titles/s",
+        titles as f64 / text_seconds.max(1e-9)
+    );
 
-    // Freshness at a fixed offered rate: new items with text, and edge
-    // changes between existing items, mixed 1:9, for 10 s.
+    // Freshness at a fixed offered rate.
     metrics.reset_freshness();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
-    let live_n = (rate * 10.0) as usize;
-    let ts = now_ms + 1;
-    let live: Vec<Event> = (0..live_n)
-        .map(|k| {
-            if k % 10 == 0 {
-                Event::Item(ItemEvent {
-                    item_id: format!("new{k}"),
-                    title: format!("brand new item number {k}"),
-                    description: None,
-                    categories: Vec::new(),
-                    features: None,
-                    ts,
-                })
-            } else {
-                let a = rng.random_range(0..n);
-                let mut b = rng.random_range(0..n);
-                if a == b {
-                    b = (b + 1) % n;
-                }
-                Event::Relation(RelationEvent {
-                    src: synth.ids[a].clone(),
-                    dst: synth.ids[b].clone(),
-                    relation: RELATIONS[k % 3].0.into(),
-                    op: Op::Add,
-                    ts,
-                })
-            }
-        })
-        .collect();
-    eprintln!("freshness phase: {live_n} events at {rate} events/s");
-    crate::replay::produce(&live, &kafka, Some(rate)).await?;
-    let target = total + live_n;
-    let t_wait = Instant::now();
-    while (progress.messages.load(Ordering::SeqCst) as usize) < target {
-        if t_wait.elapsed() > Duration::from_secs(300) {
-            bail!("the freshness phase did not drain in 300 s");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let live = live_events(&synth, o, now_ms + 1);
+    let live_n = live.len();
+    eprintln!(
+        "freshness phase: {live_n} events at {} events/s, {:.0}% new items",
+        o.rate,
+        o.item_share * 100.0
+    );
+    let t_live = Instant::now();
+    crate::replay::produce(&live, &kafka, Some(o.rate)).await?;
+    if wait_published(&progress, &engine, total + live_n, Duration::from_secs(600))
+        .await?
+        .is_none()
+    {
+        engine.await??;
+        bail!("the engine stopped");
     }
+    let live_rate = live_n as f64 / t_live.elapsed().as_secs_f64().max(1e-9);
     let mut freshness = BTreeMap::new();
     if let Some(q) = metrics.freshness_summary(Some("edge")) {
         freshness.insert("edge".to_string(), q);
@@ -684,7 +905,7 @@ pub async fn run(
     let _ = stop_tx.send(true);
     engine.await??;
     // Clean up Redis keys of the run.
-    if let Ok(mut c) = redis::Client::open(redis_url)?
+    if let Ok(mut c) = redis::Client::open(o.redis_url.as_str())?
         .get_multiplexed_async_connection()
         .await
     {
@@ -692,25 +913,23 @@ pub async fn run(
     }
     let _ = std::fs::remove_dir_all(&model_dir);
     eprintln!("redis-benchmark");
-    let rb = redis_benchmark(redis_url)?;
+    let (rb, rb_hset) = redis_baselines(&o.redis_url)?;
     let writes = commands as f64 / seconds.max(1e-9);
-    Ok(BenchReport {
-        size,
-        events: total,
-        bare_consumer_per_second: bare,
-        thaw_events_per_second: thaw_rate,
-        ratio_vs_bare_consumer: thaw_rate / bare,
-        freshness_ms: freshness,
-        offered_events_per_second: rate,
-        incremental_vs_full_per_edge: graph.tolerant_incremental_vs_full_per_edge,
-        redis_writes_per_second: writes,
-        redis_benchmark_per_second: rb,
-        ratio_vs_redis_benchmark: writes / rb,
-        bytes_per_item: graph.bytes_per_item,
-        bytes_per_edge: graph.bytes_per_edge,
-        graph,
-        seconds: t_all.elapsed().as_secs_f64(),
-    })
+    report.events = total;
+    report.bare_consumer_per_second = bare;
+    report.thaw_events_per_second = thaw_rate;
+    report.ratio_vs_bare_consumer = thaw_rate / bare;
+    report.text_encoder_items_per_second = titles as f64 / text_seconds.max(1e-9);
+    report.freshness_ms = freshness;
+    report.offered_events_per_second = o.rate;
+    report.freshness_phase_events_per_second = live_rate;
+    report.redis_writes_per_second = writes;
+    report.redis_benchmark_per_second = rb;
+    report.ratio_vs_redis_benchmark = writes / rb;
+    report.redis_benchmark_hset_per_second = rb_hset;
+    report.ratio_vs_redis_benchmark_hset = writes / rb_hset;
+    report.seconds = t_all.elapsed().as_secs_f64();
+    Ok(report)
 }
 
 #[cfg(test)]

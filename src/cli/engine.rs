@@ -281,15 +281,41 @@ pub struct BenchArgs {
     /// Write the report as JSON here.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Length of the freshness phase, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    /// Share of new items (with a title and two edges) among the freshness
+    /// phase's events; the rest are new edges.
+    #[arg(long, default_value_t = 0.02)]
+    pub item_share: f64,
     /// Only the graph figures (no Kafka, no Redis).
     #[arg(long)]
     pub graph_only: bool,
+    /// Propagation tolerance (`graph.tolerance`) of the tolerant figures and
+    /// the engine; default: the engine's.
+    #[arg(long)]
+    pub tolerance: Option<f32>,
 }
 
 /// `thaw bench`.
 pub fn run_bench(a: BenchArgs) -> anyhow::Result<()> {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let report = runtime()?.block_on(crate::bench::run(a.size, &url, &a.text_dir, a.rate, a.graph_only))?;
+    if !(a.rate > 0.0 && a.seconds > 0.0 && (0.0..=0.5).contains(&a.item_share)) {
+        anyhow::bail!("--rate and --seconds must be positive and --item-share within 0..=0.5");
+    }
+    let o = crate::bench::BenchOptions {
+        redis_url: url,
+        text_dir: a.text_dir.clone(),
+        rate: a.rate,
+        seconds: a.seconds,
+        item_share: a.item_share,
+        graph_only: a.graph_only,
+        tolerance: a
+            .tolerance
+            .unwrap_or(crate::serve::config::GraphSettings::default().tolerance),
+        ..crate::bench::BenchOptions::new(a.size)
+    };
+    let report = runtime()?.block_on(crate::bench::run(&o))?;
     let json = serde_json::to_string_pretty(&report)?;
     if let Some(p) = &a.out {
         std::fs::write(p, &json).with_context(|| format!("writing {}", p.display()))?;

@@ -52,8 +52,9 @@ pub struct PropagatorConfig {
     /// the ball search that would otherwise cover most of the graph. The
     /// result is the same either way.
     pub full_recompute_fraction: f64,
-    /// Largest change (absolute, per coordinate) of a row's outgoing message
-    /// that may be held back. Default 0: exact, every change is propagated
+    /// Largest change of a row's outgoing message (per coordinate, relative
+    /// to the RMS of the relation's input values `H_0`, so the setting means
+    /// the same for any model's scale) that may be held back. Default 0: exact, every change is propagated
     /// by recomputing rows, and the result equals [`Propagator::full`]
     /// bitwise. Above 0, updates are pushed instead of recomputed: each row
     /// `x` of `H_k` (k < M) keeps the message `m̂_k[x]` its neighbours' rows
@@ -174,10 +175,16 @@ pub struct Propagator {
     inv_sqrt: Vec<Vec<f32>>,
     /// Whether slot `x` holds a live item whose input rows are in `H_0`.
     has_input: Vec<bool>,
-    /// `sent[r][k]` (k < M), with a tolerance only: the messages `m̂_k` that
-    /// rows of `H_{k+1}` reflect (see [`PropagatorConfig::tolerance`]),
-    /// `capacity × dim`; empty when exact.
+    /// With a tolerance only (else empty), `capacity × dim` each:
+    /// `sent[r][k]` (k < M) are the messages `m̂_k` that rows of `H_{k+1}`
+    /// reflect (see [`PropagatorConfig::tolerance`]); `sent[r][M]` is `H_M`
+    /// as last reported changed.
     sent: Vec<Vec<Array2<f32>>>,
+    /// Per relation, the sum of squares of `H_0` (with a tolerance: its RMS
+    /// scales the tolerance).
+    input_sq: Vec<f64>,
+    /// Live items of the graph when last synced.
+    live: usize,
     /// The layers may differ from a full computation: changes held back by
     /// the tolerance, or the rounding of pushed updates.
     drift: bool,
@@ -296,6 +303,11 @@ impl Plan<'_> {
     }
 }
 
+/// Sum of squares, in f64.
+fn sum_sq(v: &[f32]) -> f64 {
+    v.iter().map(|&x| f64::from(x) * f64::from(x)).sum()
+}
+
 /// Largest absolute difference of two rows (infinite where one is NaN and
 /// the other is not, so a NaN appearing or vanishing counts as a change).
 #[inline]
@@ -386,6 +398,8 @@ impl Propagator {
                 .collect(),
             has_input,
             sent: Vec::new(),
+            input_sq: vec![0.0; n_rel],
+            live: pkg.num_items(),
             drift: false,
             mark: vec![0; slots],
             stamp: 0,
@@ -393,13 +407,14 @@ impl Propagator {
         if prop.cfg.tolerance > 0.0 {
             prop.sent = (0..n_rel)
                 .map(|_| {
-                    (0..prop.cfg.hops)
+                    (0..=prop.cfg.hops)
                         .map(|_| Array2::zeros((slots, dim)))
                         .collect()
                 })
                 .collect();
         }
         for r in 0..n_rel {
+            prop.input_sq[r] = sum_sq(flat(&prop.layers[r][0]));
             prop.recompute_from(pkg, r, 1, false);
         }
         Ok(prop)
@@ -418,7 +433,11 @@ impl Propagator {
             min_rows: self.cfg.min_rows_per_thread,
         };
         let hops = self.cfg.hops;
-        let old = track.then(|| self.layers[r][hops].slice(s![..self.slots, ..]).to_owned());
+        // With a tolerance, what was last reported is what a caller holds.
+        let old = track.then(|| match self.sent.get(r) {
+            Some(sent) => sent[hops].slice(s![..self.slots, ..]).to_owned(),
+            None => self.layers[r][hops].slice(s![..self.slots, ..]).to_owned(),
+        });
         let layers = &mut self.layers[r];
         for k in from..layers.len() {
             let (done, rest) = layers.split_at_mut(k);
@@ -426,7 +445,11 @@ impl Propagator {
         }
         if let Some(sent) = self.sent.get_mut(r) {
             let inv = &self.inv_sqrt[r];
-            for (h, m) in self.layers[r].iter().zip(sent.iter_mut()) {
+            for (k, (h, m)) in self.layers[r].iter().zip(sent.iter_mut()).enumerate() {
+                if k == hops {
+                    m.assign(h);
+                    continue;
+                }
                 for (x, &s) in inv.iter().enumerate().take(self.slots) {
                     for (o, &v) in m.row_mut(x).iter_mut().zip(h.row(x)) {
                         *o = s * v;
@@ -449,7 +472,8 @@ impl Propagator {
     /// Recomputes every layer of every relation in full from the stored
     /// inputs, dropping every held-back change: afterwards the layers equal
     /// [`Propagator::full`] on `pkg` bitwise. Returns the slots whose output
-    /// row changed, ascending. `pkg` must have no edits since the last apply.
+    /// row differs from the one last reported (by an apply's `changed` or a
+    /// reconcile), ascending. `pkg` must have no edits since the last apply.
     /// Cheap to call when [`Propagator::is_exact`] (nothing is done).
     pub fn reconcile(&mut self, pkg: &Pkg) -> Result<Vec<u32>> {
         if pkg.id() != self.graph {
@@ -495,6 +519,7 @@ impl Propagator {
         let slots = pkg.slots();
         self.grow(slots);
         self.slots = slots;
+        self.live = pkg.num_items();
         let n_rel = self.layers.len();
         let mut stats = ApplyStats {
             rows: vec![vec![0; self.cfg.hops + 1]; n_rel],
@@ -655,7 +680,6 @@ impl Propagator {
     ) -> (Vec<usize>, Option<usize>, usize) {
         let hops = self.cfg.hops;
         let d = self.dim;
-        let tol = self.cfg.tolerance;
         let adj = &pkg.adj[r];
         let mut rows = vec![0; hops + 1];
         let touched: Vec<u32> = {
@@ -670,6 +694,7 @@ impl Propagator {
             t
         };
         let (inputs, ignored) = self.write_inputs(pkg, batch, r);
+        let tol = self.tolerance_of(r);
         rows[0] = inputs.len();
         self.drift |= !touched.is_empty() || !inputs.is_empty();
         let old_s: Vec<f32> = touched
@@ -797,7 +822,31 @@ impl Propagator {
             cand = next;
         }
         self.stamp = stamp;
-        changed.extend(cand);
+        // Output rows: reported changed once they moved past the tolerance
+        // from what was last reported (so an embedding is not re-fused and
+        // republished for every tiny push).
+        let (h, shown) = (flat(&layers[hops]), flat_mut(&mut sent[hops]));
+        for y in cand {
+            let yi = y as usize;
+            let (now, last) = (&h[yi * d..(yi + 1) * d], &mut shown[yi * d..(yi + 1) * d]);
+            let moved = now
+                .iter()
+                .zip(last.iter())
+                .fold(0f32, |m, (&a, &b)| {
+                    let c = (a - b).abs();
+                    if c.is_nan() || c > m {
+                        c
+                    } else {
+                        m
+                    }
+                });
+            if moved > tol || moved.is_nan() || !pkg.contains_item(y) {
+                last.copy_from_slice(now);
+                changed.insert(y);
+            } else {
+                *held_back += usize::from(moved > 0.0);
+            }
+        }
         (rows, None, ignored)
     }
 
@@ -808,14 +857,18 @@ impl Propagator {
         let mut written = Vec::new();
         let mut ignored = 0;
         let h0 = &mut self.layers[r][0];
+        let sq = &mut self.input_sq[r];
+        let row_sq = |h0: &Array2<f32>, x: u32| sum_sq(h0.row(x as usize).as_slice().unwrap_or(&[]));
         for &x in &batch.items {
             if !pkg.contains_item(x) {
+                *sq -= row_sq(h0, x);
                 h0.row_mut(x as usize).fill(0.0);
                 written.push(x);
             }
         }
         for (&(_, x), new) in batch.inputs.range((r, 0)..=(r, u32::MAX)) {
             if pkg.contains_item(x) {
+                *sq += sum_sq(new) - row_sq(h0, x);
                 h0.row_mut(x as usize)
                     .assign(&ArrayView1::from(new.as_slice()));
                 written.push(x);
@@ -823,7 +876,16 @@ impl Propagator {
                 ignored += 1;
             }
         }
+        *sq = sq.max(0.0);
         (written, ignored)
+    }
+
+    /// The absolute tolerance of relation `r`: [`PropagatorConfig::tolerance`]
+    /// times the RMS of the live items' input values.
+    pub fn tolerance_of(&self, r: usize) -> f32 {
+        let cells = (self.live * self.dim).max(1) as f64;
+        let rms = (self.input_sq.get(r).copied().unwrap_or(0.0) / cells).sqrt();
+        (f64::from(self.cfg.tolerance) * rms) as f32
     }
 
     /// Incremental update of relation `r`: returns rows written per layer,
@@ -1402,8 +1464,9 @@ mod tests {
                 0.0,
                 "inputs are stored as given"
             );
+            let tol_abs = (0..2).map(|r| prop.tolerance_of(r)).fold(0f32, f32::max);
             for k in 1..=prop.hops() {
-                bound = c * f64::from(tol) + rho * bound;
+                bound = c * f64::from(tol_abs) + rho * bound;
                 let err = layer_diff(&prop, &exact, k);
                 assert!(
                     err <= bound * 1.001 + 1e-5,
@@ -1455,8 +1518,24 @@ mod tests {
             pkg.take_changes();
             let (u, v) = (17, 3242);
             assert!(pkg.add_edge(0, u, v).unwrap());
+            let before = prop.layer(0, prop.hops()).unwrap().to_owned();
             let stats = step(&mut prop, &mut pkg);
-            assert!(stats.changed.contains(&u) && stats.changed.contains(&v));
+            // Reported: exactly the output rows that moved (past the
+            // tolerance, when there is one).
+            let after = prop.layer(0, prop.hops()).unwrap();
+            for x in 0..n {
+                let moved = before
+                    .row(x)
+                    .iter()
+                    .zip(after.row(x))
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert_eq!(
+                    stats.changed.contains(&(x as u32)),
+                    moved > prop.tolerance_of(0),
+                    "row {x} moved {moved}"
+                );
+            }
+            assert!(stats.changed.contains(&u) || tolerance > 0.0);
             rows.push(stats.rows_recomputed());
         }
         assert!(rows[0] > n, "exact: {rows:?}");

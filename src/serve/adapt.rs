@@ -1,20 +1,26 @@
 //! Native adaptation of a user from their interactions, and top-K scoring.
 //!
 //! A user starts as the mean of their items' embeddings (MPKG eq. 15), then
-//! takes a few gradient steps of BPR (eq. 16) on their items against the rest
-//! of the catalogue, as MetaKG's local update (eq. 21) adapts a user from a
-//! support set. The gradient is taken over every negative item at once rather
-//! than a sampled few: no random draw depends on the order items were
-//! assigned slots in, so two engines that saw the same events in a different
-//! order land on the same user (to float rounding), which is what makes a
-//! replay after a crash converge to the state of an uninterrupted run. Above
-//! [`AdaptConfig::max_positives`] only the most recent items count, which
-//! bounds the work per step at `max_positives × N × d`.
+//! takes a few gradient steps of BPR (eq. 16) on their items against sampled
+//! negatives, as MetaKG's local update (eq. 21) adapts a user from a support
+//! set. The negatives are drawn without a random generator: the
+//! [`AdaptConfig::negatives`] active items with the smallest
+//! `mix(key(item id) ^ key(user id))`, a hash of the external ids. So the
+//! draw does not depend on the order items were assigned slots in, and two
+//! engines that saw the same events in a different order land on the same
+//! user (to float rounding), which is what makes a replay after a crash
+//! converge to the state of an uninterrupted run. Above
+//! [`AdaptConfig::max_positives`] only the most recent items count. The work
+//! per user is one pass over the catalogue's keys for the draw, then
+//! `steps × (positives + negatives) × d`.
 //!
 //! Score of item `i` for user `u`: `u · e_i + b_i`, the bias `b` learned from
-//! observable popularity (see `crate::train::bias_features`).
+//! observable popularity (see `crate::train::bias_features`). [`rank_users`]
+//! scores a block of users with one matrix product over the catalogue.
 
-use ndarray::{Array1, Array2, ArrayView1, ArrayView2};
+use std::collections::BinaryHeap;
+
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
 use serde::{Deserialize, Serialize};
 
 /// Settings of the per-user adaptation.
@@ -29,6 +35,10 @@ pub struct AdaptConfig {
     pub l2: f32,
     /// Most recent items used as positives (and in the mean).
     pub max_positives: usize,
+    /// Negatives per user. Default 256: the BPR gradient over 256 negatives
+    /// is within a few per cent of the one over a whole catalogue, at a fixed
+    /// cost whatever the catalogue's size.
+    pub negatives: usize,
 }
 
 impl Default for AdaptConfig {
@@ -38,71 +48,137 @@ impl Default for AdaptConfig {
             lr: 0.5,
             l2: 0.1,
             max_positives: 64,
+            negatives: 256,
         }
     }
+}
+
+/// The rankable catalogue: one row of `emb`, `bias`, `active` and `keys` per
+/// slot. `active[s]` says whether slot `s` is a rankable item (free slots and
+/// items not yet described are not); `keys[s]` is [`key`] of its id.
+#[derive(Debug, Clone, Copy)]
+pub struct Catalogue<'a> {
+    /// Item embeddings.
+    pub emb: ArrayView2<'a, f32>,
+    /// Item biases.
+    pub bias: ArrayView1<'a, f32>,
+    /// Rankable slots.
+    pub active: &'a [bool],
+    /// [`key`] of each slot's external id.
+    pub keys: &'a [u64],
+}
+
+impl Catalogue<'_> {
+    fn is_active(&self, s: usize) -> bool {
+        self.active.get(s).copied().unwrap_or(false)
+    }
+}
+
+/// A 64-bit key of an external id (FNV-1a, then a finaliser): the same id
+/// gets the same key in every process.
+pub fn key(id: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    mix(h)
+}
+
+/// splitmix64's finaliser.
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
-/// The adapted user vector.
-///
-/// `emb` holds one row per slot, `bias` one value per slot, `active[s]` says
-/// whether slot `s` is a rankable item (free slots and items not yet
-/// described are not), and `items` are the user's items, oldest first.
-/// Returns `None` when the user has no active item.
-pub fn adapt_user(
-    emb: ArrayView2<'_, f32>,
-    bias: ArrayView1<'_, f32>,
-    active: &[bool],
-    items: &[u32],
-    cfg: &AdaptConfig,
-) -> Option<Array1<f32>> {
+/// The user's positives: their most recent active items, sorted, distinct.
+fn positives(cat: &Catalogue<'_>, items: &[u32], cfg: &AdaptConfig) -> Vec<u32> {
     let start = items.len().saturating_sub(cfg.max_positives.max(1));
     let mut pos: Vec<u32> = items[start..]
         .iter()
         .copied()
-        .filter(|&i| active.get(i as usize).copied().unwrap_or(false))
+        .filter(|&i| cat.is_active(i as usize))
         .collect();
     pos.sort_unstable();
     pos.dedup();
+    pos
+}
+
+/// The user's negatives: the `n` active slots outside `items` with the
+/// smallest `mix(keys[s] ^ user)`, in that order (see the module docs).
+pub fn negatives(cat: &Catalogue<'_>, items: &[u32], user: u64, n: usize) -> Vec<u32> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut sorted: Vec<u32> = items.to_vec();
+    sorted.sort_unstable();
+    // A max-heap of the n smallest (hash, key) pairs seen so far.
+    let mut heap: BinaryHeap<(u64, u64, u32)> = BinaryHeap::with_capacity(n + 1);
+    for (s, &k) in cat.keys.iter().enumerate().take(cat.emb.nrows()) {
+        if !cat.is_active(s) {
+            continue;
+        }
+        let h = mix(k ^ user);
+        if heap.len() == n {
+            if let Some(&(top, tk, _)) = heap.peek() {
+                if (h, k) >= (top, tk) {
+                    continue;
+                }
+            }
+        }
+        if sorted.binary_search(&(s as u32)).is_ok() {
+            continue;
+        }
+        heap.push((h, k, s as u32));
+        if heap.len() > n {
+            heap.pop();
+        }
+    }
+    heap.into_sorted_vec().into_iter().map(|(_, _, s)| s).collect()
+}
+
+/// The adapted user vector, from their items (oldest first) and the [`key`]
+/// of their id. `None` when the user has no active item.
+pub fn adapt_user(
+    cat: &Catalogue<'_>,
+    items: &[u32],
+    user: u64,
+    cfg: &AdaptConfig,
+) -> Option<Array1<f32>> {
+    let pos = positives(cat, items, cfg);
     if pos.is_empty() {
         return None;
     }
-    let d = emb.ncols();
+    let d = cat.emb.ncols();
     let mut mean = Array1::<f32>::zeros(d);
     for &i in &pos {
-        mean += &emb.row(i as usize);
+        mean += &cat.emb.row(i as usize);
     }
     mean /= pos.len() as f32;
     if cfg.steps == 0 {
         return Some(mean);
     }
-    // Negatives: every active item the user has not interacted with.
-    let mut is_pos = vec![false; emb.nrows()];
-    for &i in items {
-        if let Some(p) = is_pos.get_mut(i as usize) {
-            *p = true;
-        }
-    }
-    let neg: Vec<usize> = (0..emb.nrows())
-        .filter(|&j| active.get(j).copied().unwrap_or(false) && !is_pos[j])
-        .collect();
+    let neg = negatives(cat, items, user, cfg.negatives);
     if neg.is_empty() {
         return Some(mean);
     }
-    let e_neg = emb.select(ndarray::Axis(0), &neg);
-    let b_neg: Array1<f32> = neg.iter().map(|&j| bias[j]).collect();
-    let pos_idx: Vec<usize> = pos.iter().map(|&i| i as usize).collect();
-    let e_pos = emb.select(ndarray::Axis(0), &pos_idx);
-    let b_pos: Array1<f32> = pos_idx.iter().map(|&i| bias[i]).collect();
+    let idx = |v: &[u32]| v.iter().map(|&i| i as usize).collect::<Vec<_>>();
+    let (neg, pos) = (idx(&neg), idx(&pos));
+    let e_neg = cat.emb.select(Axis(0), &neg);
+    let b_neg: Array1<f32> = neg.iter().map(|&j| cat.bias[j]).collect();
+    let e_pos = cat.emb.select(Axis(0), &pos);
+    let b_pos: Array1<f32> = pos.iter().map(|&i| cat.bias[i]).collect();
     let pairs = (pos.len() * neg.len()) as f32;
     let mut u = mean.clone();
     for _ in 0..cfg.steps {
         let s_pos = e_pos.dot(&u) + &b_pos; // [P]
-        let s_neg = e_neg.dot(&u) + &b_neg; // [Nn]
-                                            // w[p, j] = σ(s_neg[j] − s_pos[p]) = −∂ log σ(s_pos − s_neg) / ∂ margin.
+        let s_neg = e_neg.dot(&u) + &b_neg; // [K]
+        // w[p, j] = σ(s_neg[j] − s_pos[p]) = −∂ log σ(s_pos − s_neg) / ∂ margin.
         let mut w = Array2::<f32>::zeros((pos.len(), neg.len()));
         for (p, mut row) in w.rows_mut().into_iter().enumerate() {
             let sp = s_pos[p];
@@ -111,68 +187,108 @@ pub fn adapt_user(
                 .for_each(|(x, &sn)| *x = sigmoid(sn - sp));
         }
         // ∂L/∂u of L = −mean log σ(s_pos − s_neg): Σ_pj w (e_j − e_p) / pairs.
-        let toward_neg = w.sum_axis(ndarray::Axis(0)).dot(&e_neg);
-        let away_pos = w.sum_axis(ndarray::Axis(1)).dot(&e_pos);
+        let toward_neg = w.sum_axis(Axis(0)).dot(&e_neg);
+        let away_pos = w.sum_axis(Axis(1)).dot(&e_pos);
         let grad = (toward_neg - away_pos) / pairs + (&u - &mean) * cfg.l2;
         u.scaled_add(-cfg.lr, &grad);
     }
     Some(u)
 }
 
-/// The mean BPR loss of `u` on the user's items against every other active
-/// item (for tests and diagnostics).
+/// The mean BPR loss of `u` on the user's positives against `negatives`
+/// (for tests and diagnostics).
 pub fn bpr_loss(
-    emb: ArrayView2<'_, f32>,
-    bias: ArrayView1<'_, f32>,
-    active: &[bool],
+    cat: &Catalogue<'_>,
     items: &[u32],
+    negatives: &[u32],
     u: ArrayView1<'_, f32>,
+    cfg: &AdaptConfig,
 ) -> f32 {
-    let scores = emb.dot(&u) + bias;
-    let mut is_pos = vec![false; emb.nrows()];
-    items.iter().for_each(|&i| is_pos[i as usize] = true);
+    let scores = cat.emb.dot(&u) + cat.bias;
     let (mut sum, mut n) = (0f64, 0usize);
-    for &i in items {
-        for j in 0..emb.nrows() {
-            if active[j] && !is_pos[j] {
-                sum -= (sigmoid(scores[i as usize] - scores[j]) as f64).ln();
-                n += 1;
-            }
+    for &i in &positives(cat, items, cfg) {
+        for &j in negatives {
+            sum -= f64::from(sigmoid(scores[i as usize] - scores[j as usize])).ln();
+            n += 1;
         }
     }
     (sum / n.max(1) as f64) as f32
 }
 
-/// The `k` best active slots for `u` by `u · e + b`, excluding `exclude`
-/// (sorted or not), best first; ties go to the lower slot.
-pub fn top_k(
-    emb: ArrayView2<'_, f32>,
-    bias: ArrayView1<'_, f32>,
-    active: &[bool],
-    u: ArrayView1<'_, f32>,
+/// Best first; ties go to the lower slot.
+fn best_first(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// The `k` best of `scores` over active slots, excluding `exclude` (sorted
+/// or not), best first. One pass: a candidate is kept only if it beats the
+/// `k`-th best score kept so far (a later slot loses a tie anyway), and the
+/// kept ones are cut back to `k` whenever they reach `4k`.
+fn select(
+    cat: &Catalogue<'_>,
+    scores: ArrayView1<'_, f32>,
     exclude: &[u32],
     k: usize,
 ) -> Vec<(u32, f32)> {
-    let scores = emb.dot(&u) + bias;
-    let mut skip = vec![false; emb.nrows()];
-    for &i in exclude {
-        if let Some(s) = skip.get_mut(i as usize) {
-            *s = true;
+    if k == 0 {
+        return Vec::new();
+    }
+    let mut skip: Vec<u32> = exclude.to_vec();
+    skip.sort_unstable();
+    let cap = 4 * k + 64;
+    let mut kept: Vec<(u32, f32)> = Vec::with_capacity(cap);
+    let mut floor = f32::NEG_INFINITY;
+    for (i, &s) in scores.iter().enumerate() {
+        if !(s > floor && s.is_finite()) || !cat.is_active(i) {
+            continue;
+        }
+        if skip.binary_search(&(i as u32)).is_ok() {
+            continue;
+        }
+        kept.push((i as u32, s));
+        if kept.len() >= cap {
+            kept.select_nth_unstable_by(k - 1, best_first);
+            kept.truncate(k);
+            floor = kept.iter().map(|p| p.1).fold(f32::INFINITY, f32::min);
         }
     }
-    let mut cand: Vec<(u32, f32)> = scores
-        .iter()
-        .enumerate()
-        .filter(|&(i, s)| active.get(i).copied().unwrap_or(false) && !skip[i] && s.is_finite())
-        .map(|(i, &s)| (i as u32, s))
-        .collect();
-    let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-    if cand.len() > k {
-        cand.select_nth_unstable_by(k, order);
-        cand.truncate(k);
+    if kept.len() > k {
+        kept.select_nth_unstable_by(k, best_first);
+        kept.truncate(k);
     }
-    cand.sort_unstable_by(order);
-    cand
+    kept.sort_unstable_by(best_first);
+    kept
+}
+
+/// The `k` best active slots for `u` by `u · e + b`, excluding `exclude`
+/// (sorted or not), best first; ties go to the lower slot.
+pub fn top_k(cat: &Catalogue<'_>, u: ArrayView1<'_, f32>, exclude: &[u32], k: usize) -> Vec<(u32, f32)> {
+    let scores = cat.emb.dot(&u) + cat.bias;
+    select(cat, scores.view(), exclude, k)
+}
+
+/// Users scored in one matrix product per block.
+const BLOCK: usize = 64;
+
+/// [`top_k`] for many users, `(vector, items to exclude)` each, with one
+/// matrix product over the catalogue per block of users: the catalogue is
+/// read once a block rather than once a user.
+pub fn rank_users(cat: &Catalogue<'_>, users: &[(ArrayView1<'_, f32>, &[u32])], k: usize) -> Vec<Vec<(u32, f32)>> {
+    let d = cat.emb.ncols();
+    let mut out = Vec::with_capacity(users.len());
+    for block in users.chunks(BLOCK) {
+        let mut u = Array2::<f32>::zeros((block.len(), d));
+        for (mut row, (v, _)) in u.rows_mut().into_iter().zip(block) {
+            row.assign(v);
+        }
+        let mut scores = Array2::<f32>::zeros((block.len(), cat.emb.nrows()));
+        ndarray::linalg::general_mat_mul(1.0, &u, &cat.emb.t(), 0.0, &mut scores);
+        scores += &cat.bias;
+        for (row, (_, exclude)) in scores.rows().into_iter().zip(block) {
+            out.push(select(cat, row, exclude, k));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -180,82 +296,130 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
-    fn random(n: usize, d: usize, seed: u64) -> (Array2<f32>, Array1<f32>) {
+    struct Owned {
+        e: Array2<f32>,
+        b: Array1<f32>,
+        active: Vec<bool>,
+        keys: Vec<u64>,
+    }
+
+    impl Owned {
+        fn cat(&self) -> Catalogue<'_> {
+            Catalogue {
+                emb: self.e.view(),
+                bias: self.b.view(),
+                active: &self.active,
+                keys: &self.keys,
+            }
+        }
+    }
+
+    fn random(n: usize, d: usize, seed: u64) -> Owned {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let e = Array2::from_shape_fn((n, d), |_| rng.random_range(-1.0..1.0f32));
-        let b = Array1::from_shape_fn(n, |_| rng.random_range(-0.5..0.5f32));
-        (e, b)
+        Owned {
+            e: Array2::from_shape_fn((n, d), |_| rng.random_range(-1.0..1.0f32)),
+            b: Array1::from_shape_fn(n, |_| rng.random_range(-0.5..0.5f32)),
+            active: vec![true; n],
+            keys: (0..n).map(|i| key(&format!("item-{i}"))).collect(),
+        }
     }
 
     #[test]
     fn no_steps_is_the_mean_of_active_items() {
-        let (e, b) = random(10, 4, 1);
-        let mut active = vec![true; 10];
-        active[3] = false;
+        let mut c = random(10, 4, 1);
+        c.active[3] = false;
         let cfg = AdaptConfig {
             steps: 0,
             ..Default::default()
         };
-        let u = adapt_user(e.view(), b.view(), &active, &[1, 3, 5], &cfg).unwrap();
-        let want = (&e.row(1) + &e.row(5)) / 2.0;
+        let u = adapt_user(&c.cat(), &[1, 3, 5], 7, &cfg).unwrap();
+        let want = (&c.e.row(1) + &c.e.row(5)) / 2.0;
         assert!(u.iter().zip(want.iter()).all(|(a, b)| (a - b).abs() < 1e-6));
-        assert!(adapt_user(e.view(), b.view(), &active, &[3], &cfg).is_none());
+        assert!(adapt_user(&c.cat(), &[3], 7, &cfg).is_none());
+    }
+
+    #[test]
+    fn negatives_are_a_fixed_draw_of_ids_not_slots() {
+        let mut c = random(500, 4, 9);
+        c.active[42] = false;
+        let items = [3u32, 17, 99];
+        let user = key("alice");
+        let negs = negatives(&c.cat(), &items, user, 50);
+        assert_eq!(negs.len(), 50);
+        assert!(negs.iter().all(|j| !items.contains(j) && *j != 42));
+        let mut distinct = negs.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 50);
+        // The same ids in other slots: the same items are drawn.
+        let perm: Vec<usize> = (0..500).rev().collect();
+        let moved = Owned {
+            e: c.e.select(Axis(0), &perm),
+            b: c.b.select(Axis(0), &perm),
+            active: perm.iter().map(|&i| c.active[i]).collect(),
+            keys: perm.iter().map(|&i| c.keys[i]).collect(),
+        };
+        let moved_items: Vec<u32> = items.iter().map(|&i| 499 - i).collect();
+        let again = negatives(&moved.cat(), &moved_items, user, 50);
+        let back: Vec<u32> = again.iter().map(|&j| 499 - j).collect();
+        assert_eq!(back, negs);
+        // Another user, another draw; fewer candidates than asked, all of them.
+        assert_ne!(negatives(&c.cat(), &items, key("bob"), 50), negs);
+        assert_eq!(negatives(&c.cat(), &items, user, 1000).len(), 496);
     }
 
     #[test]
     fn steps_lower_the_bpr_loss() {
-        let (e, b) = random(200, 8, 2);
-        let active = vec![true; 200];
+        let c = random(200, 8, 2);
         let items = [4u32, 17, 99];
-        let mean = adapt_user(
-            e.view(),
-            b.view(),
-            &active,
-            &items,
-            &AdaptConfig {
-                steps: 0,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let user = key("u");
+        let zero = AdaptConfig {
+            steps: 0,
+            ..Default::default()
+        };
+        let mean = adapt_user(&c.cat(), &items, user, &zero).unwrap();
         let cfg = AdaptConfig {
             steps: 20,
             l2: 0.0,
+            negatives: 64,
             ..Default::default()
         };
-        let u = adapt_user(e.view(), b.view(), &active, &items, &cfg).unwrap();
-        let before = bpr_loss(e.view(), b.view(), &active, &items, mean.view());
-        let after = bpr_loss(e.view(), b.view(), &active, &items, u.view());
+        let u = adapt_user(&c.cat(), &items, user, &cfg).unwrap();
+        let negs = negatives(&c.cat(), &items, user, cfg.negatives);
+        let before = bpr_loss(&c.cat(), &items, &negs, mean.view(), &cfg);
+        let after = bpr_loss(&c.cat(), &items, &negs, u.view(), &cfg);
         assert!(after < before - 0.05, "{before} -> {after}");
     }
 
     /// The gradient of the closed form against finite differences of the loss.
     #[test]
     fn one_step_follows_the_loss_gradient() {
-        let (e, b) = random(30, 5, 3);
-        let active = vec![true; 30];
+        let c = random(30, 5, 3);
         let items = [2u32, 7];
+        let user = key("v");
         let zero = AdaptConfig {
             steps: 0,
             ..Default::default()
         };
-        let mean = adapt_user(e.view(), b.view(), &active, &items, &zero).unwrap();
+        let mean = adapt_user(&c.cat(), &items, user, &zero).unwrap();
         let lr = 1e-2;
         let one = AdaptConfig {
             steps: 1,
             lr,
             l2: 0.0,
             max_positives: 64,
+            negatives: 12,
         };
-        let u = adapt_user(e.view(), b.view(), &active, &items, &one).unwrap();
+        let u = adapt_user(&c.cat(), &items, user, &one).unwrap();
+        let negs = negatives(&c.cat(), &items, user, one.negatives);
         for k in 0..5 {
             let h = 1e-3;
             let mut p = mean.clone();
             p[k] += h;
             let mut m = mean.clone();
             m[k] -= h;
-            let g = (bpr_loss(e.view(), b.view(), &active, &items, p.view())
-                - bpr_loss(e.view(), b.view(), &active, &items, m.view()))
+            let g = (bpr_loss(&c.cat(), &items, &negs, p.view(), &one)
+                - bpr_loss(&c.cat(), &items, &negs, m.view(), &one))
                 / (2.0 * h);
             let step = (mean[k] - u[k]) / lr;
             assert!((g - step).abs() < 2e-3, "dim {k}: fd {g} vs {step}");
@@ -264,23 +428,39 @@ mod tests {
 
     #[test]
     fn top_k_excludes_and_orders() {
-        let (e, b) = random(50, 4, 4);
-        let mut active = vec![true; 50];
-        active[10] = false;
-        let u = e.row(0).to_owned();
-        let top = top_k(e.view(), b.view(), &active, u.view(), &[0, 1], 5);
+        let mut c = random(50, 4, 4);
+        c.active[10] = false;
+        let u = c.e.row(0).to_owned();
+        let top = top_k(&c.cat(), u.view(), &[0, 1], 5);
         assert_eq!(top.len(), 5);
         assert!(top.iter().all(|&(i, _)| i != 0 && i != 1 && i != 10));
         assert!(top.windows(2).all(|w| w[0].1 >= w[1].1));
-        let scores = e.dot(&u) + &b;
+        let scores = c.e.dot(&u) + &c.b;
         let best = (2..50)
             .filter(|&i| i != 10)
-            .max_by(|&a, &c| scores[a].total_cmp(&scores[c]))
+            .max_by(|&a, &b| scores[a].total_cmp(&scores[b]))
             .unwrap();
         assert_eq!(top[0].0 as usize, best);
-        assert_eq!(
-            top_k(e.view(), b.view(), &active, u.view(), &[], 100).len(),
-            49
-        );
+        assert_eq!(top_k(&c.cat(), u.view(), &[], 100).len(), 49);
+    }
+
+    #[test]
+    fn ranking_a_block_equals_ranking_each_user() {
+        let c = random(300, 6, 5);
+        let vs: Vec<Array1<f32>> = (0..150).map(|i| c.e.row(i).to_owned()).collect();
+        let excl: Vec<Vec<u32>> = (0..150u32).map(|i| vec![i, (i * 7) % 300]).collect();
+        let users: Vec<(ArrayView1<'_, f32>, &[u32])> = vs
+            .iter()
+            .zip(&excl)
+            .map(|(v, e)| (v.view(), e.as_slice()))
+            .collect();
+        let block = rank_users(&c.cat(), &users, 10);
+        assert_eq!(block.len(), 150);
+        for ((v, e), got) in users.iter().zip(&block) {
+            let want = top_k(&c.cat(), *v, e, 10);
+            let ids = |x: &[(u32, f32)]| x.iter().map(|p| p.0).collect::<Vec<_>>();
+            assert_eq!(ids(got), ids(&want));
+            assert!(got.iter().zip(&want).all(|(a, b)| (a.1 - b.1).abs() < 1e-4));
+        }
     }
 }

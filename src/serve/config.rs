@@ -37,20 +37,33 @@ pub struct Settings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GraphSettings {
-    /// Largest change of a propagated row (absolute, per coordinate) that may
-    /// be held back instead of propagated further
-    /// (`graph::PropagatorConfig::tolerance`). 0 is exact: every edit
-    /// recomputes its whole `M`-hop ball, which on a dense power-law catalogue
-    /// is most of the graph. Above 0, an edit's update stops after a few rows;
-    /// whenever the stream is idle the engine recomputes the propagation in
-    /// full and republishes what the held-back changes moved, so an idle
-    /// engine is exact.
+    /// Largest change of a propagated row (per coordinate, relative to the
+    /// RMS of the input values) that may be held back instead of propagated
+    /// further (`graph::PropagatorConfig::tolerance`); an item's embedding is
+    /// also re-fused and republished only once its propagated rows moved
+    /// past it. 0 is exact: every edit recomputes its whole `M`-hop ball,
+    /// which on a dense power-law catalogue is most of the graph. Default
+    /// 1e-3: on the 100K-item benchmark catalogue one new edge costs about
+    /// 1/2,900 of a full propagation and no propagated value is off by more
+    /// than 0.7% of their RMS. Whenever the stream is idle the engine
+    /// recomputes the propagation in full and republishes what the held-back
+    /// changes moved, so an idle engine is exact.
     pub tolerance: f32,
+    /// Items whose embedding changed only through propagation (the ripple
+    /// of an edit through the graph, as opposed to an edge's endpoints or a
+    /// new item, which are published with their batch) are re-fused and
+    /// published at most this often, ms, and whenever the stream is idle.
+    /// Default 1000: a hub that gains edges every batch would otherwise
+    /// republish its whole neighbourhood with every batch. 0: every batch.
+    pub ripple_ms: u64,
 }
 
 impl Default for GraphSettings {
     fn default() -> Self {
-        Self { tolerance: 1e-4 }
+        Self {
+            tolerance: 1e-3,
+            ripple_ms: 1000,
+        }
     }
 }
 

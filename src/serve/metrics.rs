@@ -141,6 +141,8 @@ pub struct Metrics {
     version: Mutex<String>,
     provider_name: Mutex<String>,
     redis_totals: Mutex<(u64, f64)>,
+    /// Rows and seconds per inference model, for reports.
+    inference_totals: Mutex<BTreeMap<String, (u64, f64)>>,
 }
 
 impl Default for Metrics {
@@ -230,7 +232,7 @@ impl Metrics {
         let adaptation_seconds = work_histogram();
         registry.register(
             "adaptation_seconds",
-            "Per-user adaptation and top-K time",
+            "Adaptation and top-K time of the users of one batch",
             adaptation_seconds.clone(),
         );
         let users_adapted = Counter::default();
@@ -289,6 +291,7 @@ impl Metrics {
             version: Mutex::new(String::new()),
             provider_name: Mutex::new(String::new()),
             redis_totals: Mutex::new((0, 0.0)),
+            inference_totals: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -356,6 +359,23 @@ impl Metrics {
                 model: model.into(),
             })
             .observe(rows as f64);
+        let mut t = self
+            .inference_totals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let e = t.entry(model.to_string()).or_default();
+        e.0 += rows as u64;
+        e.1 += seconds;
+    }
+
+    /// Rows run through `model` and seconds spent, in total.
+    pub fn inference_totals(&self, model: &str) -> (u64, f64) {
+        self.inference_totals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(model)
+            .copied()
+            .unwrap_or_default()
     }
 
     /// The execution provider in use.
@@ -405,10 +425,10 @@ impl Metrics {
         self.redis_errors.inc();
     }
 
-    /// One user adapted.
-    pub fn adaptation(&self, seconds: f64) {
+    /// `users` users adapted and ranked in `seconds` (one batch).
+    pub fn adaptation(&self, users: usize, seconds: f64) {
         self.adaptation_seconds.observe(seconds);
-        self.users_adapted.inc();
+        self.users_adapted.inc_by(users as u64);
     }
 
     /// Freshness of one published effect of `kind`.

@@ -130,7 +130,7 @@ pub async fn run(
         adapt,
         settings.users.top_k,
         settings.users.refresh_all_when_idle,
-        settings.graph.tolerance,
+        &settings.graph,
         metrics.clone(),
     )?;
     let mut publisher = Publisher::new(settings.redis.clone(), metrics.clone(), health.clone())?;
@@ -198,8 +198,30 @@ pub async fn run(
     consumer.subscribe(&topics).context("subscribing")?;
     health.ready.store(true, Ordering::SeqCst);
 
+    let (tx_text, mut rx_text) = mpsc::channel::<Work>(settings.ingest.queue);
     let (tx_core, mut rx_core) = mpsc::channel::<Work>(settings.ingest.queue);
     let (tx_pub, mut rx_pub) = mpsc::channel::<Out>(settings.ingest.queue);
+
+    // Text: one blocking thread embeds the batch's item texts while the core
+    // works on the batch before (the encoder is the costliest step per item).
+    let text = core.text_encoder();
+    let text_metrics = metrics.clone();
+    let provider = core.provider();
+    let text_task = tokio::task::spawn_blocking(move || -> Result<()> {
+        while let Some(mut w) = rx_text.blocking_recv() {
+            if let Work::Batch { msgs, .. } = &mut w {
+                let t0 = Instant::now();
+                let n = state::embed_texts(&text, msgs)?;
+                if n > 0 {
+                    text_metrics.inference("text_encoder", provider, n, t0.elapsed().as_secs_f64());
+                }
+            }
+            if tx_core.blocking_send(w).is_err() {
+                break;
+            }
+        }
+        Ok(())
+    });
 
     // Core: one blocking thread owns the state.
     let model_settings = settings.clone();
@@ -367,7 +389,7 @@ pub async fn run(
                     close = true;
                 } else {
                     if !idle_sent {
-                        if tx_core.send(Work::Idle).await.is_err() {
+                        if tx_text.send(Work::Idle).await.is_err() {
                             break;
                         }
                         idle_sent = true;
@@ -381,7 +403,7 @@ pub async fn run(
                         if let Some(v) = v.filter(|v| *v != running_version) {
                             tracing::info!(version = %v, "new model version found");
                             running_version = v;
-                            if tx_core.send(Work::Reload).await.is_err() {
+                            if tx_text.send(Work::Reload).await.is_err() {
                                 break;
                             }
                         }
@@ -403,10 +425,7 @@ pub async fn run(
                         match decode(topic, m.key(), payload, &limits) {
                             Ok(event) => {
                                 metrics.event(&topic_name, "applied");
-                                msgs.push(Msg {
-                                    event,
-                                    kafka_ms: m.timestamp().to_millis(),
-                                });
+                                msgs.push(Msg::new(event, m.timestamp().to_millis()));
                             }
                             Err(rejection) => {
                                 let dl = DeadLetter::new(
@@ -446,14 +465,14 @@ pub async fn run(
                 messages: std::mem::take(&mut count),
             };
             opened = None;
-            if tx_core.send(w).await.is_err() {
+            if tx_text.send(w).await.is_err() {
                 break;
             }
         }
     }
     // Drain: the open batch, then the stages.
     if !offsets.is_empty() && result.is_ok() {
-        let _ = tx_core
+        let _ = tx_text
             .send(Work::Batch {
                 msgs,
                 offsets,
@@ -461,8 +480,9 @@ pub async fn run(
             })
             .await;
     }
-    drop(tx_core);
+    drop(tx_text);
     health.ready.store(false, Ordering::SeqCst);
+    let text_res = text_task.await.map_err(|e| anyhow!("text thread: {e}"))?;
     let core_res = core_task.await.map_err(|e| anyhow!("core thread: {e}"))?;
     let pub_res = pub_task.await.map_err(|e| anyhow!("publisher: {e}"))?;
     lag_task.abort();
@@ -481,6 +501,7 @@ pub async fn run(
         }
     }
     result?;
+    text_res?;
     core_res?;
     pub_res?;
     Ok(())
@@ -616,10 +637,7 @@ fn restore(settings: &Settings, group: &StreamConsumer, core: &mut Core) -> Resu
                 if let Some(topic) = Topic::from_name(m.topic()) {
                     // Rejected messages were dead-lettered before the restart.
                     if let Ok(event) = decode(topic, m.key(), m.payload().unwrap_or(&[]), limits) {
-                        msgs.push(Msg {
-                            event,
-                            kafka_ms: None,
-                        });
+                        msgs.push(Msg::new(event, None));
                     }
                 }
                 if m.offset() + 1 >= end {

@@ -8,9 +8,11 @@
 //! | `{prefix}:model` | hash | `version`, `dim`, `relations` |
 //! | `{prefix}:updates` | stream | `kind`, `id`, `model` per refresh (capped) |
 //!
-//! Each pipeline is one MULTI/EXEC transaction, so a reader never sees a list
-//! half replaced. Every write sets a value (HSET, DEL+ZADD), so writing the
-//! same batch twice leaves the same state: replays after a crash are safe.
+//! A list is replaced in one MULTI/EXEC transaction (DEL + ZADD), so a
+//! reader never sees it half replaced; the other writes are single commands,
+//! atomic by themselves, and go without a transaction. Every write sets a
+//! value (HSET, DEL+ZADD), so writing the same batch twice leaves the same
+//! state: replays after a crash are safe.
 //! A batch's pipelines are sent concurrently on one multiplexed connection.
 //! A failed write is retried with exponential backoff until it succeeds or
 //! the engine stops; meanwhile the pipeline stages block (backpressure) and
@@ -39,6 +41,18 @@ pub fn emb_from_bytes(b: &[u8]) -> Option<Vec<f32>> {
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect()
     })
+}
+
+/// Commands of a pipeline that write data (MULTI and EXEC left out).
+fn data_commands(p: &redis::Pipeline) -> usize {
+    p.cmd_iter()
+        .filter(|c| {
+            !matches!(
+                c.args_iter().next(),
+                Some(redis::Arg::Simple(b"MULTI" | b"EXEC"))
+            )
+        })
+        .count()
 }
 
 /// The Redis writer.
@@ -104,7 +118,7 @@ impl Publisher {
                     let mut written = 0;
                     for (p, r) in pending.into_iter().zip(results) {
                         match r {
-                            Ok(()) => written += p.cmd_iter().count(),
+                            Ok(()) => written += data_commands(&p),
                             Err(e) => {
                                 error = Some(e);
                                 failed.push(p);
@@ -164,15 +178,12 @@ impl Publisher {
         let limit = self.cfg.pipeline_commands;
         let mut pipes = Vec::new();
         let mut pipe = redis::pipe();
-        pipe.atomic();
         let mut n = 0usize;
         let updates = format!("{}:updates", self.cfg.prefix);
         let maxlen = redis::streams::StreamMaxlen::Approx(self.cfg.updates_maxlen);
         let mut flush = |pipe: &mut redis::Pipeline, n: &mut usize, need: usize| {
             if *n + need > limit && *n > 0 {
-                let mut fresh = redis::pipe();
-                fresh.atomic();
-                pipes.push(std::mem::replace(pipe, fresh));
+                pipes.push(std::mem::replace(pipe, redis::pipe()));
                 *n = 0;
             }
         };
@@ -197,7 +208,7 @@ impl Publisher {
             n += 2;
         }
         for u in &batch.users {
-            flush(&mut pipe, &mut n, 4);
+            flush(&mut pipe, &mut n, 6);
             self.user_cmds(&mut pipe, u, version);
             pipe.xadd_maxlen(
                 &updates,
@@ -206,7 +217,7 @@ impl Publisher {
                 &[("kind", "user"), ("id", u.id.as_str()), ("model", version)],
             )
             .ignore();
-            n += 4;
+            n += 6;
         }
         if n > 0 {
             pipes.push(pipe);
@@ -228,7 +239,10 @@ impl Publisher {
             ],
         )
         .ignore();
+        // The list is replaced in a transaction of its own: MULTI, DEL,
+        // ZADD, EXEC (a reader sees the old list or the new one).
         let recs = self.key("recs", &u.id);
+        pipe.cmd("MULTI").ignore();
         pipe.del(&recs).ignore();
         if !u.recs.is_empty() {
             let members: Vec<(f64, &str)> = u
@@ -238,6 +252,7 @@ impl Publisher {
                 .collect();
             pipe.zadd_multiple(&recs, &members).ignore();
         }
+        pipe.cmd("EXEC").ignore();
     }
 
     /// The model version Redis serves now (`{prefix}:model` `version`).

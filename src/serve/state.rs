@@ -18,7 +18,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use ndarray::{Array1, Array2, Array3, ArrayView2};
 
-use super::adapt::{adapt_user, top_k, AdaptConfig};
+use super::adapt::{adapt_user, key, rank_users, AdaptConfig, Catalogue};
 use super::metrics::Metrics;
 use crate::graph::{Batch, Pkg, Propagator, PropagatorConfig};
 use crate::infer::item::{ItemModels, ItemModelsConfig};
@@ -36,6 +36,58 @@ pub struct Msg {
     pub event: Event,
     /// Kafka message timestamp, ms since the epoch.
     pub kafka_ms: Option<i64>,
+    /// For an item event, its text's embedding when the text stage computed
+    /// it already ([`embed_texts`]); else [`Core::apply`] does.
+    pub text: Option<Vec<f32>>,
+}
+
+impl Msg {
+    /// A message whose text is not embedded yet.
+    pub fn new(event: Event, kafka_ms: Option<i64>) -> Self {
+        Self {
+            event,
+            kafka_ms,
+            text: None,
+        }
+    }
+}
+
+/// The text of an item event the encoder embeds: `title. description`, or
+/// whichever of the two is there.
+pub fn item_text(e: &crate::ingest::ItemEvent) -> String {
+    match e.description.as_deref() {
+        Some(d) if !d.is_empty() && !e.title.is_empty() => format!("{}. {d}", e.title),
+        Some(d) if !d.is_empty() => d.to_string(),
+        _ => e.title.clone(),
+    }
+}
+
+/// Embeds the text of every item event in `msgs` that has none yet (the
+/// text stage, run ahead of [`Core::apply`] on its own thread). An empty
+/// text gets a zero vector. Returns the number of texts embedded.
+pub fn embed_texts(text: &TextEncoder, msgs: &mut [Msg]) -> Result<usize> {
+    let mut todo: Vec<(usize, String)> = Vec::new();
+    for (k, m) in msgs.iter().enumerate() {
+        if let (Event::Item(e), None) = (&m.event, &m.text) {
+            todo.push((k, item_text(e)));
+        }
+    }
+    let nonempty: Vec<&(usize, String)> = todo.iter().filter(|(_, t)| !t.is_empty()).collect();
+    let strs: Vec<&str> = nonempty.iter().map(|(_, t)| t.as_str()).collect();
+    let emb = if strs.is_empty() {
+        Array2::zeros((0, text.dim()))
+    } else {
+        text.embed(&strs)?
+    };
+    for (row, (k, _)) in nonempty.iter().enumerate() {
+        msgs[*k].text = Some(emb.row(row).to_vec());
+    }
+    for (k, t) in &todo {
+        if t.is_empty() {
+            msgs[*k].text = Some(vec![0.0; text.dim()]);
+        }
+    }
+    Ok(todo.len())
 }
 
 /// Whether a batch is live (its effects are published) or re-read from the
@@ -139,8 +191,8 @@ pub struct LoadedModel {
     pub card: ModelCard,
     /// Projection and fusion graphs.
     pub items: ItemModels,
-    /// Text encoder.
-    pub text: TextEncoder,
+    /// Text encoder (shared with the text stage).
+    pub text: Arc<TextEncoder>,
 }
 
 impl LoadedModel {
@@ -184,7 +236,11 @@ impl LoadedModel {
                 model_dir.display()
             );
         }
-        Ok(Self { card, items, text })
+        Ok(Self {
+            card,
+            items,
+            text: Arc::new(text),
+        })
     }
 }
 
@@ -194,6 +250,8 @@ pub struct Core {
     pkg: Pkg,
     prop: Propagator,
     slots: Vec<ItemSlot>,
+    /// `adapt::key` of each slot's item id (for the negatives' draw).
+    keys: Vec<u64>,
     /// Fused embeddings, one row per slot (capacity rows).
     fused: Array2<f32>,
     users: HashMap<String, UserState>,
@@ -207,6 +265,13 @@ pub struct Core {
     changed_since_idle: bool,
     /// `graph::PropagatorConfig::tolerance`.
     tolerance: f32,
+    /// Slots whose propagated rows changed by propagation alone, not yet
+    /// re-fused and published (bounded by the slots).
+    ripple: BTreeSet<u32>,
+    /// `graph.ripple_ms`.
+    ripple_ms: u64,
+    /// When `ripple` was last flushed.
+    last_ripple: Instant,
     metrics: Arc<Metrics>,
 }
 
@@ -217,9 +282,10 @@ impl Core {
         adapt: AdaptConfig,
         top_k: usize,
         refresh_all: bool,
-        tolerance: f32,
+        graph: &crate::serve::config::GraphSettings,
         metrics: Arc<Metrics>,
     ) -> Result<Self> {
+        let tolerance = graph.tolerance;
         let pkg = Pkg::new(model.card.relations.iter().map(String::as_str))?;
         let prop = Propagator::full(
             PropagatorConfig {
@@ -238,6 +304,7 @@ impl Core {
             pkg,
             prop,
             slots: Vec::new(),
+            keys: Vec::new(),
             fused: Array2::zeros((0, d)),
             users: HashMap::new(),
             now_ms: 0,
@@ -246,9 +313,22 @@ impl Core {
             refresh_all,
             dirty_users: BTreeSet::new(),
             changed_since_idle: false,
-            tolerance,
+            tolerance: graph.tolerance,
+            ripple: BTreeSet::new(),
+            ripple_ms: graph.ripple_ms,
+            last_ripple: Instant::now(),
             metrics,
         })
+    }
+
+    /// The text encoder, for the text stage.
+    pub fn text_encoder(&self) -> Arc<TextEncoder> {
+        self.model.text.clone()
+    }
+
+    /// The execution provider of the item models (`cpu`, `cuda`).
+    pub fn provider(&self) -> &'static str {
+        self.model.items.provider()
     }
 
     /// The model's card.
@@ -274,9 +354,11 @@ impl Core {
         let n = s as usize + 1;
         if self.slots.len() < n {
             self.slots.resize_with(n, ItemSlot::default);
+            self.keys.resize(n, 0);
         } else {
             self.slots[s as usize] = ItemSlot::default();
         }
+        self.keys[s as usize] = key(id);
         if self.fused.nrows() < n {
             let cap = n.next_power_of_two().max(1024);
             let mut f = Array2::zeros((cap, self.model.card.dim));
@@ -291,16 +373,17 @@ impl Core {
     /// in [`Mode::Restore`] only the state changes (call [`Core::finish_restore`]
     /// after the last restored batch).
     pub fn apply(&mut self, msgs: &[Msg], mode: Mode) -> Result<(Publish, Applied)> {
+        let t_batch = Instant::now();
         let mut out = Publish::default();
         let mut counts = Applied::default();
         // Slots that need a new input row (new placeholders: zeros; described
         // items: their projected features), and texts to encode.
         let mut new_inputs: BTreeSet<u32> = BTreeSet::new();
-        let mut texts: BTreeMap<u32, (String, Vec<String>)> = BTreeMap::new();
+        let mut texts: BTreeMap<u32, usize> = BTreeMap::new();
         let mut item_sources: Vec<(u32, i64)> = Vec::new();
         let mut edge_sources: Vec<(u32, i64)> = Vec::new();
         let mut user_sources: Vec<(String, i64)> = Vec::new();
-        for m in msgs {
+        for (k, m) in msgs.iter().enumerate() {
             let topic = m.event.topic().name();
             self.now_ms = self.now_ms.max(m.event.ts());
             match &m.event {
@@ -309,14 +392,8 @@ impl Core {
                     if new {
                         new_inputs.insert(s);
                     }
-                    let text = match e.description.as_deref() {
-                        Some(d) if !d.is_empty() && !e.title.is_empty() => {
-                            format!("{}. {d}", e.title)
-                        }
-                        Some(d) if !d.is_empty() => d.to_string(),
-                        _ => e.title.clone(),
-                    };
-                    texts.insert(s, (text, e.categories.clone()));
+                    // The latest item event of the slot in the batch wins.
+                    texts.insert(s, k);
                     let slot = &mut self.slots[s as usize];
                     slot.described = true;
                     slot.ts = slot.ts.max(e.ts);
@@ -373,25 +450,35 @@ impl Core {
         }
         self.changed_since_idle = true;
 
-        // Text and features of described items.
+        // Features of described items: text embedding (from the text stage,
+        // or computed here) ⊕ hashed categories.
         if !texts.is_empty() {
-            let t0 = Instant::now();
-            let strs: Vec<&str> = texts.values().map(|(t, _)| t.as_str()).collect();
-            let emb = self.model.text.embed(&strs)?;
-            self.metrics.inference(
-                "text_encoder",
-                self.model.items.provider(),
-                strs.len(),
-                t0.elapsed().as_secs_f64(),
-            );
+            let mut own: Vec<Msg> = texts
+                .values()
+                .filter(|&&k| msgs[k].text.is_none())
+                .map(|&k| msgs[k].clone())
+                .collect();
+            if !own.is_empty() {
+                let t0 = Instant::now();
+                let n = embed_texts(&self.model.text, &mut own)?;
+                self.metrics.inference(
+                    "text_encoder",
+                    self.model.items.provider(),
+                    n,
+                    t0.elapsed().as_secs_f64(),
+                );
+            }
+            let mut own = own.into_iter();
             let kg = self.model.card.config.kg_dim;
-            for (row, (&s, (text, cats))) in texts.iter().enumerate() {
-                let mut x = if text.is_empty() {
-                    vec![0f32; emb.ncols()]
-                } else {
-                    emb.row(row).to_vec()
+            for (&s, &k) in &texts {
+                let m = &msgs[k];
+                let text = match &m.text {
+                    Some(t) => t.clone(),
+                    None => own.next().and_then(|o| o.text).unwrap_or_default(),
                 };
-                x.extend(category_bag(cats, kg));
+                let Event::Item(e) = &m.event else { continue };
+                let mut x = text;
+                x.extend(category_bag(&e.categories, kg));
                 self.slots[s as usize].x = x;
                 new_inputs.insert(s);
             }
@@ -420,7 +507,8 @@ impl Core {
         let t0 = Instant::now();
         let edits = batch.edits().map_or(0, |r| (r.end - r.start) as usize) + batch.num_inputs();
         let stats = self.prop.apply(&self.pkg, &batch)?;
-        self.metrics.propagation(edits, t0.elapsed().as_secs_f64());
+        let prop_s = t0.elapsed().as_secs_f64();
+        self.metrics.propagation(edits, prop_s);
         self.report_graph();
 
         if mode == Mode::Restore {
@@ -428,15 +516,41 @@ impl Core {
         }
 
         // Rows whose output changed in some relation (exact, or beyond the
-        // tolerance's held-back changes), and the items given new inputs.
-        let changed: BTreeSet<u32> = stats.changed.iter().chain(&new_inputs).copied().collect();
+        // tolerance's held-back changes): the batch's own slots (edge
+        // endpoints, new or changed items) are re-fused and published now;
+        // the ripple through the graph (rows changed by propagation alone)
+        // waits for the next flush, every `graph.ripple_ms` and when idle, so
+        // a stream of edges at a hub does not republish the hub's whole
+        // neighbourhood with every batch.
+        let own: BTreeSet<u32> = (0..self.pkg.num_relations())
+            .flat_map(|r| batch.touched(r).iter().copied())
+            .chain(batch.items().iter().copied())
+            .collect();
+        let mut changed: BTreeSet<u32> = new_inputs.clone();
+        for &s in &stats.changed {
+            if own.contains(&s) {
+                changed.insert(s);
+            } else {
+                self.ripple.insert(s);
+            }
+        }
+        if self.last_ripple.elapsed().as_millis() as u64 >= self.ripple_ms {
+            changed.append(&mut self.ripple);
+            self.last_ripple = Instant::now();
+        } else {
+            for s in &changed {
+                self.ripple.remove(s);
+            }
+        }
         let to_fuse: Vec<u32> = changed
             .into_iter()
             .filter(|&s| {
                 self.pkg.contains_item(s) && self.slots.get(s as usize).is_some_and(|x| x.described)
             })
             .collect();
+        let t_fuse = Instant::now();
         self.fuse(&to_fuse)?;
+        let fuse_s = t_fuse.elapsed().as_secs_f64();
         for &s in &to_fuse {
             out.items.push(self.item_out(s));
         }
@@ -450,13 +564,25 @@ impl Core {
 
         // Users with new interactions.
         let dirty: Vec<String> = std::mem::take(&mut self.dirty_users).into_iter().collect();
+        let t_users = Instant::now();
         out.users = self.user_outs(&dirty);
+        let users_s = t_users.elapsed().as_secs_f64();
         let published: BTreeSet<&str> = out.users.iter().map(|u| u.id.as_str()).collect();
         for (u, k) in user_sources {
             if published.contains(u.as_str()) {
                 out.sources.push(("user", k));
             }
         }
+        tracing::debug!(
+            events = msgs.len(),
+            propagation_ms = prop_s * 1e3,
+            fused = to_fuse.len(),
+            fusion_ms = fuse_s * 1e3,
+            users = out.users.len(),
+            users_ms = users_s * 1e3,
+            total_ms = t_batch.elapsed().as_secs_f64() * 1e3,
+            "batch applied"
+        );
         Ok((out, counts))
     }
 
@@ -493,26 +619,29 @@ impl Core {
     /// last call, refreshes every user (or those with new interactions, per
     /// settings) against the current catalogue.
     ///
-    /// First, if the tolerance held changes back, recomputes the propagation
-    /// exactly and republishes the items it moved.
+    /// First republishes the ripple waiting for its flush and, if the
+    /// tolerance held changes back, recomputes the propagation exactly and
+    /// republishes the items it moved: an idle engine is exact.
     pub fn idle(&mut self) -> Result<Publish> {
-        let mut items = Vec::new();
+        let mut moved = std::mem::take(&mut self.ripple);
         if !self.prop.is_exact() {
             let t0 = Instant::now();
-            let moved = self.prop.reconcile(&self.pkg)?;
+            moved.extend(self.prop.reconcile(&self.pkg)?);
             self.metrics.propagation(0, t0.elapsed().as_secs_f64());
-            let to_fuse: Vec<u32> = moved
-                .into_iter()
-                .filter(|&s| {
-                    self.pkg.contains_item(s)
-                        && self.slots.get(s as usize).is_some_and(|x| x.described)
-                })
-                .collect();
-            self.fuse(&to_fuse)?;
-            tracing::debug!(items = to_fuse.len(), "propagation reconciled");
-            items = to_fuse.iter().map(|&s| self.item_out(s)).collect();
-            self.changed_since_idle |= !items.is_empty();
         }
+        self.last_ripple = Instant::now();
+        let to_fuse: Vec<u32> = moved
+            .into_iter()
+            .filter(|&s| {
+                self.pkg.contains_item(s) && self.slots.get(s as usize).is_some_and(|x| x.described)
+            })
+            .collect();
+        self.fuse(&to_fuse)?;
+        if !to_fuse.is_empty() {
+            tracing::debug!(items = to_fuse.len(), "ripple published, propagation reconciled");
+        }
+        let items: Vec<ItemOut> = to_fuse.iter().map(|&s| self.item_out(s)).collect();
+        self.changed_since_idle |= !items.is_empty();
         if !self.changed_since_idle {
             return Ok(Publish {
                 items,
@@ -547,6 +676,8 @@ impl Core {
         }
         let old = std::mem::replace(&mut self.model, model);
         let res = self.recompute_all();
+        // Every item is republished under the new version.
+        self.ripple.clear();
         if let Err(e) = res {
             self.model = old;
             self.recompute_all()?;
@@ -673,42 +804,46 @@ impl Core {
         if users.is_empty() {
             return Vec::new();
         }
+        let t0 = Instant::now();
         let bias = self.bias();
         let active = self.active();
-        let mut out = Vec::with_capacity(users.len());
+        let mut keys = self.keys.clone();
+        keys.resize(self.fused.nrows(), 0);
+        let cat = Catalogue {
+            emb: self.fused.view(),
+            bias: bias.view(),
+            active: &active,
+            keys: &keys,
+        };
+        let mut adapted: Vec<(&String, &UserState, Array1<f32>)> = Vec::with_capacity(users.len());
         for id in users {
             let Some(u) = self.users.get(id) else {
                 continue;
             };
-            let t0 = Instant::now();
-            let Some(v) = adapt_user(
-                self.fused.view(),
-                bias.view(),
-                &active,
-                &u.items,
-                &self.adapt,
-            ) else {
-                continue;
-            };
-            let recs = top_k(
-                self.fused.view(),
-                bias.view(),
-                &active,
-                v.view(),
-                &u.items,
-                self.top_k,
-            );
-            self.metrics.adaptation(t0.elapsed().as_secs_f64());
-            out.push(UserOut {
-                id: id.clone(),
+            if let Some(v) = adapt_user(&cat, &u.items, key(id), &self.adapt) {
+                adapted.push((id, u, v));
+            }
+        }
+        let queries: Vec<(ndarray::ArrayView1<'_, f32>, &[u32])> = adapted
+            .iter()
+            .map(|(_, u, v)| (v.view(), u.items.as_slice()))
+            .collect();
+        let lists = rank_users(&cat, &queries, self.top_k);
+        let out: Vec<UserOut> = adapted
+            .iter()
+            .zip(lists)
+            .map(|((id, u, v), recs)| UserOut {
+                id: (*id).clone(),
                 emb: v.to_vec(),
                 ts: u.ts,
                 recs: recs
                     .into_iter()
                     .map(|(s, score)| (self.pkg.ext_id(s).unwrap_or_default().to_string(), score))
                     .collect(),
-            });
-        }
+            })
+            .collect();
+        self.metrics
+            .adaptation(out.len(), t0.elapsed().as_secs_f64());
         out
     }
 
