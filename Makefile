@@ -20,7 +20,7 @@ MODEL_DIR ?= models/mpkg
 TRAIN_FLAGS ?= --kg-relations 0 --without fr
 
 
-.PHONY: demo offline redis test data models build split train eval-baselines eval-mpkg compare lint unit
+.PHONY: demo offline redis test data models build split train eval-baselines eval-mpkg compare lint unit bench bench-small bench-large bench-micro
 
 ## demo: sets up (data, ONNX Runtime, text encoder), trains MPKG if no model
 ## exists, then runs the streaming demo: embedded Kafka broker + thaw serve +
@@ -76,6 +76,25 @@ eval-mpkg: train
 
 compare:
 	$(THAW) eval --compare $(REPORTS)/*-blind.json $(REPORTS)/*-aware.json --out $(REPORTS)/compare.md
+
+## bench: the end-to-end benchmark on the 100K-item synthetic catalogue
+## (embedded broker, the engine, Redis at REDIS_URL), under ten minutes here;
+## bench-small (10K items, under two minutes), bench-large (1M items: graph
+## and every embedding from scratch), bench-micro (Criterion).
+bench: models redis build
+	@mkdir -p $(REPORTS)
+	$(THAW) bench --size medium --out $(REPORTS)/bench-medium.json
+
+bench-small: models redis build
+	@mkdir -p $(REPORTS)
+	$(THAW) bench --size small --out $(REPORTS)/bench-small.json
+
+bench-large: models build
+	@mkdir -p $(REPORTS)
+	$(THAW) bench --size large --out $(REPORTS)/bench-large.json
+
+bench-micro: models
+	$(CARGO) bench --locked --bench micro
 
 lint:
 	$(CARGO) fmt --all -- --check

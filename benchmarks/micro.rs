@@ -4,19 +4,20 @@
 //! ONNX Runtime vs ndarray) is measured in the same run, and the ratio is
 //! printed at the end of its group.
 //!
-//! The graph is the `small` synthetic catalogue of `thaw bench` (10K items,
-//! ~0.3M edges, seeded), so these figures sit beside the end-to-end ones.
+//! The graph is the `medium` synthetic catalogue of `thaw bench` (100K
+//! items, ~2.8M edges, seeded), so these figures sit beside the end-to-end
+//! ones; propagation runs exact and at the engine's default tolerance.
 
 use std::hint::black_box;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ndarray::{Array1, Array2, Array3};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use thaw::bench::generate;
+use thaw::bench::{generate, Synth};
 use thaw::graph::{Pkg, Propagator, PropagatorConfig};
 use thaw::infer::item::{ItemModels, ItemModelsConfig};
 use thaw::ingest::events::{decode, Limits, Topic};
@@ -93,35 +94,42 @@ fn decoding(c: &mut Criterion) {
     g.finish();
 }
 
-/// New edges `(relation, a, b)` to add.
-type Edges = Vec<(usize, u32, u32)>;
-
-/// The small catalogue's graph, its inputs, and a list of new edges to add.
-fn graph() -> (Pkg, Vec<Array2<f32>>, Edges) {
-    let synth = generate(10_000, SEED);
+/// The `medium` catalogue (100K items, ~2.8M edges, seeded), its graph and
+/// random inputs.
+fn graph() -> (Synth, Pkg, Vec<Array2<f32>>) {
+    let synth = generate(100_000, SEED);
     let pkg = synth.pkg().expect("synthetic graph");
     let mut rng = ChaCha8Rng::seed_from_u64(SEED);
     let inputs: Vec<Array2<f32>> = (0..pkg.num_relations())
         .map(|_| random(&mut rng, (pkg.slots(), D)))
         .collect();
-    let n = pkg.slots() as u32;
-    let mut new_edges = Vec::new();
-    while new_edges.len() < 1000 {
-        let (a, b) = (rng.random_range(0..n), rng.random_range(0..n));
-        if a != b && !pkg.neighbours(0, a).unwrap().contains(&b) {
-            new_edges.push((0, a, b));
-        }
+    (synth, pkg, inputs)
+}
+
+/// Seconds to apply `n` new edges (drawn as the catalogue's are, by
+/// popularity) to `pkg` and `prop`, which keep them: every call adds more.
+fn add_edges(
+    synth: &Synth,
+    pkg: &mut Pkg,
+    prop: &mut Propagator,
+    rng: &mut ChaCha8Rng,
+    n: usize,
+) -> Duration {
+    for _ in 0..n {
+        let (a, b) = synth.new_edge(pkg, 0, rng);
+        pkg.add_edge(0, a, b).unwrap();
     }
-    new_edges.sort_unstable();
-    new_edges.dedup();
-    (pkg, inputs, new_edges)
+    let batch = pkg.take_changes();
+    let t0 = std::time::Instant::now();
+    black_box(prop.apply(pkg, &batch).unwrap());
+    t0.elapsed()
 }
 
 fn propagation(c: &mut Criterion) {
-    let (pkg, inputs, new_edges) = graph();
+    let (synth, pkg, inputs) = graph();
     let views: Vec<_> = inputs.iter().map(|x| x.view()).collect();
-    let mut g = c.benchmark_group("propagation");
-    g.sample_size(10).measurement_time(Duration::from_secs(5));
+    let mut g = c.benchmark_group("propagation_medium");
+    g.sample_size(10).measurement_time(Duration::from_secs(10));
     let full_cfg = PropagatorConfig::default();
     g.throughput(Throughput::Elements(1));
     g.bench_function("full", |b| {
@@ -131,41 +139,31 @@ fn propagation(c: &mut Criterion) {
         black_box(Propagator::full(full_cfg.clone(), &pkg, &views).unwrap());
     });
     let mut ratios = Vec::new();
-    for tolerance in [0.0f32, 1e-4] {
+    let engine = thaw::serve::config::GraphSettings::default().tolerance;
+    for tolerance in [0.0f32, engine] {
         let cfg = PropagatorConfig {
             tolerance,
             ..Default::default()
         };
-        let base = Propagator::full(cfg.clone(), &pkg, &views).unwrap();
+        // One evolving graph per setting: each iteration adds new edges.
+        let mut p = pkg.clone();
+        let mut prop = Propagator::full(cfg, &p, &views).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(SEED ^ 0xe);
         for n in [1usize, 1000] {
             let name = format!("{n}_edge{}_tol{tolerance:e}", if n > 1 { "s" } else { "" });
-            let setup = || {
-                let mut p = pkg.clone();
-                let prop = base.clone();
-                for &(r, a, b) in &new_edges[..n] {
-                    p.add_edge(r, a, b).unwrap();
-                }
-                let batch = p.take_changes();
-                (p, prop, batch)
-            };
             g.throughput(Throughput::Elements(n as u64));
             g.bench_function(&name, |b| {
-                b.iter_batched(
-                    setup,
-                    |(p, mut prop, batch)| black_box(prop.apply(&p, &batch).unwrap()),
-                    BatchSize::LargeInput,
-                )
+                b.iter_custom(|iters| {
+                    (0..iters)
+                        .map(|_| add_edges(&synth, &mut p, &mut prop, &mut rng, n))
+                        .sum()
+                })
             });
-            let mut secs = Vec::new();
-            for _ in 0..5 {
-                let (p, mut prop, batch) = setup();
-                let t0 = std::time::Instant::now();
-                black_box(prop.apply(&p, &batch).unwrap());
-                secs.push(t0.elapsed().as_secs_f64());
-            }
+            let mut secs: Vec<f64> = (0..5)
+                .map(|_| add_edges(&synth, &mut p, &mut prop, &mut rng, n).as_secs_f64())
+                .collect();
             secs.sort_by(f64::total_cmp);
-            let per_edge = secs[2] / n as f64;
-            ratios.push((name, full / per_edge));
+            ratios.push((name, full / (secs[2] / n as f64)));
         }
     }
     g.finish();

@@ -106,8 +106,17 @@ pub fn topics() -> Vec<TopicSpec> {
     file.topics
 }
 
+/// Most message bytes librdkafka's mock cluster keeps per partition
+/// (`rd_kafka_mock_partition_init`: 5 MiB, and 100,000 message sets).
+pub const MOCK_PARTITION_BYTES: usize = 5 * 1024 * 1024;
+
 /// The embedded Kafka-protocol broker: librdkafka's mock cluster with thaw's
 /// topics created, optionally behind a fixed bootstrap port.
+///
+/// For demos, tests and benchmarks only. The mock cluster keeps at most
+/// [`MOCK_PARTITION_BYTES`] of messages per partition (a limit compiled into
+/// librdkafka) and drops the oldest beyond it, so it is no system of record:
+/// production runs against a real Kafka cluster.
 pub struct EmbeddedBroker {
     cluster: MockCluster<'static, DefaultProducerContext>,
     bootstrap: String,
@@ -120,10 +129,25 @@ impl EmbeddedBroker {
     /// address forwards to the mock broker, and it is the bootstrap address
     /// given to clients. Needs a tokio runtime when `listen` is set.
     pub async fn start(listen: Option<SocketAddr>) -> Result<Self> {
+        Self::start_with_partitions(listen, &BTreeMap::new()).await
+    }
+
+    /// [`EmbeddedBroker::start`] with more partitions for some topics (name
+    /// to partitions; never fewer than `streams/topics.json` gives), so that
+    /// a large load fits the mock's [`MOCK_PARTITION_BYTES`] per partition.
+    pub async fn start_with_partitions(
+        listen: Option<SocketAddr>,
+        partitions: &BTreeMap<String, i32>,
+    ) -> Result<Self> {
         let cluster = MockCluster::new(1).context("starting librdkafka's mock cluster")?;
         for t in topics() {
+            let n = partitions
+                .get(&t.name)
+                .copied()
+                .unwrap_or(t.partitions)
+                .max(t.partitions);
             cluster
-                .create_topic(&t.name, t.partitions, 1)
+                .create_topic(&t.name, n, 1)
                 .with_context(|| format!("creating topic {}", t.name))?;
         }
         let inner = cluster.bootstrap_servers();

@@ -295,6 +295,12 @@ pub struct BenchArgs {
     /// the engine; default: the engine's.
     #[arg(long)]
     pub tolerance: Option<f32>,
+    /// Zipf exponent of an edge target's popularity.
+    #[arg(long, default_value_t = crate::bench::LINK_EXPONENT)]
+    pub link_exponent: f64,
+    /// Draw edge sources by popularity too (else uniformly).
+    #[arg(long)]
+    pub link_both_ends: bool,
 }
 
 /// `thaw bench`.
@@ -302,6 +308,9 @@ pub fn run_bench(a: BenchArgs) -> anyhow::Result<()> {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     if !(a.rate > 0.0 && a.seconds > 0.0 && (0.0..=0.5).contains(&a.item_share)) {
         anyhow::bail!("--rate and --seconds must be positive and --item-share within 0..=0.5");
+    }
+    if !(a.link_exponent >= 0.0 && a.link_exponent.is_finite()) {
+        anyhow::bail!("--link-exponent must be a finite number >= 0");
     }
     let o = crate::bench::BenchOptions {
         redis_url: url,
@@ -313,6 +322,10 @@ pub fn run_bench(a: BenchArgs) -> anyhow::Result<()> {
         tolerance: a
             .tolerance
             .unwrap_or(crate::serve::config::GraphSettings::default().tolerance),
+        links: crate::bench::LinkModel {
+            exponent: a.link_exponent,
+            both_ends: a.link_both_ends,
+        },
         ..crate::bench::BenchOptions::new(a.size)
     };
     let report = runtime()?.block_on(crate::bench::run(&o))?;

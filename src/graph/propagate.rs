@@ -180,6 +180,12 @@ pub struct Propagator {
     /// reflect (see [`PropagatorConfig::tolerance`]); `sent[r][M]` is `H_M`
     /// as last reported changed.
     sent: Vec<Vec<Array2<f32>>>,
+    /// With a tolerance only (else empty): `bound[r][k][x]` bounds how far
+    /// row `x`'s message (k < M) or output row (k = M) may have moved since
+    /// it was last checked against `sent` (the sum of what was pushed into
+    /// it, scaled); a row is checked only once this passes the tolerance,
+    /// so a hub's push does not cost a check of every neighbour.
+    bound: Vec<Vec<Vec<f32>>>,
     /// Per relation, the sum of squares of `H_0` (with a tolerance: its RMS
     /// scales the tolerance).
     input_sq: Vec<f64>,
@@ -398,6 +404,7 @@ impl Propagator {
                 .collect(),
             has_input,
             sent: Vec::new(),
+            bound: Vec::new(),
             input_sq: vec![0.0; n_rel],
             live: pkg.num_items(),
             drift: false,
@@ -412,6 +419,7 @@ impl Propagator {
                         .collect()
                 })
                 .collect();
+            prop.bound = vec![vec![vec![0.0; slots]; prop.cfg.hops + 1]; n_rel];
         }
         for r in 0..n_rel {
             prop.input_sq[r] = sum_sq(flat(&prop.layers[r][0]));
@@ -442,6 +450,9 @@ impl Propagator {
         for k in from..layers.len() {
             let (done, rest) = layers.split_at_mut(k);
             plan.all(self.slots, flat(&done[k - 1]), flat_mut(&mut rest[0]));
+        }
+        if let Some(bound) = self.bound.get_mut(r) {
+            bound.iter_mut().for_each(|b| b.fill(0.0));
         }
         if let Some(sent) = self.sent.get_mut(r) {
             let inv = &self.inv_sqrt[r];
@@ -645,6 +656,9 @@ impl Propagator {
         for inv in &mut self.inv_sqrt {
             inv.resize(capacity, inv_sqrt_degree(0));
         }
+        for b in self.bound.iter_mut().flatten() {
+            b.resize(capacity, 0.0);
+        }
         for layer in self.sent.iter_mut().flatten() {
             let mut bigger = Array2::zeros((capacity, self.dim));
             bigger
@@ -734,11 +748,18 @@ impl Propagator {
         }
         let layers = &mut self.layers[r];
         let sent = &mut self.sent[r];
+        let bound = &mut self.bound[r];
         let inv = &self.inv_sqrt[r];
+        for &x in &inputs {
+            bound[0][x as usize] = f32::INFINITY;
+        }
         for (i, &x) in touched.iter().enumerate() {
             let xi = x as usize;
             let live = pkg.contains_item(x);
             let (s0, s1) = (old_s[i], inv[xi]);
+            for b in bound.iter_mut() {
+                b[xi] = if live { f32::INFINITY } else { 0.0 };
+            }
             for k in 1..=hops {
                 let row = &mut flat_mut(&mut layers[k])[xi * d..(xi + 1) * d];
                 if live {
@@ -780,9 +801,14 @@ impl Propagator {
             let (lo, hi) = layers.split_at_mut(k + 1);
             let (h, out) = (flat(&lo[k]), flat_mut(&mut hi[0]));
             let m = flat_mut(&mut sent[k]);
+            let (bk, bnext) = {
+                let (lo, hi) = bound.split_at_mut(k + 1);
+                (&mut lo[k], &mut hi[0])
+            };
+            let gain_sq = k + 1 < hops;
             for &z in &cand {
                 let zi = z as usize;
-                if !pkg.contains_item(z) {
+                if !pkg.contains_item(z) || bk[zi] <= tol {
                     continue;
                 }
                 let sz = inv[zi];
@@ -801,8 +827,11 @@ impl Propagator {
                 }
                 if worst <= tol {
                     *held_back += usize::from(worst > 0.0);
+                    bk[zi] = worst;
                     continue;
                 }
+                bk[zi] = 0.0;
+                let worst = if worst.is_nan() { f32::INFINITY } else { worst };
                 for (o, &dv) in m[zi * d..(zi + 1) * d].iter_mut().zip(&delta) {
                     *o += dv;
                 }
@@ -812,6 +841,9 @@ impl Propagator {
                     for (o, &dv) in out[yi * d..(yi + 1) * d].iter_mut().zip(&delta) {
                         *o += sy * dv;
                     }
+                    // The next check's bound: the row moves by s_y δ, its
+                    // message by s_y² δ.
+                    bnext[yi] += if gain_sq { sy * sy * worst } else { sy * worst };
                     if mark[yi] != stamp {
                         mark[yi] = stamp;
                         next.push(y);
@@ -819,6 +851,8 @@ impl Propagator {
                 }
             }
             rows[k + 1] = next.len();
+            // In slot order: the next layer walks its rows front to back.
+            next.sort_unstable();
             cand = next;
         }
         self.stamp = stamp;
@@ -826,8 +860,12 @@ impl Propagator {
         // from what was last reported (so an embedding is not re-fused and
         // republished for every tiny push).
         let (h, shown) = (flat(&layers[hops]), flat_mut(&mut sent[hops]));
+        let bm = &mut bound[hops];
         for y in cand {
             let yi = y as usize;
+            if pkg.contains_item(y) && bm[yi] <= tol {
+                continue;
+            }
             let (now, last) = (&h[yi * d..(yi + 1) * d], &mut shown[yi * d..(yi + 1) * d]);
             let moved = now
                 .iter()
@@ -843,8 +881,10 @@ impl Propagator {
             if moved > tol || moved.is_nan() || !pkg.contains_item(y) {
                 last.copy_from_slice(now);
                 changed.insert(y);
+                bm[yi] = 0.0;
             } else {
                 *held_back += usize::from(moved > 0.0);
+                bm[yi] = moved;
             }
         }
         (rows, None, ignored)

@@ -112,6 +112,26 @@ impl Quantiles {
 #[derive(Default)]
 struct Samples {
     by_kind: BTreeMap<String, (Vec<f64>, u64)>,
+    /// Ingest delays, ms.
+    ingest: (Vec<f64>, u64),
+}
+
+/// Adds `ms` to `(samples, seen)`, thinning deterministically past
+/// [`MAX_SAMPLES`].
+fn keep_sample((v, seen): &mut (Vec<f64>, u64), ms: f64) {
+    *seen += 1;
+    if v.len() >= MAX_SAMPLES {
+        let mut keep = false;
+        v.retain(|_| {
+            keep = !keep;
+            keep
+        });
+    }
+    // Once thinned, keep every 2^k-th new sample to match.
+    let stride = ((*seen as usize).div_ceil(MAX_SAMPLES)).next_power_of_two() as u64;
+    if (*seen - 1) % stride == 0 {
+        v.push(ms);
+    }
 }
 
 /// The engine's metrics.
@@ -133,6 +153,7 @@ pub struct Metrics {
     adaptation_seconds: Histogram,
     users_adapted: Counter,
     freshness: Family<KindLabel, Histogram>,
+    ingest_delay: Histogram,
     lag: Family<TopicPartition, Gauge>,
     model: Family<Version, Gauge>,
     published: Family<KindLabel, Counter>,
@@ -245,6 +266,12 @@ impl Metrics {
             "Publish time minus the event's Kafka time, by kind (item, edge, user)",
             freshness.clone(),
         );
+        let ingest_delay = Histogram::new(exponential_buckets(1e-3, 2.0, 20));
+        registry.register(
+            "ingest_delay_seconds",
+            "Time ingest received a message minus its Kafka time",
+            ingest_delay.clone(),
+        );
         let lag = Family::<TopicPartition, Gauge>::default();
         registry.register(
             "consumer_lag",
@@ -283,6 +310,7 @@ impl Metrics {
             adaptation_seconds,
             users_adapted,
             freshness,
+            ingest_delay,
             lag,
             model,
             published,
@@ -437,29 +465,31 @@ impl Metrics {
             .get_or_create(&KindLabel { kind: kind.into() })
             .observe(seconds);
         let mut s = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
-        let (v, seen) = s.by_kind.entry(kind.to_string()).or_default();
-        *seen += 1;
-        if v.len() >= MAX_SAMPLES {
-            let mut keep = false;
-            v.retain(|_| {
-                keep = !keep;
-                keep
-            });
+        keep_sample(s.by_kind.entry(kind.to_string()).or_default(), seconds * 1000.0);
+    }
+
+    /// Delays of the messages of one ingest batch: when ingest received each
+    /// one minus its Kafka time (the broker's and the client's share of
+    /// freshness, before the engine's work).
+    pub fn ingest_delays(&self, seconds: &[f64]) {
+        let mut s = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
+        for &x in seconds {
+            self.ingest_delay.observe(x);
+            keep_sample(&mut s.ingest, x * 1000.0);
         }
-        // Once thinned, keep every 2^k-th new sample to match.
-        let stride = ((*seen as usize).div_ceil(MAX_SAMPLES)).next_power_of_two() as u64;
-        if (*seen - 1) % stride == 0 {
-            v.push(seconds * 1000.0);
-        }
+    }
+
+    /// Exact quantiles (ms) of the ingest delays.
+    pub fn ingest_delay_summary(&self) -> Option<Quantiles> {
+        let s = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
+        Quantiles::of(s.ingest.0.clone())
     }
 
     /// Forgets the raw freshness samples (the histograms keep counting).
     pub fn reset_freshness(&self) {
-        self.samples
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .by_kind
-            .clear();
+        let mut s = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
+        s.by_kind.clear();
+        s.ingest = Default::default();
     }
 
     /// Exact freshness quantiles (ms) of `kind`, or of all kinds.

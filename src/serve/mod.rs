@@ -68,11 +68,109 @@ pub struct Progress {
 enum Work {
     Batch {
         msgs: Vec<Msg>,
+        /// Next offset to commit per partition once the batch is published.
         offsets: BTreeMap<(String, i32), i64>,
-        messages: u64,
+        /// Messages per topic (dead-lettered and ignored ones included).
+        counts: BTreeMap<String, u64>,
+        /// When ingest closed the batch.
+        closed: Instant,
     },
     Idle,
     Reload,
+}
+
+/// `w` merged with the batches queued behind it in `rx`, in order, while
+/// they hold fewer than `max` messages together; the first work that is no
+/// batch (or would pass `max`) is left in `held`.
+fn coalesce(
+    w: Work,
+    rx: &mut mpsc::Receiver<Work>,
+    held: &mut Option<Work>,
+    max: usize,
+) -> Work {
+    let Work::Batch {
+        mut msgs,
+        mut offsets,
+        mut counts,
+        closed,
+    } = w
+    else {
+        return w;
+    };
+    while let Ok(next) = rx.try_recv() {
+        match next {
+            Work::Batch {
+                msgs: m,
+                offsets: o,
+                counts: c,
+                ..
+            } if msgs.len() + m.len() <= max => {
+                msgs.extend(m);
+                // Offsets only grow within a partition: the later batch's win.
+                offsets.extend(o);
+                for (t, n) in c {
+                    *counts.entry(t).or_default() += n;
+                }
+            }
+            other => {
+                *held = Some(other);
+                break;
+            }
+        }
+    }
+    Work::Batch {
+        msgs,
+        offsets,
+        counts,
+        closed,
+    }
+}
+
+/// Splits a batch into its item events and the rest, each with its topics'
+/// offsets and counts: the rest can go ahead while the items' texts are
+/// embedded (an edge or interaction naming an item not described yet gives
+/// it a placeholder, as it would had it come first).
+fn split_items(w: Work) -> (Work, Option<Work>) {
+    let Work::Batch {
+        msgs,
+        offsets,
+        counts,
+        closed,
+    } = w
+    else {
+        return (w, None);
+    };
+    let items = Topic::Items.name();
+    if !msgs.iter().any(|m| matches!(m.event, crate::ingest::Event::Item(_))) {
+        return (
+            Work::Batch {
+                msgs,
+                offsets,
+                counts,
+                closed,
+            },
+            None,
+        );
+    }
+    let (item_msgs, rest): (Vec<Msg>, Vec<Msg>) = msgs
+        .into_iter()
+        .partition(|m| matches!(m.event, crate::ingest::Event::Item(_)));
+    let (item_offsets, rest_offsets) = offsets.into_iter().partition(|((t, _), _)| t == items);
+    let (item_counts, rest_counts) = counts.into_iter().partition(|(t, _)| t == items);
+    (
+        Work::Batch {
+            msgs: rest,
+            offsets: rest_offsets,
+            counts: rest_counts,
+            closed,
+        },
+        Some(Work::Batch {
+            msgs: item_msgs,
+            offsets: item_offsets,
+            counts: item_counts,
+            closed,
+        }),
+    )
 }
 
 struct Out {
@@ -82,6 +180,8 @@ struct Out {
     offsets: BTreeMap<(String, i32), i64>,
     messages: u64,
     idle: bool,
+    /// `(batch closed, core started, core done)`, for the stage timings.
+    trace: Option<(Instant, Instant, Instant)>,
 }
 
 fn now_ms() -> i64 {
@@ -208,15 +308,22 @@ pub async fn run(
     let text_metrics = metrics.clone();
     let provider = core.provider();
     let text_task = tokio::task::spawn_blocking(move || -> Result<()> {
-        while let Some(mut w) = rx_text.blocking_recv() {
-            if let Work::Batch { msgs, .. } = &mut w {
+        while let Some(w) = rx_text.blocking_recv() {
+            // Edges and interactions go on at once; the items follow once
+            // their texts are embedded.
+            let (rest, items) = split_items(w);
+            if tx_core.blocking_send(rest).is_err() {
+                break;
+            }
+            let Some(mut items) = items else { continue };
+            if let Work::Batch { msgs, .. } = &mut items {
                 let t0 = Instant::now();
                 let n = state::embed_texts(&text, msgs)?;
                 if n > 0 {
                     text_metrics.inference("text_encoder", provider, n, t0.elapsed().as_secs_f64());
                 }
             }
-            if tx_core.blocking_send(w).is_err() {
+            if tx_core.blocking_send(items).is_err() {
                 break;
             }
         }
@@ -225,16 +332,27 @@ pub async fn run(
 
     // Core: one blocking thread owns the state.
     let model_settings = settings.clone();
+    let max_coalesced = settings.ingest.max_batch.max(1);
     let core_task = tokio::task::spawn_blocking(move || -> Result<()> {
         let mut core = core;
-        while let Some(w) = rx_core.blocking_recv() {
+        let mut held: Option<Work> = None;
+        loop {
+            let Some(w) = held.take().or_else(|| rx_core.blocking_recv()) else {
+                break;
+            };
+            // Under load, the batches waiting behind this one are applied
+            // with it: one propagation and one publish for all of them.
+            let w = coalesce(w, &mut rx_core, &mut held, max_coalesced);
             let version = core.card().version.clone();
             let out = match w {
                 Work::Batch {
                     msgs,
                     offsets,
-                    messages,
+                    counts,
+                    closed,
                 } => {
+                    let messages = counts.values().sum();
+                    let started = Instant::now();
                     let (publish, _) = core.apply(&msgs, Mode::Live)?;
                     Out {
                         publish,
@@ -243,6 +361,7 @@ pub async fn run(
                         offsets,
                         messages,
                         idle: false,
+                        trace: Some((closed, started, Instant::now())),
                     }
                 }
                 Work::Idle => Out {
@@ -252,6 +371,7 @@ pub async fn run(
                     offsets: BTreeMap::new(),
                     messages: 0,
                     idle: true,
+                    trace: None,
                 },
                 Work::Reload => {
                     let model = match load_model(&model_settings) {
@@ -272,6 +392,7 @@ pub async fn run(
                                 offsets: BTreeMap::new(),
                                 messages: 0,
                                 idle: false,
+                                trace: None,
                             }
                         }
                         Err(e) => {
@@ -300,6 +421,16 @@ pub async fn run(
                 .await?;
             if let Some((v, dim, rel)) = &out.flip {
                 publisher.set_model(v, *dim, rel, &pub_stop).await?;
+            }
+            if let Some((closed, started, done)) = out.trace {
+                tracing::debug!(
+                    to_core_ms = (started - closed).as_secs_f64() * 1e3,
+                    core_ms = (done - started).as_secs_f64() * 1e3,
+                    to_redis_ms = done.elapsed().as_secs_f64() * 1e3,
+                    items = out.publish.items.len(),
+                    users = out.publish.users.len(),
+                    "batch published"
+                );
             }
             let now = now_ms();
             for (kind, ms) in &out.publish.sources {
@@ -367,6 +498,9 @@ pub async fn run(
     let mut msgs: Vec<Msg> = Vec::new();
     let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
     let mut count: u64 = 0;
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    // Ingest delay of each message of the open batch, recorded at its close.
+    let mut delays: Vec<f64> = Vec::new();
     let mut opened: Option<Instant> = None;
     let mut idle_sent = false;
     let mut result: Result<()> = Ok(());
@@ -419,12 +553,16 @@ pub async fn run(
                 let topic_name = m.topic().to_string();
                 let (partition, offset) = (m.partition(), m.offset());
                 count += 1;
+                *counts.entry(topic_name.clone()).or_default() += 1;
                 match Topic::from_name(&topic_name) {
                     Some(topic) => {
                         let payload = m.payload().unwrap_or(&[]);
                         match decode(topic, m.key(), payload, &limits) {
                             Ok(event) => {
                                 metrics.event(&topic_name, "applied");
+                                if let Some(ts) = m.timestamp().to_millis() {
+                                    delays.push((now_ms() - ts).max(0) as f64 / 1000.0);
+                                }
                                 msgs.push(Msg::new(event, m.timestamp().to_millis()));
                             }
                             Err(rejection) => {
@@ -459,10 +597,14 @@ pub async fn run(
             }
         }
         if close {
+            metrics.ingest_delays(&delays);
+            delays.clear();
+            count = 0;
             let w = Work::Batch {
                 msgs: std::mem::take(&mut msgs),
                 offsets: std::mem::take(&mut offsets),
-                messages: std::mem::take(&mut count),
+                counts: std::mem::take(&mut counts),
+                closed: Instant::now(),
             };
             opened = None;
             if tx_text.send(w).await.is_err() {
@@ -476,7 +618,8 @@ pub async fn run(
             .send(Work::Batch {
                 msgs,
                 offsets,
-                messages: count,
+                counts,
+                closed: Instant::now(),
             })
             .await;
     }

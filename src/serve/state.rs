@@ -244,6 +244,51 @@ impl LoadedModel {
     }
 }
 
+/// Slots waiting to be re-fused and published, first in first out, each
+/// once (bounded by the slots).
+#[derive(Debug, Default)]
+struct Ripple {
+    queue: std::collections::VecDeque<u32>,
+    queued: Vec<bool>,
+}
+
+impl Ripple {
+    fn insert(&mut self, s: u32) {
+        let i = s as usize;
+        if self.queued.len() <= i {
+            self.queued.resize(i + 1, false);
+        }
+        if !self.queued[i] {
+            self.queued[i] = true;
+            self.queue.push_back(s);
+        }
+    }
+
+    /// Forgets `s` (published by other means); its queue entry is skipped.
+    fn remove(&mut self, s: u32) {
+        if let Some(q) = self.queued.get_mut(s as usize) {
+            *q = false;
+        }
+    }
+
+    /// Up to `n` slots still queued, oldest first.
+    fn drain(&mut self, n: usize) -> Vec<u32> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let Some(s) = self.queue.pop_front() else { break };
+            if std::mem::replace(&mut self.queued[s as usize], false) {
+                out.push(s);
+            }
+        }
+        out
+    }
+
+    fn clear(&mut self) {
+        self.queue.clear();
+        self.queued.iter_mut().for_each(|q| *q = false);
+    }
+}
+
 /// The engine state.
 pub struct Core {
     model: LoadedModel,
@@ -267,10 +312,10 @@ pub struct Core {
     tolerance: f32,
     /// Slots whose propagated rows changed by propagation alone, not yet
     /// re-fused and published (bounded by the slots).
-    ripple: BTreeSet<u32>,
+    ripple: Ripple,
     /// `graph.ripple_ms`.
     ripple_ms: u64,
-    /// When `ripple` was last flushed.
+    /// When the ripple was last drained from.
     last_ripple: Instant,
     metrics: Arc<Metrics>,
 }
@@ -314,7 +359,7 @@ impl Core {
             dirty_users: BTreeSet::new(),
             changed_since_idle: false,
             tolerance: graph.tolerance,
-            ripple: BTreeSet::new(),
+            ripple: Ripple::default(),
             ripple_ms: graph.ripple_ms,
             last_ripple: Instant::now(),
             metrics,
@@ -534,13 +579,14 @@ impl Core {
                 self.ripple.insert(s);
             }
         }
+        // The whole queue every `ripple_ms`: a row rippled by many batches
+        // in between is published once.
         if self.last_ripple.elapsed().as_millis() as u64 >= self.ripple_ms {
-            changed.append(&mut self.ripple);
+            changed.extend(self.ripple.drain(usize::MAX));
             self.last_ripple = Instant::now();
-        } else {
-            for s in &changed {
-                self.ripple.remove(s);
-            }
+        }
+        for &s in &changed {
+            self.ripple.remove(s);
         }
         let to_fuse: Vec<u32> = changed
             .into_iter()
@@ -623,7 +669,7 @@ impl Core {
     /// tolerance held changes back, recomputes the propagation exactly and
     /// republishes the items it moved: an idle engine is exact.
     pub fn idle(&mut self) -> Result<Publish> {
-        let mut moved = std::mem::take(&mut self.ripple);
+        let mut moved: BTreeSet<u32> = self.ripple.drain(usize::MAX).into_iter().collect();
         if !self.prop.is_exact() {
             let t0 = Instant::now();
             moved.extend(self.prop.reconcile(&self.pkg)?);
