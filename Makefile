@@ -83,11 +83,11 @@ compare:
 ## and every embedding from scratch), bench-micro (Criterion).
 bench: models redis build
 	@mkdir -p $(REPORTS)
-	$(THAW) bench --size medium --out $(REPORTS)/bench-medium.json
+	$(THAW) bench --size medium --more-rates 5000 --out $(REPORTS)/bench-medium.json
 
 bench-small: models redis build
 	@mkdir -p $(REPORTS)
-	$(THAW) bench --size small --out $(REPORTS)/bench-small.json
+	$(THAW) bench --size small --more-rates 5000 --out $(REPORTS)/bench-small.json
 
 bench-large: models build
 	@mkdir -p $(REPORTS)

@@ -113,7 +113,14 @@ impl Sampler {
 fn vocabulary() -> Vec<String> {
     let syll = ["ka", "lo", "mi", "ra", "ne", "to", "su", "vi", "de", "po"];
     (0..500)
-        .map(|k| format!("{}{}{}", syll[k % 10], syll[(k / 10) % 10], syll[(k / 100) % 10]))
+        .map(|k| {
+            format!(
+                "{}{}{}",
+                syll[k % 10],
+                syll[(k / 10) % 10],
+                syll[(k / 100) % 10]
+            )
+        })
         .collect()
 }
 
@@ -229,7 +236,11 @@ impl Synth {
     pub fn new_edge(&self, pkg: &Pkg, r: usize, rng: &mut impl Rng) -> (u32, u32) {
         loop {
             let (a, b) = self.random_edge(rng);
-            if a != b && pkg.neighbours(r, a).is_ok_and(|n| n.binary_search(&b).is_err()) {
+            if a != b
+                && pkg
+                    .neighbours(r, a)
+                    .is_ok_and(|n| n.binary_search(&b).is_err())
+            {
                 return (a, b);
             }
         }
@@ -374,15 +385,30 @@ pub fn graph_figures(synth: &Synth, seed: u64, tolerance: f32) -> Result<GraphFi
     let after_edges = rss_bytes();
     let edges: usize = pkg.edge_counts().iter().sum();
     let mut degrees: Vec<usize> = (0..pkg.slots() as u32)
-        .map(|x| (0..RELATIONS.len()).map(|r| pkg.degree(r, x).unwrap_or(0)).sum())
+        .map(|x| {
+            (0..RELATIONS.len())
+                .map(|r| pkg.degree(r, x).unwrap_or(0))
+                .sum()
+        })
         .collect();
     degrees.sort_unstable();
-    let at = |p: f64| degrees.get(((p * degrees.len() as f64) as usize).min(degrees.len().saturating_sub(1))).copied().unwrap_or(0);
+    let at = |p: f64| {
+        degrees
+            .get(((p * degrees.len() as f64) as usize).min(degrees.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
     let (max_degree, median_degree, p99_degree) = (at(1.0), at(0.5), at(0.99));
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let n = pkg.slots();
+    // Inputs share a common direction, as projected text embeddings do
+    // (sentence embeddings of unrelated titles have cosines around 0.5):
+    // a shared row plus as much independent noise, so rows have cosine ~0.5.
     let inputs: Vec<Array2<f32>> = (0..RELATIONS.len())
-        .map(|_| Array2::from_shape_fn((n, d), |_| rng.random_range(-1.0..1.0f32)))
+        .map(|_| {
+            let common: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0f32)).collect();
+            Array2::from_shape_fn((n, d), |(_, j)| common[j] + rng.random_range(-1.0..1.0f32))
+        })
         .collect();
     let views: Vec<_> = inputs.iter().map(|a| a.view()).collect();
     let cfg = PropagatorConfig::default();
@@ -484,6 +510,8 @@ pub struct BenchOptions {
     pub text_dir: std::path::PathBuf,
     /// Offered rate of the freshness phase, events per second.
     pub rate: f64,
+    /// Further freshness phases at these rates, after the first.
+    pub more_rates: Vec<f64>,
     /// Length of the freshness phase, seconds.
     pub seconds: f64,
     /// Share of the freshness phase's events that are new items with a
@@ -506,6 +534,7 @@ impl BenchOptions {
             redis_url: "redis://127.0.0.1:6379".into(),
             text_dir: "models/text".into(),
             rate: 10_000.0,
+            more_rates: Vec::new(),
             seconds: 10.0,
             item_share: 0.02,
             graph_only: false,
@@ -541,6 +570,18 @@ pub struct ScratchFigures {
     pub text_seconds_estimated: f64,
 }
 
+/// One freshness phase.
+#[derive(Debug, Clone, Serialize)]
+pub struct FreshnessPhase {
+    /// Offered rate, events per second.
+    pub offered_events_per_second: f64,
+    /// Rate the engine applied them at (offered events over the time to the
+    /// last one published).
+    pub applied_events_per_second: f64,
+    /// Freshness quantiles, ms, as [`BenchReport::freshness_ms`].
+    pub freshness_ms: BTreeMap<String, Quantiles>,
+}
+
 /// The end-to-end report (`--out`).
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
@@ -566,6 +607,8 @@ pub struct BenchReport {
     pub freshness_phase_events_per_second: f64,
     /// Share of new items in the freshness phase.
     pub item_share: f64,
+    /// Every freshness phase (the first is the one above).
+    pub freshness_phases: Vec<FreshnessPhase>,
     /// Full propagation time over one edge's incremental time, at the
     /// engine's default tolerance (`graph.incremental_vs_full_per_edge`
     /// is the exact figure).
@@ -629,7 +672,16 @@ fn redis_baselines(url: &str) -> Result<(f64, f64)> {
     let key = format!("thaw-bench-hset-{}", std::process::id());
     let hset = redis_benchmark(
         url,
-        &["HSET", &key, "emb", &emb, "model", "bench", "ts", "1700000000000"],
+        &[
+            "HSET",
+            &key,
+            "emb",
+            &emb,
+            "model",
+            "bench",
+            "ts",
+            "1700000000000",
+        ],
     )?;
     let mut c = redis::Client::open(url)?.get_connection()?;
     redis::cmd("DEL")
@@ -705,7 +757,11 @@ fn bench_model(text_dir: &std::path::Path) -> Result<std::path::PathBuf> {
 }
 
 /// Every embedding of `synth` from nothing (see [`ScratchFigures`]).
-fn scratch_figures(synth: &Synth, model_dir: &std::path::Path, text_dir: &std::path::Path) -> Result<ScratchFigures> {
+fn scratch_figures(
+    synth: &Synth,
+    model_dir: &std::path::Path,
+    text_dir: &std::path::Path,
+) -> Result<ScratchFigures> {
     use crate::infer::item::{ItemModels, ItemModelsConfig};
     let n = synth.ids.len();
     let t0 = Instant::now();
@@ -724,8 +780,8 @@ fn scratch_figures(synth: &Synth, model_dir: &std::path::Path, text_dir: &std::p
         let rows = chunk.min(n - start);
         let x = Array2::from_shape_fn((rows, d_in), |_| rng.random_range(-0.1f32..0.1));
         let p = models.project(x.view())?;
-        for r in 0..r_n {
-            inputs[r]
+        for (r, input) in inputs.iter_mut().enumerate() {
+            input
                 .slice_mut(ndarray::s![start..start + rows, ..])
                 .assign(&p.slice(ndarray::s![.., r, ..]));
         }
@@ -742,8 +798,11 @@ fn scratch_figures(synth: &Synth, model_dir: &std::path::Path, text_dir: &std::p
         let rows = chunk.min(n - start);
         let mut e = ndarray::Array3::<f32>::zeros((rows, r_n, d));
         for r in 0..r_n {
-            e.slice_mut(ndarray::s![.., r, ..])
-                .assign(&prop.layer(r, prop.hops())?.slice(ndarray::s![start..start + rows, ..]));
+            e.slice_mut(ndarray::s![.., r, ..]).assign(
+                &prop
+                    .layer(r, prop.hops())?
+                    .slice(ndarray::s![start..start + rows, ..]),
+            );
         }
         std::hint::black_box(models.fuse(e.view())?);
     }
@@ -772,10 +831,10 @@ fn scratch_figures(synth: &Synth, model_dir: &std::path::Path, text_dir: &std::p
 }
 
 /// The freshness phase's events (see [`BenchOptions::item_share`]).
-fn live_events(synth: &Synth, o: &BenchOptions, ts: u64) -> Vec<Event> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+fn live_events(synth: &Synth, o: &BenchOptions, rate: f64, phase: usize, ts: u64) -> Vec<Event> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9 + phase as u64);
     let vocab = vocabulary();
-    let total = (o.rate * o.seconds) as usize;
+    let total = (rate * o.seconds) as usize;
     let mut out = Vec::with_capacity(total);
     let mut items = 0usize;
     let edge = |a: &str, b: &str, r: usize| {
@@ -790,7 +849,7 @@ fn live_events(synth: &Synth, o: &BenchOptions, ts: u64) -> Vec<Event> {
     while out.len() < total {
         let k = out.len();
         if ((k + 1) as f64 * o.item_share).floor() > (k as f64 * o.item_share).floor() {
-            let id = format!("new{items}");
+            let id = format!("new{phase}-{items}");
             items += 1;
             out.push(Event::Item(ItemEvent {
                 item_id: id.clone(),
@@ -869,6 +928,7 @@ pub async fn run(o: &BenchOptions) -> Result<BenchReport> {
         offered_events_per_second: 0.0,
         freshness_phase_events_per_second: 0.0,
         item_share: o.item_share,
+        freshness_phases: Vec::new(),
         incremental_vs_full_per_edge: graph.tolerant_incremental_vs_full_per_edge,
         redis_writes_per_second: 0.0,
         redis_benchmark_per_second: 0.0,
@@ -882,7 +942,8 @@ pub async fn run(o: &BenchOptions) -> Result<BenchReport> {
         seconds: 0.0,
     };
     if o.size == Size::Large {
-        let scratch = tokio::task::block_in_place(|| scratch_figures(&synth, &model_dir, &o.text_dir))?;
+        let scratch =
+            tokio::task::block_in_place(|| scratch_figures(&synth, &model_dir, &o.text_dir))?;
         eprintln!(
             "from scratch: graph {:.1} s, projection {:.1} s, propagation {:.1} s, fusion {:.1} s: {:.1} s; text encoder {:.0} titles/s (estimated {:.0} s for every title)",
             scratch.graph_seconds, scratch.projection_seconds, scratch.propagation_seconds, scratch.fusion_seconds, scratch.total_seconds, scratch.text_items_per_second, scratch.text_seconds_estimated
@@ -909,7 +970,12 @@ pub async fn run(o: &BenchOptions) -> Result<BenchReport> {
     }
     let partitions: BTreeMap<String, i32> = bytes
         .into_iter()
-        .map(|(t, b)| (t, (2 * b).div_ceil(crate::kafka::MOCK_PARTITION_BYTES) as i32))
+        .map(|(t, b)| {
+            (
+                t,
+                (2 * b).div_ceil(crate::kafka::MOCK_PARTITION_BYTES) as i32,
+            )
+        })
         .collect();
     let broker = EmbeddedBroker::start_with_partitions(None, &partitions).await?;
     let brokers = broker.bootstrap_servers().to_string();
@@ -970,36 +1036,63 @@ pub async fn run(o: &BenchOptions) -> Result<BenchReport> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    eprintln!("idle after the load: {:.1} s", t_idle.elapsed().as_secs_f64());
-    // Freshness at a fixed offered rate.
-    metrics.reset_freshness();
-    let live = live_events(&synth, o, now_ms + 1);
-    let live_n = live.len();
     eprintln!(
-        "freshness phase: {live_n} events at {} events/s, {:.0}% new items",
-        o.rate,
-        o.item_share * 100.0
+        "idle after the load: {:.1} s",
+        t_idle.elapsed().as_secs_f64()
     );
-    let t_live = Instant::now();
-    crate::replay::produce(&live, &kafka, Some(o.rate)).await?;
-    if wait_published(&progress, &engine, total + live_n, Duration::from_secs(600))
-        .await?
-        .is_none()
-    {
-        engine.await??;
-        bail!("the engine stopped");
-    }
-    let live_rate = live_n as f64 / t_live.elapsed().as_secs_f64().max(1e-9);
-    let mut freshness = BTreeMap::new();
-    if let Some(q) = metrics.freshness_summary(Some("edge")) {
-        freshness.insert("edge".to_string(), q);
-    }
-    if let Some(q) = metrics.freshness_summary(Some("item")) {
-        freshness.insert("new_item".to_string(), q);
-    }
-    // The broker's and client's share: Kafka time to ingest receiving it.
-    if let Some(q) = metrics.ingest_delay_summary() {
-        freshness.insert("ingest_delay".to_string(), q);
+    // Freshness at each offered rate, one phase after the other, each
+    // started once the engine is idle again.
+    let mut published = total;
+    let mut phases = Vec::new();
+    for (phase, &rate) in std::iter::once(&o.rate).chain(&o.more_rates).enumerate() {
+        metrics.reset_freshness();
+        let live = live_events(&synth, o, rate, phase, now_ms + 1);
+        let live_n = live.len();
+        eprintln!(
+            "freshness phase: {live_n} events at {rate} events/s, {:.0}% new items",
+            o.item_share * 100.0
+        );
+        let t_live = Instant::now();
+        crate::replay::produce(&live, &kafka, Some(rate)).await?;
+        published += live_n;
+        if wait_published(&progress, &engine, published, Duration::from_secs(600))
+            .await?
+            .is_none()
+        {
+            engine.await??;
+            bail!("the engine stopped");
+        }
+        let applied = live_n as f64 / t_live.elapsed().as_secs_f64().max(1e-9);
+        let mut freshness = BTreeMap::new();
+        if let Some(q) = metrics.freshness_summary(Some("edge")) {
+            freshness.insert("edge".to_string(), q);
+        }
+        if let Some(q) = metrics.freshness_summary(Some("item")) {
+            freshness.insert("new_item".to_string(), q);
+        }
+        // The broker's and client's share: Kafka time to ingest receiving it.
+        if let Some(q) = metrics.ingest_delay_summary() {
+            freshness.insert("ingest_delay".to_string(), q);
+        }
+        eprintln!(
+            "  applied at {applied:.0} events/s; edge p50 {:?} ms p99 {:?} ms; new item p50 {:?} ms p99 {:?} ms",
+            freshness.get("edge").map(|q| q.p50),
+            freshness.get("edge").map(|q| q.p99),
+            freshness.get("new_item").map(|q| q.p50),
+            freshness.get("new_item").map(|q| q.p99)
+        );
+        phases.push(FreshnessPhase {
+            offered_events_per_second: rate,
+            applied_events_per_second: applied,
+            freshness_ms: freshness,
+        });
+        let t_idle = Instant::now();
+        while (progress.idle_at_messages.load(Ordering::SeqCst) as usize) < published {
+            if engine.is_finished() || t_idle.elapsed() > Duration::from_secs(300) {
+                bail!("the engine did not go idle after a freshness phase");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     let _ = stop_tx.send(true);
     engine.await??;
@@ -1019,9 +1112,10 @@ pub async fn run(o: &BenchOptions) -> Result<BenchReport> {
     report.thaw_events_per_second = thaw_rate;
     report.ratio_vs_bare_consumer = thaw_rate / bare;
     report.text_encoder_items_per_second = titles as f64 / text_seconds.max(1e-9);
-    report.freshness_ms = freshness;
+    report.freshness_ms = phases[0].freshness_ms.clone();
     report.offered_events_per_second = o.rate;
-    report.freshness_phase_events_per_second = live_rate;
+    report.freshness_phase_events_per_second = phases[0].applied_events_per_second;
+    report.freshness_phases = phases;
     report.redis_writes_per_second = writes;
     report.redis_benchmark_per_second = rb;
     report.ratio_vs_redis_benchmark = writes / rb;

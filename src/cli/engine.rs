@@ -281,6 +281,10 @@ pub struct BenchArgs {
     /// Write the report as JSON here.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Further freshness phases at these rates (events per second), after
+    /// the one at `--rate`.
+    #[arg(long, value_delimiter = ',')]
+    pub more_rates: Vec<f64>,
     /// Length of the freshness phase, seconds.
     #[arg(long, default_value_t = 10.0)]
     pub seconds: f64,
@@ -306,7 +310,11 @@ pub struct BenchArgs {
 /// `thaw bench`.
 pub fn run_bench(a: BenchArgs) -> anyhow::Result<()> {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    if !(a.rate > 0.0 && a.seconds > 0.0 && (0.0..=0.5).contains(&a.item_share)) {
+    if !(a.rate > 0.0
+        && a.more_rates.iter().all(|r| *r > 0.0)
+        && a.seconds > 0.0
+        && (0.0..=0.5).contains(&a.item_share))
+    {
         anyhow::bail!("--rate and --seconds must be positive and --item-share within 0..=0.5");
     }
     if !(a.link_exponent >= 0.0 && a.link_exponent.is_finite()) {
@@ -316,6 +324,7 @@ pub fn run_bench(a: BenchArgs) -> anyhow::Result<()> {
         redis_url: url,
         text_dir: a.text_dir.clone(),
         rate: a.rate,
+        more_rates: a.more_rates.clone(),
         seconds: a.seconds,
         item_share: a.item_share,
         graph_only: a.graph_only,

@@ -867,17 +867,14 @@ impl Propagator {
                 continue;
             }
             let (now, last) = (&h[yi * d..(yi + 1) * d], &mut shown[yi * d..(yi + 1) * d]);
-            let moved = now
-                .iter()
-                .zip(last.iter())
-                .fold(0f32, |m, (&a, &b)| {
-                    let c = (a - b).abs();
-                    if c.is_nan() || c > m {
-                        c
-                    } else {
-                        m
-                    }
-                });
+            let moved = now.iter().zip(last.iter()).fold(0f32, |m, (&a, &b)| {
+                let c = (a - b).abs();
+                if c.is_nan() || c > m {
+                    c
+                } else {
+                    m
+                }
+            });
             if moved > tol || moved.is_nan() || !pkg.contains_item(y) {
                 last.copy_from_slice(now);
                 changed.insert(y);
@@ -898,7 +895,8 @@ impl Propagator {
         let mut ignored = 0;
         let h0 = &mut self.layers[r][0];
         let sq = &mut self.input_sq[r];
-        let row_sq = |h0: &Array2<f32>, x: u32| sum_sq(h0.row(x as usize).as_slice().unwrap_or(&[]));
+        let row_sq =
+            |h0: &Array2<f32>, x: u32| sum_sq(h0.row(x as usize).as_slice().unwrap_or(&[]));
         for &x in &batch.items {
             if !pkg.contains_item(x) {
                 *sq -= row_sq(h0, x);

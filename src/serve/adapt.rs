@@ -139,7 +139,10 @@ pub fn negatives(cat: &Catalogue<'_>, items: &[u32], user: u64, n: usize) -> Vec
             heap.pop();
         }
     }
-    heap.into_sorted_vec().into_iter().map(|(_, _, s)| s).collect()
+    heap.into_sorted_vec()
+        .into_iter()
+        .map(|(_, _, s)| s)
+        .collect()
 }
 
 /// The adapted user vector, from their items (oldest first) and the [`key`]
@@ -178,7 +181,7 @@ pub fn adapt_user(
     for _ in 0..cfg.steps {
         let s_pos = e_pos.dot(&u) + &b_pos; // [P]
         let s_neg = e_neg.dot(&u) + &b_neg; // [K]
-        // w[p, j] = σ(s_neg[j] − s_pos[p]) = −∂ log σ(s_pos − s_neg) / ∂ margin.
+                                            // w[p, j] = σ(s_neg[j] − s_pos[p]) = −∂ log σ(s_pos − s_neg) / ∂ margin.
         let mut w = Array2::<f32>::zeros((pos.len(), neg.len()));
         for (p, mut row) in w.rows_mut().into_iter().enumerate() {
             let sp = s_pos[p];
@@ -239,7 +242,7 @@ fn select(
     let mut kept: Vec<(u32, f32)> = Vec::with_capacity(cap);
     let mut floor = f32::NEG_INFINITY;
     for (i, &s) in scores.iter().enumerate() {
-        if !(s > floor && s.is_finite()) || !cat.is_active(i) {
+        if !(s > floor && s.is_finite() && cat.is_active(i)) {
             continue;
         }
         if skip.binary_search(&(i as u32)).is_ok() {
@@ -262,7 +265,12 @@ fn select(
 
 /// The `k` best active slots for `u` by `u · e + b`, excluding `exclude`
 /// (sorted or not), best first; ties go to the lower slot.
-pub fn top_k(cat: &Catalogue<'_>, u: ArrayView1<'_, f32>, exclude: &[u32], k: usize) -> Vec<(u32, f32)> {
+pub fn top_k(
+    cat: &Catalogue<'_>,
+    u: ArrayView1<'_, f32>,
+    exclude: &[u32],
+    k: usize,
+) -> Vec<(u32, f32)> {
     let scores = cat.emb.dot(&u) + cat.bias;
     select(cat, scores.view(), exclude, k)
 }
@@ -273,7 +281,11 @@ const BLOCK: usize = 64;
 /// [`top_k`] for many users, `(vector, items to exclude)` each, with one
 /// matrix product over the catalogue per block of users: the catalogue is
 /// read once a block rather than once a user.
-pub fn rank_users(cat: &Catalogue<'_>, users: &[(ArrayView1<'_, f32>, &[u32])], k: usize) -> Vec<Vec<(u32, f32)>> {
+pub fn rank_users(
+    cat: &Catalogue<'_>,
+    users: &[(ArrayView1<'_, f32>, &[u32])],
+    k: usize,
+) -> Vec<Vec<(u32, f32)>> {
     let d = cat.emb.ncols();
     let mut out = Vec::with_capacity(users.len());
     for block in users.chunks(BLOCK) {

@@ -465,7 +465,10 @@ impl Metrics {
             .get_or_create(&KindLabel { kind: kind.into() })
             .observe(seconds);
         let mut s = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
-        keep_sample(s.by_kind.entry(kind.to_string()).or_default(), seconds * 1000.0);
+        keep_sample(
+            s.by_kind.entry(kind.to_string()).or_default(),
+            seconds * 1000.0,
+        );
     }
 
     /// Delays of the messages of one ingest batch: when ingest received each

@@ -82,12 +82,7 @@ enum Work {
 /// `w` merged with the batches queued behind it in `rx`, in order, while
 /// they hold fewer than `max` messages together; the first work that is no
 /// batch (or would pass `max`) is left in `held`.
-fn coalesce(
-    w: Work,
-    rx: &mut mpsc::Receiver<Work>,
-    held: &mut Option<Work>,
-    max: usize,
-) -> Work {
+fn coalesce(w: Work, rx: &mut mpsc::Receiver<Work>, held: &mut Option<Work>, max: usize) -> Work {
     let Work::Batch {
         mut msgs,
         mut offsets,
@@ -141,7 +136,10 @@ fn split_items(w: Work) -> (Work, Option<Work>) {
         return (w, None);
     };
     let items = Topic::Items.name();
-    if !msgs.iter().any(|m| matches!(m.event, crate::ingest::Event::Item(_))) {
+    if !msgs
+        .iter()
+        .any(|m| matches!(m.event, crate::ingest::Event::Item(_)))
+    {
         return (
             Work::Batch {
                 msgs,
@@ -336,10 +334,7 @@ pub async fn run(
     let core_task = tokio::task::spawn_blocking(move || -> Result<()> {
         let mut core = core;
         let mut held: Option<Work> = None;
-        loop {
-            let Some(w) = held.take().or_else(|| rx_core.blocking_recv()) else {
-                break;
-            };
+        while let Some(w) = held.take().or_else(|| rx_core.blocking_recv()) {
             // Under load, the batches waiting behind this one are applied
             // with it: one propagation and one publish for all of them.
             let w = coalesce(w, &mut rx_core, &mut held, max_coalesced);

@@ -275,7 +275,9 @@ impl Ripple {
     fn drain(&mut self, n: usize) -> Vec<u32> {
         let mut out = Vec::new();
         while out.len() < n {
-            let Some(s) = self.queue.pop_front() else { break };
+            let Some(s) = self.queue.pop_front() else {
+                break;
+            };
             if std::mem::replace(&mut self.queued[s as usize], false) {
                 out.push(s);
             }
@@ -684,7 +686,10 @@ impl Core {
             .collect();
         self.fuse(&to_fuse)?;
         if !to_fuse.is_empty() {
-            tracing::debug!(items = to_fuse.len(), "ripple published, propagation reconciled");
+            tracing::debug!(
+                items = to_fuse.len(),
+                "ripple published, propagation reconciled"
+            );
         }
         let items: Vec<ItemOut> = to_fuse.iter().map(|&s| self.item_out(s)).collect();
         self.changed_since_idle |= !items.is_empty();
