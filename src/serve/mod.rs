@@ -121,10 +121,11 @@ fn coalesce(w: Work, rx: &mut mpsc::Receiver<Work>, held: &mut Option<Work>, max
     }
 }
 
-/// Splits a batch into its item events and the rest, each with its topics'
-/// offsets and counts: the rest can go ahead while the items' texts are
-/// embedded (an edge or interaction naming an item not described yet gives
-/// it a placeholder, as it would had it come first).
+/// Splits a batch into its relation events, which can go ahead while the
+/// items' texts are embedded (an edge naming an item not described yet gives
+/// it a placeholder, as it would had it come first), and the rest (items and
+/// interactions: a user's list needs the items described), each with its
+/// topics' offsets and counts. Without item events nothing is split.
 fn split_items(w: Work) -> (Work, Option<Work>) {
     let Work::Batch {
         msgs,
@@ -135,7 +136,7 @@ fn split_items(w: Work) -> (Work, Option<Work>) {
     else {
         return (w, None);
     };
-    let items = Topic::Items.name();
+    let relations = Topic::ItemRelations.name();
     if !msgs
         .iter()
         .any(|m| matches!(m.event, crate::ingest::Event::Item(_)))
@@ -150,11 +151,11 @@ fn split_items(w: Work) -> (Work, Option<Work>) {
             None,
         );
     }
-    let (item_msgs, rest): (Vec<Msg>, Vec<Msg>) = msgs
+    let (rest, item_msgs): (Vec<Msg>, Vec<Msg>) = msgs
         .into_iter()
-        .partition(|m| matches!(m.event, crate::ingest::Event::Item(_)));
-    let (item_offsets, rest_offsets) = offsets.into_iter().partition(|((t, _), _)| t == items);
-    let (item_counts, rest_counts) = counts.into_iter().partition(|(t, _)| t == items);
+        .partition(|m| matches!(m.event, crate::ingest::Event::Relation(_)));
+    let (rest_offsets, item_offsets) = offsets.into_iter().partition(|((t, _), _)| t == relations);
+    let (rest_counts, item_counts) = counts.into_iter().partition(|(t, _)| t == relations);
     (
         Work::Batch {
             msgs: rest,
@@ -307,8 +308,8 @@ pub async fn run(
     let provider = core.provider();
     let text_task = tokio::task::spawn_blocking(move || -> Result<()> {
         while let Some(w) = rx_text.blocking_recv() {
-            // Edges and interactions go on at once; the items follow once
-            // their texts are embedded.
+            // Edges go on at once; items and interactions follow once the
+            // items' texts are embedded.
             let (rest, items) = split_items(w);
             if tx_core.blocking_send(rest).is_err() {
                 break;
