@@ -767,6 +767,11 @@ fn scratch_figures(
     let t0 = Instant::now();
     let pkg = synth.pkg()?;
     let graph_seconds = t0.elapsed().as_secs_f64();
+    // The text encoder first: it finds ONNX Runtime through its folder.
+    let text = crate::infer::text::TextEncoder::load(&crate::infer::text::TextEncoderConfig {
+        model_dir: text_dir.to_path_buf(),
+        ..Default::default()
+    })?;
     let models = ItemModels::load(&ItemModelsConfig {
         model_dir: model_dir.to_path_buf(),
         ..Default::default()
@@ -808,10 +813,6 @@ fn scratch_figures(
     }
     let fusion_seconds = t3.elapsed().as_secs_f64();
     drop(prop);
-    let text = crate::infer::text::TextEncoder::load(&crate::infer::text::TextEncoderConfig {
-        model_dir: text_dir.to_path_buf(),
-        ..Default::default()
-    })?;
     let sample = 2000.min(n);
     let titles: Vec<&str> = synth.titles[..sample].iter().map(String::as_str).collect();
     let t4 = Instant::now();

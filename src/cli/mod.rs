@@ -105,6 +105,15 @@ pub struct SplitArgs {
     pub seed: u64,
 }
 
+/// What `thaw eval` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EvalTask {
+    /// Ranking items for the cold-start scenarios' users.
+    Recommend,
+    /// MPKG's knowledge prediction on held-out PKG edges.
+    Knowledge,
+}
+
 /// Arguments of `thaw eval`.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -132,6 +141,11 @@ pub struct EvalArgs {
     /// Seed of training and of the bootstrap.
     #[arg(long, default_value_t = 2020)]
     pub seed: u64,
+    /// `recommend` (the cold-start scenarios) or `knowledge` (MPKG's
+    /// knowledge prediction: held-out PKG edges, warm and zero-shot heads;
+    /// needs --model mpkg and --model-dir).
+    #[arg(long, value_enum, default_value = "recommend")]
+    pub task: EvalTask,
     /// Compare these reports instead: one table per mode, SVG charts beside --out.
     #[arg(long, num_args = 1.., conflicts_with_all = ["dataset", "split", "model"])]
     pub compare: Vec<PathBuf>,
@@ -220,6 +234,31 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     let ds = Dataset::load(&dataset)?;
     let split = Split::read(&split_dir, &ds)
         .with_context(|| format!("reading split {}", split_dir.display()))?;
+    if a.task == EvalTask::Knowledge {
+        if model != ModelName::Mpkg {
+            bail!("--task knowledge ranks with a trained item model: use --model mpkg");
+        }
+        let Some(dir) = &a.model_dir else {
+            bail!("--task knowledge needs --model-dir (a folder written by `thaw train`)");
+        };
+        let report = crate::eval::knowledge::run(
+            &ds,
+            &split,
+            dir,
+            &crate::eval::knowledge::KnowledgeConfig {
+                k: a.k,
+                seed: a.seed,
+                ..Default::default()
+            },
+        )?;
+        println!("{}", report.markdown());
+        if let Some(out) = a.out {
+            std::fs::write(&out, serde_json::to_string_pretty(&report)?)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("report: {}", out.display());
+        }
+        return Ok(());
+    }
     let cfg = EvalConfig {
         model,
         mode: if a.scenario_aware {

@@ -13,6 +13,7 @@
 //!   scenario's support sets as adaptation data.
 
 pub mod baselines;
+pub mod knowledge;
 pub mod metrics;
 mod mpkg_eval;
 pub mod report;
