@@ -165,21 +165,17 @@ pub fn run(
     let n = ds.n_items();
 
     // The training graph: meta-training only, zero-shot items absent.
-    let mut meta = vec![Vec::new(); ds.users.len()];
-    for (u, its) in &split.meta_training {
-        meta[*u as usize] = its.clone();
-    }
-    let mut warm_items: Vec<u32> = meta.iter().flatten().copied().collect();
-    warm_items.sort_unstable();
-    warm_items.dedup();
-    let (g_train, slot_train) = pkg_build::build_pkg(ds, pkg_cfg, &warm_items, &meta).map_err(err)?;
+    let (meta, warm_items) = train::meta_training(ds, split);
+    let (g_train, slot_train) =
+        pkg_build::build_pkg(ds, pkg_cfg, &warm_items, &meta).map_err(err)?;
     let item_of: HashMap<u32, u32> = slot_train.iter().map(|(&i, &s)| (s, i)).collect();
     let is_warm: HashSet<u32> = warm_items.iter().copied().collect();
 
     // The inference graph: every item, all training interactions.
     let train_set = TrainSet::from_split(split, ds.users.len(), n);
     let all: Vec<u32> = (0..n as u32).collect();
-    let (mut g, slot) = pkg_build::build_pkg(ds, pkg_cfg, &all, &train_set.user_items).map_err(err)?;
+    let (mut g, slot) =
+        pkg_build::build_pkg(ds, pkg_cfg, &all, &train_set.user_items).map_err(err)?;
     if g.relations() != tm.card.relations.as_slice() {
         return Err(err(format!(
             "graph relations {:?} differ from the model's {:?}",
@@ -188,7 +184,9 @@ pub fn run(
         )));
     }
     if (0..n as u32).any(|i| slot.get(&i) != Some(&i)) {
-        return Err(err("the inference graph's slots are not the dataset's item indexes"));
+        return Err(err(
+            "the inference graph's slots are not the dataset's item indexes",
+        ));
     }
 
     // Candidates: inference edges the training graph lacks.
@@ -240,7 +238,8 @@ pub fn run(
     }
 
     // Embeddings on what remains: E_r = S_r^M (X W_r).
-    let x = train::item_features(ds, &tm.card.config, Some(&model_dir.join("cache"))).map_err(err)?;
+    let x =
+        train::item_features(ds, &tm.card.config, Some(&model_dir.join("cache"))).map_err(err)?;
     let w = tm.model.proj_array().map_err(err)?;
     let projected: Vec<Array2<f32>> = (0..w.dim().0)
         .map(|r| x.dot(&w.index_axis(Axis(0), r)))

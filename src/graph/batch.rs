@@ -91,6 +91,21 @@ impl Batch {
         self.touched.get(relation).map_or(&[], Vec::as_slice)
     }
 
+    /// Slots whose degree under `relation` may have changed: those its edits
+    /// touched and the items added or removed (a row appears or vanishes),
+    /// sorted, distinct.
+    pub(super) fn degree_changed(&self, relation: usize) -> Vec<u32> {
+        let mut t: Vec<u32> = self
+            .touched(relation)
+            .iter()
+            .chain(&self.items)
+            .copied()
+            .collect();
+        t.sort_unstable();
+        t.dedup();
+        t
+    }
+
     /// Slots whose item was added or removed in the window.
     pub fn items(&self) -> &[u32] {
         &self.items

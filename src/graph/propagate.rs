@@ -696,17 +696,7 @@ impl Propagator {
         let d = self.dim;
         let adj = &pkg.adj[r];
         let mut rows = vec![0; hops + 1];
-        let touched: Vec<u32> = {
-            let mut t: Vec<u32> = batch
-                .touched(r)
-                .iter()
-                .chain(&batch.items)
-                .copied()
-                .collect();
-            t.sort_unstable();
-            t.dedup();
-            t
-        };
+        let touched = batch.degree_changed(r);
         let (inputs, ignored) = self.write_inputs(pkg, batch, r);
         let tol = self.tolerance_of(r);
         rows[0] = inputs.len();
@@ -953,17 +943,7 @@ impl Propagator {
 
         // Degrees changed only at touched slots; an added or removed item is
         // touched too (its row appears or vanishes).
-        let touched: Vec<u32> = {
-            let mut t: Vec<u32> = batch
-                .touched(r)
-                .iter()
-                .chain(&batch.items)
-                .copied()
-                .collect();
-            t.sort_unstable();
-            t.dedup();
-            t
-        };
+        let touched = batch.degree_changed(r);
         let inv = &mut self.inv_sqrt[r];
         for &x in &touched {
             inv[x as usize] = inv_sqrt_degree(adj[x as usize].len());

@@ -246,6 +246,20 @@ pub fn propagate(
         .collect()
 }
 
+/// The split's meta-training interactions per user (dataset indexes) and the
+/// items they name, sorted: the training graph's items (every other item is
+/// zero-shot).
+pub fn meta_training(ds: &Dataset, split: &Split) -> (Vec<Vec<u32>>, Vec<u32>) {
+    let mut user_items = vec![Vec::new(); ds.users.len()];
+    for (u, its) in &split.meta_training {
+        user_items[*u as usize] = its.clone();
+    }
+    let mut items: Vec<u32> = user_items.iter().flatten().copied().collect();
+    items.sort_unstable();
+    items.dedup();
+    (user_items, items)
+}
+
 /// Trains MPKG on the split's meta-training data and writes the model folder.
 pub fn train(ds: &Dataset, split: &Split, cfg: &TrainConfig, out: &Path) -> Result<ModelCard> {
     std::fs::create_dir_all(out).map_err(io(out))?;
@@ -254,13 +268,7 @@ pub fn train(ds: &Dataset, split: &Split, cfg: &TrainConfig, out: &Path) -> Resu
     let t_features = t0.elapsed().as_secs_f64();
 
     // Meta-training only: zero-shot items are absent from the training graph.
-    let mut user_items = vec![Vec::new(); ds.users.len()];
-    for (u, its) in &split.meta_training {
-        user_items[*u as usize] = its.clone();
-    }
-    let mut items: Vec<u32> = user_items.iter().flatten().copied().collect();
-    items.sort_unstable();
-    items.dedup();
+    let (user_items, items) = meta_training(ds, split);
     let (pkg, slot) = pkg_build::build_pkg(ds, &cfg.pkg, &items, &user_items)?;
     let relations: Vec<String> = pkg.relations().to_vec();
     tracing::info!(items = items.len(), edges = ?pkg.edge_counts(), ?relations, "training graph");
