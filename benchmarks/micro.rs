@@ -251,11 +251,17 @@ fn users(c: &mut Criterion) {
     let bias = Array1::from_shape_fn(n, |_| rng.random_range(-0.1f32..0.1));
     let active = vec![true; n];
     let keys: Vec<u64> = (0..n).map(|i| key(&format!("p{i}"))).collect();
+    // The engine's ranking adds the graph-neighbour score over the PKG: the
+    // medium catalogue's graph, every relation weighted.
+    let (_, pkg, _) = graph();
+    assert_eq!(pkg.slots(), n);
+    let weights = vec![1.0f32; pkg.num_relations()];
     let cat = Catalogue {
         emb: emb.view(),
         bias: bias.view(),
         active: &active,
         keys: &keys,
+        graph: Some((&pkg, &weights)),
     };
     let histories: Vec<Vec<u32>> = (0..64)
         .map(|_| (0..5).map(|_| rng.random_range(0..n as u32)).collect())

@@ -891,6 +891,8 @@ mod tests {
             split: String::new(),
             config,
             bias_weights: Vec::new(),
+            neighbour_weights: Vec::new(),
+            aware_neighbour_weights: Vec::new(),
             adapt_steps: 1,
             adapt_lr: 0.1,
             user_adapt: Default::default(),

@@ -43,6 +43,7 @@ fn eval(ds: &Dataset, split: &Split, model: ModelName, mode: Mode) -> eval::repo
         k: 20,
         seed: 2020,
         model_dir: None,
+        neighbour_weights: None,
     };
     eval::run(ds, split, &cfg).expect("evaluation runs")
 }

@@ -146,9 +146,27 @@ pub struct EvalArgs {
     /// needs --model mpkg and --model-dir).
     #[arg(long, value_enum, default_value = "recommend")]
     pub task: EvalTask,
+    /// MPKG only: a graph-neighbour weight `RELATION=W` instead of the
+    /// model's own (repeatable; unnamed relations score 0), for choosing
+    /// the weights on `valid/`.
+    #[arg(long = "neighbour-weight", value_parser = parse_weight)]
+    pub neighbour_weight: Vec<(String, f32)>,
     /// Compare these reports instead: one table per mode, SVG charts beside --out.
     #[arg(long, num_args = 1.., conflicts_with_all = ["dataset", "split", "model"])]
     pub compare: Vec<PathBuf>,
+}
+
+fn parse_weight(s: &str) -> Result<(String, f32), String> {
+    let (name, w) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected RELATION=WEIGHT"))?;
+    let w: f32 = w
+        .parse()
+        .map_err(|e| format!("{s:?}: weight is not a number ({e})"))?;
+    if !w.is_finite() {
+        return Err(format!("{s:?}: weight must be finite"));
+    }
+    Ok((name.to_string(), w))
 }
 
 /// Runs a parsed command line.
@@ -269,6 +287,14 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         k: a.k,
         seed: a.seed,
         model_dir: a.model_dir,
+        neighbour_weights: if a.neighbour_weight.is_empty() {
+            None
+        } else {
+            if model != ModelName::Mpkg {
+                bail!("--neighbour-weight applies to --model mpkg only");
+            }
+            Some(a.neighbour_weight.into_iter().collect())
+        },
     };
     let report: Report = eval::run(&ds, &split, &cfg)?;
     println!("{}", report.markdown());

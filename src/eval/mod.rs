@@ -160,6 +160,8 @@ pub struct FitContext<'a> {
     pub valid: Option<&'a Split>,
     /// A model folder (trained models such as MPKG).
     pub model_dir: Option<&'a Path>,
+    /// MPKG's graph-neighbour weights, when given instead of the model's.
+    pub neighbour_weights: Option<&'a std::collections::BTreeMap<String, f32>>,
     /// Seed of every random choice.
     pub seed: u64,
     /// Cut-off of the metrics used for hyper-parameter choice.
@@ -236,6 +238,9 @@ pub struct EvalConfig {
     pub seed: u64,
     /// A trained model's folder, for models that need one.
     pub model_dir: Option<PathBuf>,
+    /// MPKG only: graph-neighbour weights per relation name instead of the
+    /// model's own (for choosing them on `valid/`).
+    pub neighbour_weights: Option<std::collections::BTreeMap<String, f32>>,
 }
 
 /// Runs one evaluation: fit, score every scenario, aggregate.
@@ -249,6 +254,7 @@ pub fn run(ds: &Dataset, split: &Split, cfg: &EvalConfig) -> Result<Report> {
         scenario,
         valid,
         model_dir: cfg.model_dir.as_deref(),
+        neighbour_weights: cfg.neighbour_weights.as_ref(),
         seed: cfg.seed,
         k: cfg.k,
     };

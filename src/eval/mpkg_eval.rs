@@ -15,6 +15,10 @@ struct MeanUser {
     emb: Array2<f32>,
     bias: Array1<f32>,
     user_items: Vec<Vec<u32>>,
+    /// The inference graph (slots are item indexes) and the graph-neighbour
+    /// weights per relation.
+    pkg: crate::graph::Pkg,
+    neighbour_weights: Vec<f32>,
 }
 
 impl Recommender for MeanUser {
@@ -32,6 +36,17 @@ impl Recommender for MeanUser {
         }
         ndarray::linalg::general_mat_mul(1.0, &eu, &self.emb.t(), 0.0, &mut out);
         out += &self.bias;
+        if self.neighbour_weights.iter().any(|&w| w != 0.0) {
+            for (mut row, &u) in out.rows_mut().into_iter().zip(users) {
+                if let Some(row) = row.as_slice_mut() {
+                    self.pkg.add_neighbour_scores(
+                        &self.neighbour_weights,
+                        &self.user_items[u as usize],
+                        row,
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -49,8 +64,21 @@ pub(super) fn fit(ctx: &FitContext<'_>) -> Result<Fitted> {
     let tm = TrainedModel::load(dir).map_err(err)?;
     let x = train::item_features(ctx.dataset, &tm.card.config, Some(&dir.join("cache")))
         .map_err(err)?;
-    let (e_nrd, fused) =
+    let (e_nrd, fused, pkg) =
         train::infer_items(ctx.dataset, &tm, &x, &ctx.train.user_items).map_err(err)?;
+    let neighbour_weights = match ctx.neighbour_weights {
+        Some(w) => {
+            if let Some(bad) = w.keys().find(|k| !tm.card.relations.contains(k)) {
+                return Err(err(format!(
+                    "--neighbour-weight names {bad}, not one of the model's relations {:?}",
+                    tm.card.relations
+                )));
+            }
+            train::weights_for(w, &tm.card.relations)
+        }
+        None if ctx.scenario.is_some() => tm.card.aware_neighbour_weights.clone(),
+        None => tm.card.neighbour_weights.clone(),
+    };
     // Per-item counts within the user's scenario (aware mode only).
     let (scenario, counts, adapt_on) = match ctx.scenario {
         None => (None, None, ctx.train.user_items.clone()),
@@ -110,7 +138,9 @@ pub(super) fn fit(ctx: &FitContext<'_>) -> Result<Fitted> {
             emb,
             bias: bias_w,
             user_items: ctx.train.user_items.clone(),
+            pkg,
+            neighbour_weights: neighbour_weights.clone(),
         }),
-        params: json!({"model": tm.card.version, "relations": tm.card.relations, "bias_weights": tm.card.bias_weights, "run": params}),
+        params: json!({"model": tm.card.version, "relations": tm.card.relations, "bias_weights": tm.card.bias_weights, "neighbour_weights": neighbour_weights, "run": params}),
     })
 }

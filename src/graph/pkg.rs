@@ -412,6 +412,35 @@ impl Pkg {
         Ok(&self.adj[r][item as usize])
     }
 
+    /// Adds the graph-neighbour score of a user with `items` (slots) to
+    /// `scores` (one entry per slot): `Σ_r w_r · |{j ∈ items : i ∈ N_r(j)}| / |items|`,
+    /// the share of the user's items that are `r`-neighbours of slot `i`,
+    /// weighted per relation (`weights[r]`; missing or zero weights skip the
+    /// relation). `thaw eval` and the engine score with this one function.
+    /// Items that are not in the graph are skipped.
+    pub fn add_neighbour_scores(&self, weights: &[f32], items: &[u32], scores: &mut [f32]) {
+        if items.is_empty() {
+            return;
+        }
+        let share = 1.0 / items.len() as f32;
+        for (r, &w) in weights.iter().enumerate().take(self.adj.len()) {
+            if w == 0.0 {
+                continue;
+            }
+            let add = w * share;
+            for &j in items {
+                let Some(nbrs) = self.adj[r].get(j as usize) else {
+                    continue;
+                };
+                for &n in nbrs {
+                    if let Some(s) = scores.get_mut(n as usize) {
+                        *s += add;
+                    }
+                }
+            }
+        }
+    }
+
     /// Number of undirected edges under relation `r`.
     pub fn edge_count(&self, r: usize) -> Result<usize> {
         self.check_relation(r)?;
@@ -595,6 +624,28 @@ mod tests {
         assert!(!g.remove_edge(0, 2, 1).unwrap());
         assert_eq!(g.edge_count(0).unwrap(), 1);
         assert!(!g.has_edge(0, 1, 2).unwrap());
+    }
+
+    #[test]
+    fn neighbour_scores_are_the_weighted_share_of_adjacent_items() {
+        let mut g = path3();
+        g.add_edge(1, 0, 2).unwrap();
+        // User with x and z: y neighbours both under "a" (share 1), x and z
+        // neighbour each other under "b" (share 1/2 each).
+        let mut s = vec![0.0f32; 3];
+        g.add_neighbour_scores(&[2.0, 10.0], &[0, 2], &mut s);
+        assert_eq!(s, vec![5.0, 2.0, 5.0]);
+        let mut s = vec![1.0f32; 3];
+        g.add_neighbour_scores(&[0.0, 0.0], &[0, 2], &mut s);
+        assert_eq!(s, vec![1.0; 3], "zero weights change nothing");
+        g.add_neighbour_scores(&[1.0], &[], &mut s);
+        assert_eq!(s, vec![1.0; 3], "no items, no term");
+        g.add_neighbour_scores(&[1.0], &[1, 99], &mut s);
+        assert_eq!(
+            s,
+            vec![1.5, 1.0, 1.5],
+            "unknown slots count in the share only"
+        );
     }
 
     #[test]

@@ -66,6 +66,10 @@ pub struct Catalogue<'a> {
     pub active: &'a [bool],
     /// [`key`] of each slot's external id.
     pub keys: &'a [u64],
+    /// The PKG and the model's graph-neighbour weights per relation: ranking
+    /// adds [`crate::graph::Pkg::add_neighbour_scores`] of the user's items,
+    /// as `thaw eval` does. `None` (or all-zero weights) for no term.
+    pub graph: Option<(&'a crate::graph::Pkg, &'a [f32])>,
 }
 
 impl Catalogue<'_> {
@@ -263,22 +267,26 @@ fn select(
     kept
 }
 
-/// The `k` best active slots for `u` by `u · e + b`, excluding `exclude`
-/// (sorted or not), best first; ties go to the lower slot.
+/// The `k` best active slots for `u` by `u · e + b` plus the graph-neighbour
+/// score of `items` (the user's items, sorted or not, which are excluded),
+/// best first; ties go to the lower slot.
 pub fn top_k(
     cat: &Catalogue<'_>,
     u: ArrayView1<'_, f32>,
-    exclude: &[u32],
+    items: &[u32],
     k: usize,
 ) -> Vec<(u32, f32)> {
-    let scores = cat.emb.dot(&u) + cat.bias;
-    select(cat, scores.view(), exclude, k)
+    let mut scores = cat.emb.dot(&u) + cat.bias;
+    if let (Some((pkg, w)), Some(row)) = (cat.graph, scores.as_slice_mut()) {
+        pkg.add_neighbour_scores(w, items, row);
+    }
+    select(cat, scores.view(), items, k)
 }
 
 /// Users scored in one matrix product per block.
 const BLOCK: usize = 64;
 
-/// [`top_k`] for many users, `(vector, items to exclude)` each, with one
+/// [`top_k`] for many users, `(vector, the user's items)` each, with one
 /// matrix product over the catalogue per block of users: the catalogue is
 /// read once a block rather than once a user.
 pub fn rank_users(
@@ -296,6 +304,13 @@ pub fn rank_users(
         let mut scores = Array2::<f32>::zeros((block.len(), cat.emb.nrows()));
         ndarray::linalg::general_mat_mul(1.0, &u, &cat.emb.t(), 0.0, &mut scores);
         scores += &cat.bias;
+        if let Some((pkg, w)) = cat.graph.filter(|(_, w)| w.iter().any(|&x| x != 0.0)) {
+            for (mut row, (_, items)) in scores.rows_mut().into_iter().zip(block) {
+                if let Some(row) = row.as_slice_mut() {
+                    pkg.add_neighbour_scores(w, items, row);
+                }
+            }
+        }
         for (row, (_, exclude)) in scores.rows().into_iter().zip(block) {
             out.push(select(cat, row, exclude, k));
         }
@@ -313,6 +328,7 @@ mod tests {
         b: Array1<f32>,
         active: Vec<bool>,
         keys: Vec<u64>,
+        graph: Option<(crate::graph::Pkg, Vec<f32>)>,
     }
 
     impl Owned {
@@ -322,6 +338,7 @@ mod tests {
                 bias: self.b.view(),
                 active: &self.active,
                 keys: &self.keys,
+                graph: self.graph.as_ref().map(|(g, w)| (g, w.as_slice())),
             }
         }
     }
@@ -333,6 +350,7 @@ mod tests {
             b: Array1::from_shape_fn(n, |_| rng.random_range(-0.5..0.5f32)),
             active: vec![true; n],
             keys: (0..n).map(|i| key(&format!("item-{i}"))).collect(),
+            graph: None,
         }
     }
 
@@ -370,6 +388,7 @@ mod tests {
             b: c.b.select(Axis(0), &perm),
             active: perm.iter().map(|&i| c.active[i]).collect(),
             keys: perm.iter().map(|&i| c.keys[i]).collect(),
+            graph: None,
         };
         let moved_items: Vec<u32> = items.iter().map(|&i| 499 - i).collect();
         let again = negatives(&moved.cat(), &moved_items, user, 50);
@@ -473,6 +492,60 @@ mod tests {
             let ids = |x: &[(u32, f32)]| x.iter().map(|p| p.0).collect::<Vec<_>>();
             assert_eq!(ids(got), ids(&want));
             assert!(got.iter().zip(&want).all(|(a, b)| (a.1 - b.1).abs() < 1e-4));
+        }
+    }
+
+    #[test]
+    fn the_graph_term_lifts_neighbours_of_the_users_items_in_blocks_too() {
+        let mut c = random(300, 6, 8);
+        let mut g = crate::graph::Pkg::new(["co_interacted", "other"]).unwrap();
+        for i in 0..300 {
+            g.add_item(&format!("item-{i}"));
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for _ in 0..900 {
+            let (a, b) = (rng.random_range(0..300u32), rng.random_range(0..300u32));
+            if a != b {
+                g.add_edge(rng.random_range(0..2), a, b).unwrap();
+            }
+        }
+        let plain: Vec<f32> =
+            c.e.dot(&c.e.row(0))
+                .iter()
+                .zip(&c.b)
+                .map(|(x, b)| x + b)
+                .collect();
+        c.graph = Some((g, vec![3.0, 0.5]));
+        // One user, items 10 and 20: scores are the plain ones plus the
+        // weighted share of the two items each slot neighbours.
+        let items = [10u32, 20];
+        let top = top_k(&c.cat(), c.e.row(0), &items, 300);
+        let (g, w) = c.graph.as_ref().unwrap();
+        for &(s, score) in &top {
+            let mut want = plain[s as usize];
+            for (r, wr) in w.iter().enumerate() {
+                for j in items {
+                    if g.has_edge(r, j, s).unwrap() {
+                        want += wr / 2.0;
+                    }
+                }
+            }
+            assert!((score - want).abs() < 1e-4, "slot {s}: {score} vs {want}");
+        }
+        assert_eq!(top.len(), 298, "the user's items are excluded");
+        let vs: Vec<Array1<f32>> = (0..100).map(|i| c.e.row(i).to_owned()).collect();
+        let hist: Vec<Vec<u32>> = (0..100u32).map(|i| vec![i, (i * 13) % 300, 299]).collect();
+        let users: Vec<(ArrayView1<'_, f32>, &[u32])> = vs
+            .iter()
+            .zip(&hist)
+            .map(|(v, e)| (v.view(), e.as_slice()))
+            .collect();
+        for ((v, e), got) in users.iter().zip(rank_users(&c.cat(), &users, 10)) {
+            let want = top_k(&c.cat(), *v, e, 10);
+            assert_eq!(
+                got.iter().map(|p| p.0).collect::<Vec<_>>(),
+                want.iter().map(|p| p.0).collect::<Vec<_>>()
+            );
         }
     }
 }

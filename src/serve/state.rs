@@ -865,6 +865,7 @@ impl Core {
             bias: bias.view(),
             active: &active,
             keys: &keys,
+            graph: Some((&self.pkg, &self.model.card.neighbour_weights)),
         };
         let mut adapted: Vec<(&String, &UserState, Array1<f32>)> = Vec::with_capacity(users.len());
         for id in users {
