@@ -502,6 +502,7 @@ pub fn infer_items(
 ) -> Result<(ndarray::Array3<f32>, Array2<f32>, crate::graph::Pkg)> {
     let items: Vec<u32> = (0..ds.n_items() as u32).collect();
     let (pkg, slot) = pkg_build::build_pkg(ds, &tm.card.config.pkg, &items, user_items)?;
+    tracing::debug!(items = items.len(), edges = ?pkg.edge_counts(), "inference graph");
     if slot.iter().any(|(i, s)| i != s) {
         return Err(TrainError::Data(
             "inference graph slots differ from item indexes".into(),
