@@ -71,6 +71,12 @@ pub struct TrainArgs {
     /// Most frequent KG relations turned into PKG relations.
     #[arg(long)]
     pub kg_relations: Option<usize>,
+    /// Least shared users for a co-interaction edge of the PKG.
+    #[arg(long)]
+    pub min_co_users: Option<usize>,
+    /// Co-interaction neighbours kept per item in the PKG.
+    #[arg(long)]
+    pub co_neighbours: Option<usize>,
     /// Text encoder folder (from onnx/setup.sh).
     #[arg(long, default_value = "models/text")]
     pub text_model: PathBuf,
@@ -209,6 +215,12 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     }
     if let Some(k) = a.kg_relations {
         cfg.pkg.kg_relations = k;
+    }
+    if let Some(m) = a.min_co_users {
+        cfg.pkg.min_co_users = m;
+    }
+    if let Some(n) = a.co_neighbours {
+        cfg.pkg.neighbours = n;
     }
     let card = crate::train::train(&ds, &split, &cfg, &a.out)?;
     println!("{}", serde_json::to_string_pretty(&card.training)?);
