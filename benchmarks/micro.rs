@@ -286,6 +286,11 @@ fn users(c: &mut Criterion) {
     g.bench_function("top_100_one_user", |b| {
         b.iter(|| black_box(top_k(&cat, u.view(), &histories[0], 100)))
     });
+    // The same without the graph-neighbour term, for its cost in this run.
+    let plain = Catalogue { graph: None, ..cat };
+    g.bench_function("top_100_one_user_without_graph_term", |b| {
+        b.iter(|| black_box(top_k(&plain, u.view(), &histories[0], 100)))
+    });
     let vs: Vec<Array1<f32>> = (0..64).map(|i| emb.row(i).to_owned()).collect();
     let block: Vec<(ndarray::ArrayView1<'_, f32>, &[u32])> = vs
         .iter()
