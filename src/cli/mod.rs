@@ -316,3 +316,49 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn neighbour_weights_parse_or_say_why() {
+        assert_eq!(
+            parse_weight("co_interacted=256").unwrap(),
+            ("co_interacted".to_string(), 256.0)
+        );
+        assert!(parse_weight("co_interacted")
+            .unwrap_err()
+            .contains("RELATION=WEIGHT"));
+        assert!(parse_weight("co_liked=lots")
+            .unwrap_err()
+            .contains("not a number"));
+        assert!(parse_weight("co_liked=inf").unwrap_err().contains("finite"));
+    }
+
+    #[test]
+    fn neighbour_weights_reach_the_eval_config() {
+        let cli = Cli::try_parse_from([
+            "thaw",
+            "eval",
+            "--dataset",
+            "d",
+            "--split",
+            "s",
+            "--model",
+            "mpkg",
+            "--neighbour-weight",
+            "co_interacted=16",
+            "--neighbour-weight",
+            "co_liked=0.5",
+        ])
+        .unwrap();
+        let Command::Eval(a) = cli.command else {
+            panic!("not eval");
+        };
+        assert_eq!(
+            a.neighbour_weight,
+            vec![("co_interacted".into(), 16.0), ("co_liked".into(), 0.5)]
+        );
+    }
+}
