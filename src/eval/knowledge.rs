@@ -29,15 +29,16 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
-use ndarray::{Array2, ArrayView1, Axis};
+use ndarray::ArrayView1;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::metrics::{bootstrap_mean, Interval};
+use super::mpkg_eval::err;
 use super::split::Split;
-use super::{EvalError, Result, TrainSet};
+use super::{Result, TrainSet};
 use crate::dataset::Dataset;
 use crate::train::{self, pkg_build, TrainedModel};
 
@@ -125,13 +126,6 @@ impl KnowledgeReport {
     }
 }
 
-fn err(e: impl std::fmt::Display) -> EvalError {
-    EvalError::Model {
-        model: "mpkg".into(),
-        reason: e.to_string(),
-    }
-}
-
 /// One held-out edge as a query: head, relation, tail (dataset indexes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct Query {
@@ -169,25 +163,11 @@ pub fn run(
     let (g_train, slot_train) =
         pkg_build::build_pkg(ds, pkg_cfg, &warm_items, &meta).map_err(err)?;
     let item_of: HashMap<u32, u32> = slot_train.iter().map(|(&i, &s)| (s, i)).collect();
-    let is_warm: HashSet<u32> = warm_items.iter().copied().collect();
+    let is_warm = |i: u32| slot_train.contains_key(&i);
 
     // The inference graph: every item, all training interactions.
     let train_set = TrainSet::from_split(split, ds.users.len(), n);
-    let all: Vec<u32> = (0..n as u32).collect();
-    let (mut g, slot) =
-        pkg_build::build_pkg(ds, pkg_cfg, &all, &train_set.user_items).map_err(err)?;
-    if g.relations() != tm.card.relations.as_slice() {
-        return Err(err(format!(
-            "graph relations {:?} differ from the model's {:?}",
-            g.relations(),
-            tm.card.relations
-        )));
-    }
-    if (0..n as u32).any(|i| slot.get(&i) != Some(&i)) {
-        return Err(err(
-            "the inference graph's slots are not the dataset's item indexes",
-        ));
-    }
+    let mut g = train::inference_graph(ds, &tm, &train_set.user_items).map_err(err)?;
 
     // Candidates: inference edges the training graph lacks.
     let mut seen: HashSet<(usize, u32, u32)> = HashSet::new();
@@ -201,7 +181,7 @@ pub fn run(
     let mut zero: Vec<Query> = Vec::new();
     for r in 0..g.num_relations() {
         for (a, b) in g.edges(r).map_err(err)? {
-            if seen.contains(&(r, a.min(b), a.max(b))) {
+            if seen.contains(&(r, a, b)) {
                 continue;
             }
             for (h, t) in [(a, b), (b, a)] {
@@ -210,7 +190,7 @@ pub fn run(
                     relation: r,
                     tail: t,
                 };
-                match (is_warm.contains(&h), is_warm.contains(&t)) {
+                match (is_warm(h), is_warm(t)) {
                     (false, _) => zero.push(q),
                     (true, true) => warm.push(q),
                     (true, false) => {}
@@ -231,7 +211,6 @@ pub fn run(
     for q in warm.iter().chain(&zero) {
         let _ = g.remove_edge(q.relation, q.head, q.tail).map_err(err)?;
     }
-    let _ = g.take_changes();
     let mut held: HashMap<(u32, usize), HashSet<u32>> = HashMap::new();
     for q in warm.iter().chain(&zero) {
         held.entry((q.head, q.relation)).or_default().insert(q.tail);
@@ -240,11 +219,7 @@ pub fn run(
     // Embeddings on what remains: E_r = S_r^M (X W_r).
     let x =
         train::item_features(ds, &tm.card.config, Some(&model_dir.join("cache"))).map_err(err)?;
-    let w = tm.model.proj_array().map_err(err)?;
-    let projected: Vec<Array2<f32>> = (0..w.dim().0)
-        .map(|r| x.dot(&w.index_axis(Axis(0), r)))
-        .collect();
-    let e = train::propagate(&g, &projected, tm.card.hops).map_err(err)?;
+    let e = train::relation_embeddings(&tm, &g, &x).map_err(err)?;
     // Text reference: unit text vectors (the features' leading columns).
     let text_dim = x.ncols().saturating_sub(tm.card.config.kg_dim);
     let mut text = x.slice(ndarray::s![.., ..text_dim]).to_owned();
@@ -255,35 +230,54 @@ pub fn run(
         }
     }
 
+    // Per query, what its ranking leaves out: the head, its remaining
+    // neighbours and its other held-out tails.
+    let excluded_of = |q: &Query| -> Result<HashSet<u32>> {
+        let mut excluded: HashSet<u32> = g
+            .neighbours(q.relation, q.head)
+            .map_err(err)?
+            .iter()
+            .copied()
+            .collect();
+        excluded.insert(q.head);
+        if let Some(others) = held.get(&(q.head, q.relation)) {
+            excluded.extend(others.iter().copied().filter(|&t| t != q.tail));
+        }
+        Ok(excluded)
+    };
+    let excluded: Vec<Vec<HashSet<u32>>> = [&warm, &zero]
+        .into_iter()
+        .map(|qs| qs.iter().map(excluded_of).collect::<Result<Vec<_>>>())
+        .collect::<Result<_>>()?;
+    // The popularity reference: each item's degree per relation.
+    let degree: Vec<ndarray::Array1<f32>> = (0..g.num_relations())
+        .map(|r| {
+            (0..n as u32)
+                .map(|j| g.degree(r, j).unwrap_or(0) as f32)
+                .collect()
+        })
+        .collect();
+
     let mut scores = BTreeMap::new();
     for scorer in ["mpkg", "popularity", "text"] {
         let mut by_head = BTreeMap::new();
-        for (kind, qs) in [("warm", &warm), ("zero_shot", &zero)] {
+        for ((kind, qs), excluded) in [("warm", &warm), ("zero_shot", &zero)]
+            .into_iter()
+            .zip(&excluded)
+        {
             if qs.is_empty() {
                 continue;
             }
             let mut hits = Vec::with_capacity(qs.len());
             let mut rr = Vec::with_capacity(qs.len());
-            for q in qs.iter() {
+            for (q, excluded) in qs.iter().zip(excluded) {
                 let r = q.relation;
                 let s: ndarray::Array1<f32> = match scorer {
                     "mpkg" => e[r].dot(&e[r].row(q.head as usize)),
-                    "popularity" => (0..n as u32)
-                        .map(|j| g.degree(r, j).unwrap_or(0) as f32)
-                        .collect(),
+                    "popularity" => degree[r].clone(),
                     _ => text.dot(&text.row(q.head as usize)),
                 };
-                let mut excluded: HashSet<u32> = g
-                    .neighbours(r, q.head)
-                    .map_err(err)?
-                    .iter()
-                    .copied()
-                    .collect();
-                excluded.insert(q.head);
-                if let Some(others) = held.get(&(q.head, r)) {
-                    excluded.extend(others.iter().copied().filter(|&t| t != q.tail));
-                }
-                let k = rank(s.view(), q.tail, &excluded);
+                let k = rank(s.view(), q.tail, excluded);
                 hits.push(if k <= cfg.k { 1.0 } else { 0.0 });
                 rr.push(1.0 / k as f64);
             }

@@ -36,21 +36,17 @@ impl Recommender for MeanUser {
         }
         ndarray::linalg::general_mat_mul(1.0, &eu, &self.emb.t(), 0.0, &mut out);
         out += &self.bias;
-        if self.neighbour_weights.iter().any(|&w| w != 0.0) {
-            for (mut row, &u) in out.rows_mut().into_iter().zip(users) {
-                if let Some(row) = row.as_slice_mut() {
-                    self.pkg.add_neighbour_scores(
-                        &self.neighbour_weights,
-                        &self.user_items[u as usize],
-                        row,
-                    );
-                }
-            }
+        for (row, &u) in out.rows_mut().into_iter().zip(users) {
+            self.pkg.add_neighbour_scores(
+                &self.neighbour_weights,
+                &self.user_items[u as usize],
+                row,
+            );
         }
     }
 }
 
-fn err(e: impl std::fmt::Display) -> EvalError {
+pub(super) fn err(e: impl std::fmt::Display) -> EvalError {
     EvalError::Model {
         model: "mpkg".into(),
         reason: e.to_string(),

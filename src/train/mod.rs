@@ -489,17 +489,15 @@ impl TrainedModel {
     }
 }
 
-/// Inductive inference for every dataset item: the PKG is rebuilt from
-/// `user_items` (all training interactions, so new items enter with their
-/// first interactions), features are projected (`X W_r`), propagated and fused.
-/// Returns the relation embeddings [R, N, d], the fused ones [N, d] and the
-/// graph, whose slots are the dataset's item indexes (items enter in order).
-pub fn infer_items(
+/// The inference graph: every dataset item (slots are the item indexes, as
+/// items enter in order) with the PKG built from `user_items` (all training
+/// interactions, so new items enter with their first interactions). Errors
+/// if its relations are not the model's.
+pub fn inference_graph(
     ds: &Dataset,
     tm: &TrainedModel,
-    x_all: &Array2<f32>,
     user_items: &[Vec<u32>],
-) -> Result<(ndarray::Array3<f32>, Array2<f32>, crate::graph::Pkg)> {
+) -> Result<crate::graph::Pkg> {
     let items: Vec<u32> = (0..ds.n_items() as u32).collect();
     let (pkg, slot) = pkg_build::build_pkg(ds, &tm.card.config.pkg, &items, user_items)?;
     tracing::debug!(items = items.len(), edges = ?pkg.edge_counts(), "inference graph");
@@ -515,11 +513,34 @@ pub fn infer_items(
             tm.card.relations
         )));
     }
+    Ok(pkg)
+}
+
+/// Per-relation embeddings `E_r = S_r^M (X W_r)` of every slot of `pkg`
+/// from the features `x_all` (one row per slot).
+pub fn relation_embeddings(
+    tm: &TrainedModel,
+    pkg: &crate::graph::Pkg,
+    x_all: &Array2<f32>,
+) -> Result<Vec<Array2<f32>>> {
     let w = tm.model.proj_array()?;
     let projected: Vec<Array2<f32>> = (0..w.dim().0)
         .map(|r| x_all.dot(&w.index_axis(ndarray::Axis(0), r)))
         .collect();
-    let e = propagate(&pkg, &projected, tm.card.hops)?;
+    propagate(pkg, &projected, tm.card.hops)
+}
+
+/// Inductive inference for every dataset item ([`inference_graph`], then
+/// features projected, propagated and fused). Returns the relation
+/// embeddings [R, N, d], the fused ones [N, d] and the graph.
+pub fn infer_items(
+    ds: &Dataset,
+    tm: &TrainedModel,
+    x_all: &Array2<f32>,
+    user_items: &[Vec<u32>],
+) -> Result<(ndarray::Array3<f32>, Array2<f32>, crate::graph::Pkg)> {
+    let pkg = inference_graph(ds, tm, user_items)?;
+    let e = relation_embeddings(tm, &pkg, x_all)?;
     let views: Vec<_> = e
         .iter()
         .map(|a| a.view().insert_axis(ndarray::Axis(1)))
