@@ -253,7 +253,7 @@ fn users(c: &mut Criterion) {
     let keys: Vec<u64> = (0..n).map(|i| key(&format!("p{i}"))).collect();
     // The engine's ranking adds the graph-neighbour score over the PKG: the
     // medium catalogue's graph, every relation weighted.
-    let (_, pkg, _) = graph();
+    let pkg = generate(100_000, SEED).pkg().expect("synthetic graph");
     assert_eq!(pkg.slots(), n);
     let weights = vec![1.0f32; pkg.num_relations()];
     let cat = Catalogue {

@@ -876,6 +876,25 @@ fn live_events(synth: &Synth, o: &BenchOptions, rate: f64, phase: usize, ts: u64
     out
 }
 
+/// Waits (up to 300 s) until the engine has gone idle with `target`
+/// messages applied; an error naming `what` if it stops or does not.
+/// Returns the time it took.
+async fn wait_idle(
+    progress: &Progress,
+    engine: &tokio::task::JoinHandle<Result<()>>,
+    target: usize,
+    what: &str,
+) -> Result<Duration> {
+    let t_idle = Instant::now();
+    while (progress.idle_at_messages.load(Ordering::SeqCst) as usize) < target {
+        if engine.is_finished() || t_idle.elapsed() > Duration::from_secs(300) {
+            bail!("the engine did not go idle {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(t_idle.elapsed())
+}
+
 /// Waits until the engine has published `target` messages; `None` if it
 /// stopped first. Returns the time the first new message was published.
 async fn wait_published(
@@ -964,16 +983,16 @@ pub async fn run(o: &BenchOptions) -> Result<BenchReport> {
     // Enough partitions that every topic's messages fit the mock broker's
     // per-partition log (it drops the oldest beyond it), with room for the
     // freshness phase and the record overhead.
-    let mut bytes: BTreeMap<String, usize> = BTreeMap::new();
+    let mut bytes: BTreeMap<&'static str, usize> = BTreeMap::new();
     for e in &events {
         let b = e.encode().map_or(0, |b| b.len()) + e.key().len() + 64;
-        *bytes.entry(e.topic().name().to_string()).or_default() += b;
+        *bytes.entry(e.topic().name()).or_default() += b;
     }
     let partitions: BTreeMap<String, i32> = bytes
         .into_iter()
         .map(|(t, b)| {
             (
-                t,
+                t.to_string(),
                 (2 * b).div_ceil(crate::kafka::MOCK_PARTITION_BYTES) as i32,
             )
         })
@@ -1030,17 +1049,8 @@ pub async fn run(o: &BenchOptions) -> Result<BenchReport> {
     // The engine goes idle after the load: it reconciles the propagation
     // and publishes what that moved. The freshness phase starts after, as
     // steady traffic would find it.
-    let t_idle = Instant::now();
-    while (progress.idle_at_messages.load(Ordering::SeqCst) as usize) < total {
-        if engine.is_finished() || t_idle.elapsed() > Duration::from_secs(300) {
-            bail!("the engine did not go idle after the load");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    eprintln!(
-        "idle after the load: {:.1} s",
-        t_idle.elapsed().as_secs_f64()
-    );
+    let idle = wait_idle(&progress, &engine, total, "after the load").await?;
+    eprintln!("idle after the load: {:.1} s", idle.as_secs_f64());
     // Freshness at each offered rate, one phase after the other, each
     // started once the engine is idle again.
     let mut published = total;
@@ -1087,13 +1097,7 @@ pub async fn run(o: &BenchOptions) -> Result<BenchReport> {
             applied_events_per_second: applied,
             freshness_ms: freshness,
         });
-        let t_idle = Instant::now();
-        while (progress.idle_at_messages.load(Ordering::SeqCst) as usize) < published {
-            if engine.is_finished() || t_idle.elapsed() > Duration::from_secs(300) {
-                bail!("the engine did not go idle after a freshness phase");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_idle(&progress, &engine, published, "after a freshness phase").await?;
     }
     let _ = stop_tx.send(true);
     engine.await??;

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ndarray::Array2;
+use ndarray::{Array2, ArrayViewMut1};
 
 use super::batch::{Batch, Origin};
 use super::{Error, Result};
@@ -418,7 +418,12 @@ impl Pkg {
     /// weighted per relation (`weights[r]`; missing or zero weights skip the
     /// relation). `thaw eval` and the engine score with this one function.
     /// Items that are not in the graph are skipped.
-    pub fn add_neighbour_scores(&self, weights: &[f32], items: &[u32], scores: &mut [f32]) {
+    pub fn add_neighbour_scores(
+        &self,
+        weights: &[f32],
+        items: &[u32],
+        mut scores: ArrayViewMut1<'_, f32>,
+    ) {
         if items.is_empty() {
             return;
         }
@@ -633,14 +638,14 @@ mod tests {
         // User with x and z: y neighbours both under "a" (share 1), x and z
         // neighbour each other under "b" (share 1/2 each).
         let mut s = vec![0.0f32; 3];
-        g.add_neighbour_scores(&[2.0, 10.0], &[0, 2], &mut s);
+        g.add_neighbour_scores(&[2.0, 10.0], &[0, 2], ArrayViewMut1::from(s.as_mut_slice()));
         assert_eq!(s, vec![5.0, 2.0, 5.0]);
         let mut s = vec![1.0f32; 3];
-        g.add_neighbour_scores(&[0.0, 0.0], &[0, 2], &mut s);
+        g.add_neighbour_scores(&[0.0, 0.0], &[0, 2], ArrayViewMut1::from(s.as_mut_slice()));
         assert_eq!(s, vec![1.0; 3], "zero weights change nothing");
-        g.add_neighbour_scores(&[1.0], &[], &mut s);
+        g.add_neighbour_scores(&[1.0], &[], ArrayViewMut1::from(s.as_mut_slice()));
         assert_eq!(s, vec![1.0; 3], "no items, no term");
-        g.add_neighbour_scores(&[1.0], &[1, 99], &mut s);
+        g.add_neighbour_scores(&[1.0], &[1, 99], ArrayViewMut1::from(s.as_mut_slice()));
         assert_eq!(
             s,
             vec![1.5, 1.0, 1.5],

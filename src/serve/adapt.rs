@@ -183,9 +183,10 @@ pub fn adapt_user(
     let pairs = (pos.len() * neg.len()) as f32;
     let mut u = mean.clone();
     for _ in 0..cfg.steps {
-        let s_pos = e_pos.dot(&u) + &b_pos; // [P]
-        let s_neg = e_neg.dot(&u) + &b_neg; // [K]
-                                            // w[p, j] = σ(s_neg[j] − s_pos[p]) = −∂ log σ(s_pos − s_neg) / ∂ margin.
+        // s_pos: [P], s_neg: [K].
+        let s_pos = e_pos.dot(&u) + &b_pos;
+        let s_neg = e_neg.dot(&u) + &b_neg;
+        // w[p, j] = σ(s_neg[j] − s_pos[p]) = −∂ log σ(s_pos − s_neg) / ∂ margin.
         let mut w = Array2::<f32>::zeros((pos.len(), neg.len()));
         for (p, mut row) in w.rows_mut().into_iter().enumerate() {
             let sp = s_pos[p];
@@ -277,8 +278,8 @@ pub fn top_k(
     k: usize,
 ) -> Vec<(u32, f32)> {
     let mut scores = cat.emb.dot(&u) + cat.bias;
-    if let (Some((pkg, w)), Some(row)) = (cat.graph, scores.as_slice_mut()) {
-        pkg.add_neighbour_scores(w, items, row);
+    if let Some((pkg, w)) = cat.graph {
+        pkg.add_neighbour_scores(w, items, scores.view_mut());
     }
     select(cat, scores.view(), items, k)
 }
@@ -304,15 +305,11 @@ pub fn rank_users(
         let mut scores = Array2::<f32>::zeros((block.len(), cat.emb.nrows()));
         ndarray::linalg::general_mat_mul(1.0, &u, &cat.emb.t(), 0.0, &mut scores);
         scores += &cat.bias;
-        if let Some((pkg, w)) = cat.graph.filter(|(_, w)| w.iter().any(|&x| x != 0.0)) {
-            for (mut row, (_, items)) in scores.rows_mut().into_iter().zip(block) {
-                if let Some(row) = row.as_slice_mut() {
-                    pkg.add_neighbour_scores(w, items, row);
-                }
+        for (mut row, (_, items)) in scores.rows_mut().into_iter().zip(block) {
+            if let Some((pkg, w)) = cat.graph {
+                pkg.add_neighbour_scores(w, items, row.view_mut());
             }
-        }
-        for (row, (_, exclude)) in scores.rows().into_iter().zip(block) {
-            out.push(select(cat, row, exclude, k));
+            out.push(select(cat, row.view(), items, k));
         }
     }
     out

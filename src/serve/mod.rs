@@ -70,8 +70,10 @@ enum Work {
         msgs: Vec<Msg>,
         /// Next offset to commit per partition once the batch is published.
         offsets: BTreeMap<(String, i32), i64>,
-        /// Messages per topic (dead-lettered and ignored ones included).
-        counts: BTreeMap<String, u64>,
+        /// Messages in the batch (dead-lettered and ignored ones included).
+        messages: u64,
+        /// Of them, messages of the item-relations topic.
+        relation_messages: u64,
         /// When ingest closed the batch.
         closed: Instant,
     },
@@ -86,7 +88,8 @@ fn coalesce(w: Work, rx: &mut mpsc::Receiver<Work>, held: &mut Option<Work>, max
     let Work::Batch {
         mut msgs,
         mut offsets,
-        mut counts,
+        mut messages,
+        mut relation_messages,
         closed,
     } = w
     else {
@@ -97,15 +100,15 @@ fn coalesce(w: Work, rx: &mut mpsc::Receiver<Work>, held: &mut Option<Work>, max
             Work::Batch {
                 msgs: m,
                 offsets: o,
-                counts: c,
+                messages: n,
+                relation_messages: nr,
                 ..
             } if msgs.len() + m.len() <= max => {
                 msgs.extend(m);
                 // Offsets only grow within a partition: the later batch's win.
                 offsets.extend(o);
-                for (t, n) in c {
-                    *counts.entry(t).or_default() += n;
-                }
+                messages += n;
+                relation_messages += nr;
             }
             other => {
                 *held = Some(other);
@@ -116,7 +119,8 @@ fn coalesce(w: Work, rx: &mut mpsc::Receiver<Work>, held: &mut Option<Work>, max
     Work::Batch {
         msgs,
         offsets,
-        counts,
+        messages,
+        relation_messages,
         closed,
     }
 }
@@ -125,50 +129,57 @@ fn coalesce(w: Work, rx: &mut mpsc::Receiver<Work>, held: &mut Option<Work>, max
 /// items' texts are embedded (an edge naming an item not described yet gives
 /// it a placeholder, as it would had it come first), and the rest (items and
 /// interactions: a user's list needs the items described), each with its
-/// topics' offsets and counts. Without item events nothing is split.
-fn split_items(w: Work) -> (Work, Option<Work>) {
+/// topics' offsets and message counts: `(to send now, to send once the texts
+/// are embedded)`. Without item events the whole batch goes now; without
+/// relation messages, the whole batch waits for its texts.
+fn split_items(w: Work) -> (Option<Work>, Option<Work>) {
     let Work::Batch {
         msgs,
         offsets,
-        counts,
+        messages,
+        relation_messages,
         closed,
     } = w
     else {
-        return (w, None);
+        return (Some(w), None);
     };
-    let relations = Topic::ItemRelations.name();
+    let batch = |msgs, offsets, messages, relation_messages| Work::Batch {
+        msgs,
+        offsets,
+        messages,
+        relation_messages,
+        closed,
+    };
     if !msgs
         .iter()
         .any(|m| matches!(m.event, crate::ingest::Event::Item(_)))
     {
         return (
-            Work::Batch {
-                msgs,
-                offsets,
-                counts,
-                closed,
-            },
+            Some(batch(msgs, offsets, messages, relation_messages)),
             None,
         );
     }
+    if relation_messages == 0 {
+        return (None, Some(batch(msgs, offsets, messages, 0)));
+    }
+    let relations = Topic::ItemRelations.name();
     let (rest, item_msgs): (Vec<Msg>, Vec<Msg>) = msgs
         .into_iter()
         .partition(|m| matches!(m.event, crate::ingest::Event::Relation(_)));
     let (rest_offsets, item_offsets) = offsets.into_iter().partition(|((t, _), _)| t == relations);
-    let (rest_counts, item_counts) = counts.into_iter().partition(|(t, _)| t == relations);
     (
-        Work::Batch {
-            msgs: rest,
-            offsets: rest_offsets,
-            counts: rest_counts,
-            closed,
-        },
-        Some(Work::Batch {
-            msgs: item_msgs,
-            offsets: item_offsets,
-            counts: item_counts,
-            closed,
-        }),
+        Some(batch(
+            rest,
+            rest_offsets,
+            relation_messages,
+            relation_messages,
+        )),
+        Some(batch(
+            item_msgs,
+            item_offsets,
+            messages - relation_messages,
+            0,
+        )),
     )
 }
 
@@ -310,9 +321,11 @@ pub async fn run(
         while let Some(w) = rx_text.blocking_recv() {
             // Edges go on at once; items and interactions follow once the
             // items' texts are embedded.
-            let (rest, items) = split_items(w);
-            if tx_core.blocking_send(rest).is_err() {
-                break;
+            let (now, items) = split_items(w);
+            if let Some(now) = now {
+                if tx_core.blocking_send(now).is_err() {
+                    break;
+                }
             }
             let Some(mut items) = items else { continue };
             if let Work::Batch { msgs, .. } = &mut items {
@@ -344,10 +357,10 @@ pub async fn run(
                 Work::Batch {
                     msgs,
                     offsets,
-                    counts,
+                    messages,
                     closed,
+                    ..
                 } => {
-                    let messages = counts.values().sum();
                     let started = Instant::now();
                     let (publish, _) = core.apply(&msgs, Mode::Live)?;
                     Out {
@@ -494,7 +507,7 @@ pub async fn run(
     let mut msgs: Vec<Msg> = Vec::new();
     let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
     let mut count: u64 = 0;
-    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    let mut relation_count: u64 = 0;
     // Ingest delay of each message of the open batch, recorded at its close.
     let mut delays: Vec<f64> = Vec::new();
     let mut opened: Option<Instant> = None;
@@ -549,17 +562,21 @@ pub async fn run(
                 let topic_name = m.topic().to_string();
                 let (partition, offset) = (m.partition(), m.offset());
                 count += 1;
-                *counts.entry(topic_name.clone()).or_default() += 1;
-                match Topic::from_name(&topic_name) {
+                let topic = Topic::from_name(&topic_name);
+                if topic == Some(Topic::ItemRelations) {
+                    relation_count += 1;
+                }
+                match topic {
                     Some(topic) => {
                         let payload = m.payload().unwrap_or(&[]);
                         match decode(topic, m.key(), payload, &limits) {
                             Ok(event) => {
                                 metrics.event(&topic_name, "applied");
-                                if let Some(ts) = m.timestamp().to_millis() {
+                                let kafka_ms = m.timestamp().to_millis();
+                                if let Some(ts) = kafka_ms {
                                     delays.push((now_ms() - ts).max(0) as f64 / 1000.0);
                                 }
-                                msgs.push(Msg::new(event, m.timestamp().to_millis()));
+                                msgs.push(Msg::new(event, kafka_ms));
                             }
                             Err(rejection) => {
                                 let dl = DeadLetter::new(
@@ -595,11 +612,11 @@ pub async fn run(
         if close {
             metrics.ingest_delays(&delays);
             delays.clear();
-            count = 0;
             let w = Work::Batch {
                 msgs: std::mem::take(&mut msgs),
                 offsets: std::mem::take(&mut offsets),
-                counts: std::mem::take(&mut counts),
+                messages: std::mem::take(&mut count),
+                relation_messages: std::mem::take(&mut relation_count),
                 closed: Instant::now(),
             };
             opened = None;
@@ -614,7 +631,8 @@ pub async fn run(
             .send(Work::Batch {
                 msgs,
                 offsets,
-                counts,
+                messages: count,
+                relation_messages: relation_count,
                 closed: Instant::now(),
             })
             .await;

@@ -271,18 +271,13 @@ impl Ripple {
         }
     }
 
-    /// Up to `n` slots still queued, oldest first.
-    fn drain(&mut self, n: usize) -> Vec<u32> {
-        let mut out = Vec::new();
-        while out.len() < n {
-            let Some(s) = self.queue.pop_front() else {
-                break;
-            };
-            if std::mem::replace(&mut self.queued[s as usize], false) {
-                out.push(s);
-            }
-        }
-        out
+    /// Every slot still queued, oldest first; the queue is left empty.
+    fn take(&mut self) -> Vec<u32> {
+        let queued = &mut self.queued;
+        self.queue
+            .drain(..)
+            .filter(|&s| std::mem::replace(&mut queued[s as usize], false))
+            .collect()
     }
 
     fn clear(&mut self) {
@@ -584,11 +579,12 @@ impl Core {
         // The whole queue every `ripple_ms`: a row rippled by many batches
         // in between is published once.
         if self.last_ripple.elapsed().as_millis() as u64 >= self.ripple_ms {
-            changed.extend(self.ripple.drain(usize::MAX));
+            changed.extend(self.ripple.take());
             self.last_ripple = Instant::now();
-        }
-        for &s in &changed {
-            self.ripple.remove(s);
+        } else {
+            for &s in &changed {
+                self.ripple.remove(s);
+            }
         }
         let to_fuse: Vec<u32> = changed
             .into_iter()
@@ -671,7 +667,7 @@ impl Core {
     /// tolerance held changes back, recomputes the propagation exactly and
     /// republishes the items it moved: an idle engine is exact.
     pub fn idle(&mut self) -> Result<Publish> {
-        let mut moved: BTreeSet<u32> = self.ripple.drain(usize::MAX).into_iter().collect();
+        let mut moved: BTreeSet<u32> = self.ripple.take().into_iter().collect();
         if !self.prop.is_exact() {
             let t0 = Instant::now();
             moved.extend(self.prop.reconcile(&self.pkg)?);
