@@ -96,7 +96,9 @@ pub struct Interaction {
     pub user: u32,
     /// Dense item index.
     pub item: u32,
-    /// `rating` or `weight` column, when the file has one.
+    /// The interaction's strength, when the file has one: its `rating`
+    /// column, else `weight`, else `play_count` (Last.FM). Not always a
+    /// 1–5 rating: a play count is unbounded.
     pub value: Option<f32>,
     /// `timestamp` column (seconds), when the file has one.
     pub ts: Option<f64>,
@@ -126,6 +128,9 @@ pub struct Dataset {
     pub items: IdMap,
     /// Interactions in file order.
     pub interactions: Vec<Interaction>,
+    /// Whether interaction values are ratings (a `rating` column), rather
+    /// than weights or play counts: only ratings define likes (`co_liked`).
+    pub rated: bool,
     /// Per item: its text (token_seq and non-id token columns of `.item`,
     /// joined with ". "), empty when it has none.
     pub item_text: Vec<String>,
@@ -186,7 +191,10 @@ impl Dataset {
         let mut items = IdMap::default();
         let u_col = inter.require("user_id")?;
         let i_col = inter.require("item_id")?;
-        let v_col = inter.column("rating").or_else(|| inter.column("weight"));
+        let v_col = ["rating", "weight", "play_count"]
+            .iter()
+            .find_map(|name| inter.column(name));
+        let rated = inter.column("rating").is_some();
         let t_col = inter.column("timestamp");
         let mut interactions = Vec::with_capacity(inter.rows.len());
         for r in 0..inter.rows.len() {
@@ -274,6 +282,7 @@ impl Dataset {
             users,
             items,
             interactions,
+            rated,
             item_text,
             entities,
             relations,
@@ -388,6 +397,38 @@ mod tests {
         assert!(!ds.has_timestamps());
         assert!(ds.triples.is_empty());
         assert_eq!(ds.interactions[0].value, None);
+    }
+
+    #[test]
+    fn play_counts_are_values() {
+        let d = tempfile::tempdir().unwrap();
+        write(
+            d.path(),
+            "lastfm.inter",
+            "user_id:token\titem_id:token\tplay_count:float\n2\t51\t13883\n2\t52\t11690\n",
+        );
+        let ds = Dataset::load(d.path()).unwrap();
+        assert!(!ds.rated, "play counts are not ratings");
+        assert_eq!(ds.interactions[0].value, Some(13883.0));
+        assert_eq!(ds.interactions[1].value, Some(11690.0));
+        assert!(!ds.has_timestamps());
+
+        // rating first, then weight, then play_count
+        write(
+            d.path(),
+            "lastfm.inter",
+            "user_id:token\titem_id:token\tplay_count:float\tweight:float\nu\ti\t7\t0.5\n",
+        );
+        let ds = Dataset::load(d.path()).unwrap();
+        assert_eq!(ds.interactions[0].value, Some(0.5));
+        write(
+            d.path(),
+            "lastfm.inter",
+            "user_id:token\titem_id:token\tplay_count:float\tweight:float\trating:float\n\
+             u\ti\t7\t0.5\t4\n",
+        );
+        let ds = Dataset::load(d.path()).unwrap();
+        assert_eq!(ds.interactions[0].value, Some(4.0));
     }
 
     #[test]
