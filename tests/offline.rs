@@ -67,7 +67,7 @@ fn loads_movielens_with_its_kg() {
 #[test]
 fn split_reproduces_the_reference_partition() {
     let ds = dataset();
-    let (split, stats) = split::build(&ds.interactions, &SplitConfig::default(), true).unwrap();
+    let (split, stats) = split::build(&ds, &SplitConfig::default(), true).unwrap();
     // The reference split's own README: new_users=189 new_items=337, and its
     // files: 679 meta-training users, 75 / 185 / 46 / 27 tasks.
     assert_eq!((stats.new_users, stats.new_items), (189, 337));
@@ -116,10 +116,86 @@ fn split_reproduces_the_reference_partition() {
     }
 }
 
+/// `thaw split`'s files (with `cfg`) equal the reference split's in `reference`
+/// byte for byte, `valid/` included (its README.txt aside).
+fn assert_writes_reference(ds: &Dataset, reference: &std::path::Path, cfg: &SplitConfig) {
+    assert!(
+        reference.join("meta_training.txt").is_file(),
+        "{} is missing: the reference split sits in ../shared/eval/ beside the checkout",
+        reference.display()
+    );
+    let (mut split, _) = split::build(ds, cfg, true).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    split.write(dir.path(), ds).unwrap();
+    let mut compared = 0;
+    for sub in ["", "valid"] {
+        let names = |d: &std::path::Path| -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(d.join(sub))
+                .unwrap()
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.ends_with(".txt") && n != "README.txt")
+                .collect();
+            v.sort();
+            v
+        };
+        let ours = names(dir.path());
+        assert_eq!(ours, names(reference), "files of {sub:?}");
+        for n in ours {
+            let a = std::fs::read(dir.path().join(sub).join(&n)).unwrap();
+            let b = std::fs::read(reference.join(sub).join(&n)).unwrap();
+            assert!(a == b, "{sub}/{n} differs from {}", reference.display());
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 18);
+    assert_eq!(split.digest, Split::read(reference, ds).unwrap().digest);
+}
+
+#[test]
+fn split_writes_the_ml100k_reference_byte_for_byte() {
+    let ds = dataset();
+    let reference = root().join("../shared/eval/ml100k-coldstart");
+    assert_writes_reference(&ds, &reference, &SplitConfig::default());
+}
+
+#[test]
+fn split_writes_the_lastfm_reference_byte_for_byte() {
+    let dir = root().join("data/lastfm-dbpedia");
+    assert!(
+        dir.join("lastfm-dbpedia.inter").is_file(),
+        "{} is missing: run `make data` (copies ../shared/data/lastfm-dbpedia)",
+        dir.display()
+    );
+    let ds = Dataset::load(&dir).expect("lastfm-dbpedia loads");
+    assert_eq!((ds.users.len(), ds.n_items()), (1892, 17_632));
+    assert_eq!(ds.interactions.len(), 92_834);
+    assert!(!ds.has_timestamps());
+    assert_eq!(ds.interactions[0].value, Some(13_883.0), "play counts");
+    let cfg = SplitConfig {
+        no_time: true,
+        ..Default::default()
+    };
+    // The reference's README: new_users=379 new_items=3527; its files:
+    // 1362 meta-training users, 148 / 376 / 200 / 62 tasks.
+    let (_, stats) = split::build(&ds, &cfg, false).unwrap();
+    assert_eq!((stats.new_users, stats.new_items), (379, 3527));
+    assert_eq!(stats.meta_training_users, 1362);
+    let tasks: Vec<usize> = ["warm", "uc", "ic", "uic"]
+        .iter()
+        .map(|s| stats.tasks[*s])
+        .collect();
+    assert_eq!(tasks, [148, 376, 200, 62]);
+    assert_writes_reference(&ds, &root().join("../shared/eval/lastfm-coldstart"), &cfg);
+    // Without timestamps, --no-time changes nothing.
+    let plain = split::build(&ds, &SplitConfig::default(), false).unwrap().0;
+    let forced = split::build(&ds, &cfg, false).unwrap().0;
+    assert_eq!(plain.scenarios, forced.scenarios);
+}
+
 #[test]
 fn split_files_round_trip() {
     let ds = dataset();
-    let (mut split, _) = split::build(&ds.interactions, &SplitConfig::default(), true).unwrap();
+    let (mut split, _) = split::build(&ds, &SplitConfig::default(), true).unwrap();
     let dir = tempfile::tempdir().unwrap();
     split.write(dir.path(), &ds).unwrap();
     let back = Split::read(dir.path(), &ds).unwrap();

@@ -109,6 +109,10 @@ pub struct SplitArgs {
     /// Seed.
     #[arg(long, default_value_t = 2020)]
     pub seed: u64,
+    /// Order users and items by the seeded shuffle even when the dataset has
+    /// timestamps (the order of a dataset without them, e.g. Last.FM).
+    #[arg(long)]
+    pub no_time: bool,
 }
 
 /// What `thaw eval` measures.
@@ -236,8 +240,9 @@ fn run_split(a: SplitArgs) -> anyhow::Result<()> {
         min_items: a.min_items,
         query: a.query,
         seed: a.seed,
+        no_time: a.no_time,
     };
-    let (mut s, stats) = split::build(&ds.interactions, &cfg, true)?;
+    let (mut s, stats) = split::build(&ds, &cfg, true)?;
     s.write(&a.out, &ds)?;
     println!("{}", serde_json::to_string_pretty(&stats)?);
     println!("split {} written to {}", s.digest, a.out.display());

@@ -2,8 +2,8 @@
 //! files.
 //!
 //! Users are ordered by their first interaction and items likewise (by a seeded
-//! random order when the dataset has no timestamps); the last `new_frac` of each
-//! are *new*. Existing users minus a held-out `warm_frac` give the
+//! random order when the dataset has no timestamps, or with `--no-time`); the
+//! last `new_frac` of each are *new*. Existing users minus a held-out `warm_frac` give the
 //! meta-training data (their interactions with existing items). Scenarios:
 //! `warm` (held-out existing users × existing items), `uc` (new users ×
 //! existing items), `ic` (existing users × new items), `uic` (new users × new
@@ -13,18 +13,23 @@
 //! Files are MetaKG's: `meta_training.txt` and `{scenario}_{support,query}.txt`,
 //! one line per user, `user item item ...`, with the same protocol rebuilt inside
 //! the meta-training data alone under `valid/` for choosing hyper-parameters.
+//!
+//! The random draws are CPython's `random.Random(seed)` in the order of the
+//! script that wrote the reference splits (see [`build_from`]): `thaw split`
+//! writes `../shared/eval/ml100k-coldstart` and `lastfm-coldstart` byte for
+//! byte.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::dataset::{hex16, Dataset, Interaction};
+use crate::dataset::{hex16, Dataset, IdMap, Interaction};
+
+mod pyrandom;
+use pyrandom::PyRandom;
 
 /// Errors reading or writing split folders.
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +144,10 @@ pub struct SplitConfig {
     pub query: usize,
     /// Seed of every random choice (warm users, query sets, order without timestamps).
     pub seed: u64,
+    /// Order users and items by the seeded shuffle even when the dataset has
+    /// timestamps (`thaw split --no-time`).
+    #[serde(default)]
+    pub no_time: bool,
 }
 
 impl Default for SplitConfig {
@@ -149,6 +158,7 @@ impl Default for SplitConfig {
             min_items: 13,
             query: 10,
             seed: 2020,
+            no_time: false,
         }
     }
 }
@@ -194,76 +204,131 @@ pub struct SplitStats {
     pub tasks: BTreeMap<String, usize>,
 }
 
-/// Builds the protocol over `interactions` (dense indexes of one dataset).
+/// Builds the protocol over dataset `ds` (see [`build_from`]).
+pub fn build(ds: &Dataset, cfg: &SplitConfig, with_valid: bool) -> Result<(Split, SplitStats)> {
+    build_from(&ds.interactions, &ds.users, &ds.items, cfg, with_valid)
+}
+
+/// Builds the protocol over `interactions` (dense indexes into `users` and
+/// `items`, whose external ids decide the orders below).
 ///
-/// With `with_valid`, the same protocol is rebuilt inside the meta-training
-/// interactions (seed + 1) and attached as [`Split::valid`].
-pub fn build(
+/// Every random choice is CPython's `random.Random(seed)`, made in the order
+/// of the script that wrote the reference splits (`../shared/eval/`), which
+/// `thaw split` therefore writes byte for byte:
+///
+/// 1. users, then items, in arrival order (first timestamp, ties by first
+///    appearance); without timestamps or with [`SplitConfig::no_time`], the
+///    ids sorted as strings, shuffled (users first);
+/// 2. warm users: `sample` of the existing users (ids sorted as strings);
+/// 3. per scenario (warm, uc, ic, uic), per user (ids sorted as strings):
+///    the user's scenario items (ids sorted as strings) shuffled, the last
+///    `query` hidden.
+///
+/// Every existing user not held out is a meta-training user, with their
+/// existing items (possibly none). Lists come in file order (see
+/// [`Split::write`]). With `with_valid`, the same protocol is rebuilt inside
+/// the meta-training interactions (seed + 1) and attached as [`Split::valid`].
+pub fn build_from(
     interactions: &[Interaction],
+    users: &IdMap,
+    items: &IdMap,
     cfg: &SplitConfig,
     with_valid: bool,
 ) -> Result<(Split, SplitStats)> {
     cfg.validate()?;
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    let timed = !interactions.is_empty() && interactions.iter().all(|i| i.ts.is_some());
+    if let Some(x) = interactions
+        .iter()
+        .find(|x| x.user as usize >= users.len() || x.item as usize >= items.len())
+    {
+        return Err(SplitError::Config(format!(
+            "interaction ({}, {}) outside the {} users and {} items given",
+            x.user,
+            x.item,
+            users.len(),
+            items.len()
+        )));
+    }
+    let mut rng = PyRandom::new(cfg.seed);
+    let timed =
+        !cfg.no_time && !interactions.is_empty() && interactions.iter().all(|i| i.ts.is_some());
+    let user_rank = string_rank(users);
+    let item_rank = string_rank(items);
 
-    // Order of arrival: by first timestamp, ties by first appearance; without
-    // timestamps, a seeded random order.
-    let users = arrival_order(interactions.iter().map(|i| (i.user, i.ts)), timed, &mut rng);
-    let items = arrival_order(interactions.iter().map(|i| (i.item, i.ts)), timed, &mut rng);
-    let n_old_users = old_count(users.len(), cfg.new_frac);
-    let n_old_items = old_count(items.len(), cfg.new_frac);
-    let new_user: HashSet<u32> = users[n_old_users..].iter().copied().collect();
-    let new_item: HashSet<u32> = items[n_old_items..].iter().copied().collect();
+    let user_order = arrival_order(
+        interactions.iter().map(|i| (i.user, i.ts)),
+        timed,
+        &user_rank,
+        &mut rng,
+    );
+    let item_order = arrival_order(
+        interactions.iter().map(|i| (i.item, i.ts)),
+        timed,
+        &item_rank,
+        &mut rng,
+    );
+    let n_old_users = old_count(user_order.len(), cfg.new_frac);
+    let n_old_items = old_count(item_order.len(), cfg.new_frac);
+    let new_user: HashSet<u32> = user_order[n_old_users..].iter().copied().collect();
+    let new_item: HashSet<u32> = item_order[n_old_items..].iter().copied().collect();
 
-    let mut old_users: Vec<u32> = users[..n_old_users].to_vec();
-    old_users.shuffle(&mut rng);
+    let mut old_users: Vec<u32> = user_order[..n_old_users].to_vec();
+    old_users.sort_unstable_by_key(|&u| user_rank[u as usize]);
     let n_warm = (old_users.len() as f64 * cfg.warm_frac).floor() as usize;
-    let warm: HashSet<u32> = old_users[..n_warm].iter().copied().collect();
+    let warm: HashSet<u32> = rng.sample(&old_users, n_warm).into_iter().collect();
 
-    // Each user's distinct items, sorted, per (user is new, item is new).
+    // Each user's distinct items, per (user is new, item is new).
     let mut by_user: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
     for i in interactions {
         by_user.entry(i.user).or_default().push(i.item);
     }
     let mut meta_training = Vec::new();
-    let mut scenarios: BTreeMap<Scenario, Vec<Task>> =
+    let mut candidates: BTreeMap<Scenario, Vec<(u32, Vec<u32>)>> =
         Scenario::ALL.iter().map(|&s| (s, Vec::new())).collect();
-    for &u in &users {
+    let mut all_users = user_order.clone();
+    all_users.sort_unstable_by_key(|&u| user_rank[u as usize]);
+    for &u in &all_users {
         let mut its = by_user.remove(&u).unwrap_or_default();
-        its.sort_unstable();
+        its.sort_unstable_by_key(|&i| item_rank[i as usize]);
         its.dedup();
         let (new_its, old_its): (Vec<u32>, Vec<u32>) =
             its.into_iter().partition(|i| new_item.contains(i));
-        let user_new = new_user.contains(&u);
-        let (old_scenario, new_scenario) = if user_new {
+        let (old_scenario, new_scenario) = if new_user.contains(&u) {
             (Some(Scenario::Uc), Scenario::Uic)
         } else if warm.contains(&u) {
             (Some(Scenario::Warm), Scenario::Ic)
         } else {
-            if !old_its.is_empty() {
-                meta_training.push((u, old_its.clone()));
-            }
+            let mut mt = old_its.clone();
+            mt.sort_unstable();
+            meta_training.push((u, mt));
             (None, Scenario::Ic)
         };
         for (scenario, its) in [(old_scenario, old_its), (Some(new_scenario), new_its)] {
             if let Some(s) = scenario {
                 if its.len() >= cfg.min_items {
-                    let task = draw_task(u, its, cfg.query, &mut rng);
-                    scenarios
-                        .get_mut(&s)
-                        .expect("all scenarios present")
-                        .push(task);
+                    candidates.entry(s).or_default().push((u, its));
                 }
             }
         }
     }
+    let mut scenarios: BTreeMap<Scenario, Vec<Task>> = BTreeMap::new();
+    for (s, users_items) in candidates {
+        let tasks = users_items
+            .into_iter()
+            .map(|(u, its)| draw_task(u, its, cfg.query, &mut rng))
+            .collect();
+        scenarios.insert(s, tasks);
+    }
+    let line_rank = line_rank(users);
+    meta_training.sort_by_key(|(u, _)| line_rank[*u as usize]);
+    for tasks in scenarios.values_mut() {
+        tasks.sort_by_key(|t| line_rank[t.user as usize]);
+    }
 
     let stats = SplitStats {
-        users: users.len(),
-        items: items.len(),
-        new_users: users.len() - n_old_users,
-        new_items: items.len() - n_old_items,
+        users: user_order.len(),
+        items: item_order.len(),
+        new_users: user_order.len() - n_old_users,
+        new_items: item_order.len() - n_old_items,
         meta_training_users: meta_training.len(),
         tasks: scenarios
             .iter()
@@ -286,7 +351,7 @@ pub fn build(
             seed: cfg.seed.wrapping_add(1),
             ..cfg.clone()
         };
-        Some(Box::new(build(&inner, &cfg, false)?.0))
+        Some(Box::new(build_from(&inner, users, items, &cfg, false)?.0))
     } else {
         None
     };
@@ -306,10 +371,57 @@ fn old_count(n: usize, new_frac: f64) -> usize {
     ((n as f64) * (1.0 - new_frac) + 1e-9).floor() as usize
 }
 
+/// Per dense index, its rank among the ids sorted as strings (Python's
+/// `sorted` of `str`: code-point order, which is UTF-8 byte order).
+fn string_rank(ids: &IdMap) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..ids.len() as u32).collect();
+    order.sort_unstable_by(|&a, &b| ids.id(a).cmp(ids.id(b)));
+    rank_of(&order)
+}
+
+/// Per dense user index, its line's rank in a split file: by numeric id when
+/// every id is a non-negative integer (the reference splits' order), else by
+/// id as a string.
+fn line_rank(ids: &IdMap) -> Vec<u32> {
+    let numeric: Option<Vec<u128>> = ids
+        .ids()
+        .iter()
+        .map(|s| {
+            s.bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| s.parse().ok())
+                .flatten()
+        })
+        .collect();
+    match numeric {
+        Some(n) => {
+            let mut order: Vec<u32> = (0..ids.len() as u32).collect();
+            order.sort_unstable_by(|&a, &b| {
+                n[a as usize]
+                    .cmp(&n[b as usize])
+                    .then_with(|| ids.id(a).cmp(ids.id(b)))
+            });
+            rank_of(&order)
+        }
+        None => string_rank(ids),
+    }
+}
+
+fn rank_of(order: &[u32]) -> Vec<u32> {
+    let mut rank = vec![0; order.len()];
+    for (r, &i) in order.iter().enumerate() {
+        rank[i as usize] = r as u32;
+    }
+    rank
+}
+
+/// The distinct ids of `events` in arrival order (by first timestamp, ties by
+/// first appearance) or, untimed, sorted by `rank` and shuffled.
 fn arrival_order(
     events: impl Iterator<Item = (u32, Option<f64>)>,
     timed: bool,
-    rng: &mut ChaCha8Rng,
+    rank: &[u32],
+    rng: &mut PyRandom,
 ) -> Vec<u32> {
     // first[i] = (first timestamp, position of first appearance)
     let mut first: BTreeMap<u32, (f64, usize)> = BTreeMap::new();
@@ -330,13 +442,15 @@ fn arrival_order(
         ids.into_iter().map(|(id, _)| id).collect()
     } else {
         let mut ids: Vec<u32> = ids.into_iter().map(|(id, _)| id).collect();
-        ids.shuffle(rng);
+        ids.sort_unstable_by_key(|&i| rank[i as usize]);
+        rng.shuffle(&mut ids);
         ids
     }
 }
 
-fn draw_task(user: u32, mut items: Vec<u32>, query: usize, rng: &mut ChaCha8Rng) -> Task {
-    items.shuffle(rng);
+/// Shuffles `items` (in string-id order) and hides the last `query`.
+fn draw_task(user: u32, mut items: Vec<u32>, query: usize, rng: &mut PyRandom) -> Task {
+    rng.shuffle(&mut items);
     let mut q = items.split_off(items.len() - query);
     items.sort_unstable();
     q.sort_unstable();
@@ -351,7 +465,10 @@ const META: &str = "meta_training.txt";
 
 impl Split {
     /// Writes the split (and `valid/`) to `dir` in MetaKG's format, with the
-    /// dataset's external ids, and sets [`Split::digest`].
+    /// dataset's external ids, and sets [`Split::digest`]. Lines come in the
+    /// lists' order ([`build`] sorts them by user id, numerically when the ids
+    /// are numbers); the items of a line are sorted as strings, as in the
+    /// reference splits.
     pub fn write(&mut self, dir: &Path, ds: &Dataset) -> Result<()> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
@@ -360,9 +477,11 @@ impl Split {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let line = |u: u32, its: &[u32]| {
             let mut s = ds.users.id(u).to_string();
-            for &i in its {
+            let mut ids: Vec<&str> = its.iter().map(|&i| ds.items.id(i)).collect();
+            ids.sort_unstable();
+            for id in ids {
                 s.push(' ');
-                s.push_str(ds.items.id(i));
+                s.push_str(id);
             }
             s.push('\n');
             s
@@ -521,7 +640,33 @@ fn digest_dir(dir: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::Rng;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// Ids "0", "1", ... for the dense indexes below `n`.
+    fn ids(n: u32) -> IdMap {
+        let mut m = IdMap::default();
+        for i in 0..n {
+            m.intern(&i.to_string());
+        }
+        m
+    }
+
+    /// [`build_from`] over synthetic interactions, ids being the indexes.
+    fn build_ids(
+        inter: &[Interaction],
+        cfg: &SplitConfig,
+        with_valid: bool,
+    ) -> Result<(Split, SplitStats)> {
+        let n = |f: fn(&Interaction) -> u32| inter.iter().map(|x| f(x) + 1).max().unwrap_or(0);
+        build_from(
+            inter,
+            &ids(n(|x| x.user)),
+            &ids(n(|x| x.item)),
+            cfg,
+            with_valid,
+        )
+    }
 
     /// A random timed dataset: `n_users` users arriving over time, each with a
     /// random number of items among `n_items` (which arrive over time too).
@@ -613,7 +758,7 @@ mod tests {
             query: 5,
             ..Default::default()
         };
-        let (split, stats) = build(&inter, &cfg, true).unwrap();
+        let (split, stats) = build_ids(&inter, &cfg, true).unwrap();
         assert_eq!(stats.new_users, 400 - 320);
         assert!(stats.tasks.values().all(|&n| n > 0), "{stats:?}");
         check_invariants(&split, &inter, &cfg);
@@ -636,11 +781,11 @@ mod tests {
     fn deterministic_for_a_seed_and_different_across_seeds() {
         let inter = synthetic(300, 200, 3);
         let cfg = SplitConfig::default();
-        let a = build(&inter, &cfg, true).unwrap().0;
-        let b = build(&inter, &cfg, true).unwrap().0;
+        let a = build_ids(&inter, &cfg, true).unwrap().0;
+        let b = build_ids(&inter, &cfg, true).unwrap().0;
         assert_eq!(a.scenarios, b.scenarios);
         assert_eq!(a.meta_training, b.meta_training);
-        let c = build(&inter, &SplitConfig { seed: 9, ..cfg }, true)
+        let c = build_ids(&inter, &SplitConfig { seed: 9, ..cfg }, true)
             .unwrap()
             .0;
         assert_ne!(a.scenarios, c.scenarios);
@@ -657,10 +802,10 @@ mod tests {
             query: 3,
             ..Default::default()
         };
-        let (a, stats) = build(&inter, &cfg, false).unwrap();
+        let (a, stats) = build_ids(&inter, &cfg, false).unwrap();
         assert_eq!(stats.new_items, 200 - 160);
         check_invariants(&a, &inter, &cfg);
-        let b = build(&inter, &cfg, false).unwrap().0;
+        let b = build_ids(&inter, &cfg, false).unwrap().0;
         assert_eq!(a.scenarios, b.scenarios);
     }
 
@@ -681,8 +826,93 @@ mod tests {
             },
         ];
         for cfg in bad {
-            assert!(build(&[], &cfg, false).is_err());
+            assert!(build_ids(&[], &cfg, false).is_err());
         }
+    }
+
+    /// The draws of the script that wrote the reference splits, on a toy
+    /// dataset: the files below were printed by a Python rendering of that
+    /// rule (`random.Random(2020)`: shuffle of the sorted user ids, then of
+    /// the item ids; `sample` of the existing users for warm; per scenario and
+    /// user, shuffle of the sorted items, the last `query` hidden). Ids sort
+    /// as strings ("i10" < "i2") but lines numerically ("5" before "11").
+    #[test]
+    fn draws_match_the_reference_script_on_a_toy() {
+        let d = tempfile::tempdir().unwrap();
+        // Per user (in file order): the user, then their items in file order.
+        let users = [
+            "1 i9 i12 i17 i1 i15 i13 i4 i11 i18 i3 i2 i6 i8 i7 i10",
+            "2 i18 i4 i8 i1 i7 i16 i5 i3 i15 i13 i2 i11",
+            "3 i20 i15 i5 i18 i1 i14 i16 i4 i13 i3 i11 i17 i6 i2 i9",
+            "4 i7 i6 i20 i13 i10 i1 i19 i18 i3 i12 i5 i2 i14 i11 i16 i8",
+            "5 i20 i11 i3 i10 i12 i14",
+            "6 i16 i11 i6 i20 i17 i12 i3 i1 i5 i13",
+            "7 i13 i1 i18 i14 i12 i7 i10 i19 i8 i20 i3",
+            "8 i7 i4 i8 i15 i12 i9 i6 i17 i5 i18 i2 i14 i16 i1 i19",
+            "9 i7 i11 i17 i12 i5 i6 i16",
+            "10 i3 i10 i11 i19 i6 i13 i2 i18 i20 i5 i8 i12 i1 i17",
+            "11 i18 i13 i2 i8 i12 i14 i5 i17 i11 i7 i3 i1 i9 i16 i4",
+            "12 i7 i5 i19 i14 i4 i3 i20 i6 i15 i1 i17",
+            "13 i5 i15 i6 i17 i19 i8 i12 i14 i18 i16",
+            "14 i10 i16 i13 i5 i4 i7 i14 i9 i3 i11",
+        ];
+        let mut inter = String::from("user_id:token\titem_id:token\n");
+        for line in users {
+            let mut toks = line.split(' ');
+            let u = toks.next().unwrap();
+            for i in toks {
+                inter.push_str(&format!("{u}\t{i}\n"));
+            }
+        }
+        std::fs::write(d.path().join("toy.inter"), inter).unwrap();
+        let ds = Dataset::load(d.path()).unwrap();
+        let cfg = SplitConfig {
+            min_items: 3,
+            query: 1,
+            ..Default::default()
+        };
+        let (mut split, stats) = super::build(&ds, &cfg, false).unwrap();
+        assert_eq!((stats.new_users, stats.new_items), (3, 4));
+        let out = tempfile::tempdir().unwrap();
+        split.write(out.path(), &ds).unwrap();
+        let expected = [
+            ("meta_training", "1 i1 i10 i11 i12 i13 i17 i18 i2 i6 i7 i8 i9\n2 i1 i11 i13 i18 i2 i5 i7 i8\n3 i1 i11 i13 i14 i17 i18 i2 i20 i5 i6 i9\n4 i1 i10 i11 i12 i13 i14 i18 i19 i2 i20 i5 i6 i7 i8\n6 i1 i11 i12 i13 i17 i20 i5 i6\n7 i1 i10 i12 i13 i14 i18 i19 i20 i7 i8\n8 i1 i12 i14 i17 i18 i19 i2 i5 i6 i7 i8 i9\n12 i1 i14 i17 i19 i20 i5 i6 i7\n13 i12 i14 i17 i18 i19 i5 i6 i8\n14 i10 i11 i13 i14 i5 i7 i9\n"),
+            ("warm_support", "10 i1 i10 i11 i12 i13 i17 i18 i19 i20 i5 i6 i8\n"),
+            ("warm_query", "10 i2\n"),
+            ("uc_support", "5 i10 i11 i12 i14\n9 i11 i12 i17 i5 i6\n11 i1 i11 i12 i13 i17 i18 i2 i5 i7 i8 i9\n"),
+            ("uc_query", "5 i20\n9 i7\n11 i14\n"),
+            ("ic_support", "1 i3 i4\n2 i15 i3 i4\n3 i16 i3 i4\n8 i15 i4\n12 i15 i4\n14 i3 i4\n"),
+            ("ic_query", "1 i15\n2 i16\n3 i15\n8 i16\n12 i3\n14 i16\n"),
+            ("uic_support", "11 i16 i3\n"),
+            ("uic_query", "11 i4\n"),
+        ];
+        for (name, text) in expected {
+            let got = std::fs::read_to_string(out.path().join(format!("{name}.txt"))).unwrap();
+            assert_eq!(got, text, "{name}");
+        }
+        let back = Split::read(out.path(), &ds).unwrap();
+        assert_eq!(back.scenarios, split.scenarios);
+        assert_eq!(back.meta_training, split.meta_training);
+    }
+
+    #[test]
+    fn no_time_orders_by_the_seeded_shuffle() {
+        let timed = synthetic(300, 200, 11);
+        let mut untimed = timed.clone();
+        for i in &mut untimed {
+            i.ts = None;
+        }
+        let cfg = SplitConfig::default();
+        let no_time = SplitConfig {
+            no_time: true,
+            ..cfg.clone()
+        };
+        let a = build_ids(&timed, &no_time, true).unwrap().0;
+        let b = build_ids(&untimed, &cfg, true).unwrap().0;
+        assert_eq!(a.meta_training, b.meta_training);
+        assert_eq!(a.scenarios, b.scenarios);
+        let c = build_ids(&timed, &cfg, true).unwrap().0;
+        assert_ne!(a.meta_training, c.meta_training);
     }
 
     #[test]
