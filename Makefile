@@ -4,15 +4,33 @@
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 CARGO ?= cargo
-# The reference split when shared/ sits beside the checkout, else one made by
-# `thaw split` with the same protocol.
-SPLIT ?= $(if $(wildcard ../shared/eval/ml100k-coldstart/meta_training.txt),../shared/eval/ml100k-coldstart,splits/ml100k)
+# DATASET picks the data, its split, the reports folder and the model folder:
+#   ml100k (default)  data/ml-100k, reports/ml100k, models/mpkg
+#   lastfm            data/lastfm-dbpedia, reports/lastfm, models/lastfm/mpkg
+# Each may still be set on its own (DATA=, SPLIT=, REPORTS=, MODEL_DIR=).
+DATASET ?= ml100k
+ifeq ($(DATASET),ml100k)
 DATA ?= data/ml-100k
-REPORTS ?= reports
+SPLIT_NAME := ml100k-coldstart
+MODEL_DIR ?= models/mpkg
+SPLIT_FLAGS :=
+else ifeq ($(DATASET),lastfm)
+DATA ?= data/lastfm-dbpedia
+SPLIT_NAME := lastfm-coldstart
+MODEL_DIR ?= models/lastfm/mpkg
+# No timestamps: users and items in a seeded random order (as its reference).
+SPLIT_FLAGS := --no-time
+else
+$(error DATASET=$(DATASET): use ml100k or lastfm)
+endif
+# The reference split when shared/ sits beside the checkout, else one made by
+# `thaw split` with the same protocol (it writes the reference byte for byte).
+SPLIT ?= $(if $(wildcard ../shared/eval/$(SPLIT_NAME)/meta_training.txt),../shared/eval/$(SPLIT_NAME),splits/$(DATASET))
+REPORTS ?= reports/$(DATASET)
+BENCH_REPORTS ?= reports
 THAW := $(or $(CARGO_TARGET_DIR),target)/release/thaw
 BLIND_MODELS := pop itemknn bpr kgknn contentknn
 AWARE_MODELS := pop itemknn bpr kgknn contentknn scenariopop
-MODEL_DIR ?= models/mpkg
 # Chosen on the reference split's valid/ (not its test queries), by mean blind
 # NDCG@20 over scenarios as for the baselines: no KG relations beat 4 (as
 # expected from ml-100k's misaligned .link), and no FR task (β = 0) beat β = 1
@@ -20,7 +38,7 @@ MODEL_DIR ?= models/mpkg
 TRAIN_FLAGS ?= --kg-relations 0 --without fr
 
 
-.PHONY: demo offline redis test data models build split train eval-baselines eval-mpkg compare lint unit bench bench-small bench-large bench-micro
+.PHONY: demo offline offline-all redis test data models build split train eval-baselines eval-mpkg compare lint unit bench bench-small bench-large bench-micro
 
 ## demo: sets up (data, ONNX Runtime, text encoder), trains MPKG if no model
 ## exists, then runs the streaming demo: embedded Kafka broker + thaw serve +
@@ -30,8 +48,13 @@ demo: data models redis build train
 	@mkdir -p $(REPORTS)
 	$(THAW) demo --dataset $(DATA) --split $(SPLIT) --out $(REPORTS)/demo.json
 
-## offline: every baseline and MPKG on the reference split, both modes, compared.
+## offline: every baseline and MPKG on the reference split, both modes, compared
+## (DATASET=ml100k by default, or lastfm); offline-all: both datasets.
 offline: data models build eval-baselines eval-mpkg compare
+
+offline-all:
+	$(MAKE) offline DATASET=ml100k
+	$(MAKE) offline DATASET=lastfm
 
 data:
 	./scripts/setup-data.sh
@@ -49,7 +72,7 @@ build:
 	$(CARGO) build --release --locked
 
 split: data build
-	@if [ ! -f $(SPLIT)/meta_training.txt ]; then $(THAW) split --dataset $(DATA) --out $(SPLIT); fi
+	@if [ ! -f $(SPLIT)/meta_training.txt ]; then $(THAW) split --dataset $(DATA) --out $(SPLIT) $(SPLIT_FLAGS); fi
 
 eval-baselines: data models build split
 	@mkdir -p $(REPORTS)
@@ -82,16 +105,16 @@ compare:
 ## bench-small (10K items, under two minutes), bench-large (1M items: graph
 ## and every embedding from scratch), bench-micro (Criterion).
 bench: models redis build
-	@mkdir -p $(REPORTS)
-	$(THAW) bench --size medium --more-rates 5000 --out $(REPORTS)/bench-medium.json
+	@mkdir -p $(BENCH_REPORTS)
+	$(THAW) bench --size medium --more-rates 5000 --out $(BENCH_REPORTS)/bench-medium.json
 
 bench-small: models redis build
-	@mkdir -p $(REPORTS)
-	$(THAW) bench --size small --more-rates 5000 --out $(REPORTS)/bench-small.json
+	@mkdir -p $(BENCH_REPORTS)
+	$(THAW) bench --size small --more-rates 5000 --out $(BENCH_REPORTS)/bench-small.json
 
 bench-large: models build
-	@mkdir -p $(REPORTS)
-	$(THAW) bench --size large --out $(REPORTS)/bench-large.json
+	@mkdir -p $(BENCH_REPORTS)
+	$(THAW) bench --size large --out $(BENCH_REPORTS)/bench-large.json
 
 bench-micro: models
 	$(CARGO) bench --locked --bench micro
