@@ -262,6 +262,7 @@ fn users(c: &mut Criterion) {
         active: &active,
         keys: &keys,
         graph: Some((&pkg, &weights)),
+        fresh: None,
     };
     let histories: Vec<Vec<u32>> = (0..64)
         .map(|_| (0..5).map(|_| rng.random_range(0..n as u32)).collect())

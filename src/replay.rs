@@ -192,7 +192,7 @@ pub fn dataset_timeline(
         let e = Event::Interaction(InteractionEvent {
             user_id: ds.users.id(u).to_string(),
             item_id: ds.items.id(i).to_string(),
-            kind: if value.is_some() {
+            kind: if ds.rated && value.is_some() {
                 Kind::Rating
             } else {
                 Kind::View
@@ -893,6 +893,8 @@ mod tests {
             bias_weights: Vec::new(),
             neighbour_weights: Vec::new(),
             aware_neighbour_weights: Vec::new(),
+            fresh_weight: 0.0,
+            aware_fresh_weight: 0.0,
             adapt_steps: 1,
             adapt_lr: 0.1,
             user_adapt: Default::default(),

@@ -77,6 +77,13 @@ pub struct TrainArgs {
     /// Co-interaction neighbours kept per item in the PKG.
     #[arg(long)]
     pub co_neighbours: Option<usize>,
+    /// Weight of the fresh-item score in the blind mode and the engine
+    /// (0: off), chosen on `valid/` with `thaw eval --fresh-weight`.
+    #[arg(long)]
+    pub fresh_weight: Option<f32>,
+    /// The same in the scenario-aware mode.
+    #[arg(long)]
+    pub aware_fresh_weight: Option<f32>,
     /// Text encoder folder (from onnx/setup.sh).
     #[arg(long, default_value = "models/text")]
     pub text_model: PathBuf,
@@ -161,6 +168,10 @@ pub struct EvalArgs {
     /// the weights on `valid/`.
     #[arg(long = "neighbour-weight", value_parser = parse_weight)]
     pub neighbour_weight: Vec<(String, f32)>,
+    /// MPKG only: the fresh-item score's weight instead of the model's, for
+    /// choosing it on `valid/`.
+    #[arg(long)]
+    pub fresh_weight: Option<f32>,
     /// Compare these reports instead: one table per mode, SVG charts beside --out.
     #[arg(long, num_args = 1.., conflicts_with_all = ["dataset", "split", "model"])]
     pub compare: Vec<PathBuf>,
@@ -225,6 +236,12 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     }
     if let Some(n) = a.co_neighbours {
         cfg.pkg.neighbours = n;
+    }
+    if let Some(w) = a.fresh_weight {
+        cfg.fresh_weight = w;
+    }
+    if let Some(w) = a.aware_fresh_weight {
+        cfg.aware_fresh_weight = w;
     }
     let card = crate::train::train(&ds, &split, &cfg, &a.out)?;
     println!("{}", serde_json::to_string_pretty(&card.training)?);
@@ -311,6 +328,12 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
                 bail!("--neighbour-weight applies to --model mpkg only");
             }
             Some(a.neighbour_weight.into_iter().collect())
+        },
+        fresh_weight: match a.fresh_weight {
+            Some(_) if model != ModelName::Mpkg => {
+                bail!("--fresh-weight applies to --model mpkg only")
+            }
+            w => w,
         },
     };
     let report: Report = eval::run(&ds, &split, &cfg)?;

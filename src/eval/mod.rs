@@ -162,6 +162,8 @@ pub struct FitContext<'a> {
     pub model_dir: Option<&'a Path>,
     /// MPKG's graph-neighbour weights, when given instead of the model's.
     pub neighbour_weights: Option<&'a std::collections::BTreeMap<String, f32>>,
+    /// MPKG's fresh-item weight, when given instead of the model's.
+    pub fresh_weight: Option<f32>,
     /// Seed of every random choice.
     pub seed: u64,
     /// Cut-off of the metrics used for hyper-parameter choice.
@@ -241,6 +243,8 @@ pub struct EvalConfig {
     /// MPKG only: graph-neighbour weights per relation name instead of the
     /// model's own (for choosing them on `valid/`).
     pub neighbour_weights: Option<std::collections::BTreeMap<String, f32>>,
+    /// MPKG only: the fresh-item score's weight instead of the model's.
+    pub fresh_weight: Option<f32>,
 }
 
 /// Runs one evaluation: fit, score every scenario, aggregate.
@@ -255,6 +259,7 @@ pub fn run(ds: &Dataset, split: &Split, cfg: &EvalConfig) -> Result<Report> {
         valid,
         model_dir: cfg.model_dir.as_deref(),
         neighbour_weights: cfg.neighbour_weights.as_ref(),
+        fresh_weight: cfg.fresh_weight,
         seed: cfg.seed,
         k: cfg.k,
     };

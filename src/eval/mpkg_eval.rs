@@ -19,6 +19,10 @@ struct MeanUser {
     /// weights per relation.
     pkg: crate::graph::Pkg,
     neighbour_weights: Vec<f32>,
+    /// Fresh popularity per item and the fresh-item score's weight
+    /// ([`train::fresh`]).
+    fresh_pop: Array1<f32>,
+    fresh_weight: f32,
 }
 
 impl Recommender for MeanUser {
@@ -36,9 +40,15 @@ impl Recommender for MeanUser {
         }
         ndarray::linalg::general_mat_mul(1.0, &eu, &self.emb.t(), 0.0, &mut out);
         out += &self.bias;
-        for (row, &u) in out.rows_mut().into_iter().zip(users) {
+        for (mut row, &u) in out.rows_mut().into_iter().zip(users) {
             self.pkg.add_neighbour_scores(
                 &self.neighbour_weights,
+                &self.user_items[u as usize],
+                row.view_mut(),
+            );
+            train::fresh::add_fresh_scores(
+                self.fresh_weight,
+                self.fresh_pop.view(),
                 &self.user_items[u as usize],
                 row,
             );
@@ -75,6 +85,12 @@ pub(super) fn fit(ctx: &FitContext<'_>) -> Result<Fitted> {
         None if ctx.scenario.is_some() => tm.card.aware_neighbour_weights.clone(),
         None => tm.card.neighbour_weights.clone(),
     };
+    let fresh_weight = ctx.fresh_weight.unwrap_or(if ctx.scenario.is_some() {
+        tm.card.aware_fresh_weight
+    } else {
+        tm.card.fresh_weight
+    });
+    let fresh_pop = fresh_popularity(ctx, dir, fresh_weight)?;
     // Per-item counts within the user's scenario (aware mode only).
     let (scenario, counts, adapt_on) = match ctx.scenario {
         None => (None, None, ctx.train.user_items.clone()),
@@ -136,7 +152,35 @@ pub(super) fn fit(ctx: &FitContext<'_>) -> Result<Fitted> {
             user_items: ctx.train.user_items.clone(),
             pkg,
             neighbour_weights: neighbour_weights.clone(),
+            fresh_pop,
+            fresh_weight,
         }),
-        params: json!({"model": tm.card.version, "relations": tm.card.relations, "bias_weights": tm.card.bias_weights, "neighbour_weights": neighbour_weights, "run": params}),
+        params: json!({"model": tm.card.version, "relations": tm.card.relations, "bias_weights": tm.card.bias_weights, "neighbour_weights": neighbour_weights, "fresh_weight": fresh_weight, "run": params}),
     })
+}
+
+/// Fresh popularity of every item from the training interactions: items the
+/// model folder's trained-item list lacks are fresh. A model folder without
+/// that list can only run with the term off.
+fn fresh_popularity(
+    ctx: &FitContext<'_>,
+    dir: &std::path::Path,
+    weight: f32,
+) -> Result<Array1<f32>> {
+    let n = ctx.train.n_items;
+    let Some(trained) = train::read_trained_items(dir).map_err(err)? else {
+        if weight != 0.0 {
+            return Err(err(format!(
+                "fresh-item weight {weight} but {} has no {}: retrain it with `thaw train`",
+                dir.display(),
+                train::fresh::TRAINED_ITEMS_FILE
+            )));
+        }
+        return Ok(Array1::zeros(n));
+    };
+    let counts = ctx.train.item_counts();
+    Ok(Array1::from_iter((0..n).map(|i| {
+        let fresh = !trained.contains(ctx.dataset.items.id(i as u32));
+        train::fresh::fresh_popularity(fresh, counts[i])
+    })))
 }

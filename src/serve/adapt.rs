@@ -20,7 +20,7 @@
 
 use std::collections::BinaryHeap;
 
-use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut1, Axis};
 use serde::{Deserialize, Serialize};
 
 /// Settings of the per-user adaptation.
@@ -70,11 +70,26 @@ pub struct Catalogue<'a> {
     /// adds [`crate::graph::Pkg::add_neighbour_scores`] of the user's items,
     /// as `thaw eval` does. `None` (or all-zero weights) for no term.
     pub graph: Option<(&'a crate::graph::Pkg, &'a [f32])>,
+    /// Fresh popularity per slot and the model's fresh-item weight: ranking
+    /// adds [`crate::train::fresh::add_fresh_scores`] of the user's items, as
+    /// `thaw eval` does. `None` for no term.
+    pub fresh: Option<(ArrayView1<'a, f32>, f32)>,
 }
 
 impl Catalogue<'_> {
     fn is_active(&self, s: usize) -> bool {
         self.active.get(s).copied().unwrap_or(false)
+    }
+
+    /// The score terms that depend on the user's items (graph neighbours,
+    /// fresh items), added to one user's row of `u · e + b`.
+    fn add_user_terms(&self, items: &[u32], mut scores: ArrayViewMut1<'_, f32>) {
+        if let Some((pkg, w)) = self.graph {
+            pkg.add_neighbour_scores(w, items, scores.view_mut());
+        }
+        if let Some((pop, w)) = self.fresh {
+            crate::train::fresh::add_fresh_scores(w, pop, items, scores);
+        }
     }
 }
 
@@ -278,9 +293,7 @@ pub fn top_k(
     k: usize,
 ) -> Vec<(u32, f32)> {
     let mut scores = cat.emb.dot(&u) + cat.bias;
-    if let Some((pkg, w)) = cat.graph {
-        pkg.add_neighbour_scores(w, items, scores.view_mut());
-    }
+    cat.add_user_terms(items, scores.view_mut());
     select(cat, scores.view(), items, k)
 }
 
@@ -306,9 +319,7 @@ pub fn rank_users(
         ndarray::linalg::general_mat_mul(1.0, &u, &cat.emb.t(), 0.0, &mut scores);
         scores += &cat.bias;
         for (mut row, (_, items)) in scores.rows_mut().into_iter().zip(block) {
-            if let Some((pkg, w)) = cat.graph {
-                pkg.add_neighbour_scores(w, items, row.view_mut());
-            }
+            cat.add_user_terms(items, row.view_mut());
             out.push(select(cat, row.view(), items, k));
         }
     }
@@ -326,6 +337,7 @@ mod tests {
         active: Vec<bool>,
         keys: Vec<u64>,
         graph: Option<(crate::graph::Pkg, Vec<f32>)>,
+        fresh: Option<(Array1<f32>, f32)>,
     }
 
     impl Owned {
@@ -336,6 +348,7 @@ mod tests {
                 active: &self.active,
                 keys: &self.keys,
                 graph: self.graph.as_ref().map(|(g, w)| (g, w.as_slice())),
+                fresh: self.fresh.as_ref().map(|(p, w)| (p.view(), *w)),
             }
         }
     }
@@ -348,6 +361,7 @@ mod tests {
             active: vec![true; n],
             keys: (0..n).map(|i| key(&format!("item-{i}"))).collect(),
             graph: None,
+            fresh: None,
         }
     }
 
@@ -386,6 +400,7 @@ mod tests {
             active: perm.iter().map(|&i| c.active[i]).collect(),
             keys: perm.iter().map(|&i| c.keys[i]).collect(),
             graph: None,
+            fresh: None,
         };
         let moved_items: Vec<u32> = items.iter().map(|&i| 499 - i).collect();
         let again = negatives(&moved.cat(), &moved_items, user, 50);
@@ -489,6 +504,50 @@ mod tests {
             let ids = |x: &[(u32, f32)]| x.iter().map(|p| p.0).collect::<Vec<_>>();
             assert_eq!(ids(got), ids(&want));
             assert!(got.iter().zip(&want).all(|(a, b)| (a.1 - b.1).abs() < 1e-4));
+        }
+    }
+
+    #[test]
+    fn the_fresh_term_lifts_fresh_items_for_users_of_fresh_items_in_blocks_too() {
+        let mut c = random(200, 6, 11);
+        // Slots 150.. are fresh, with 1..=50 users each.
+        let pop = Array1::from_shape_fn(200, |s| {
+            crate::train::fresh::fresh_popularity(s >= 150, (s as f32 - 149.0).max(0.0))
+        });
+        let plain = |c: &Owned, u: usize| -> Vec<f32> {
+            c.e.dot(&c.e.row(u))
+                .iter()
+                .zip(&c.b)
+                .map(|(x, b)| x + b)
+                .collect()
+        };
+        let before = plain(&c, 0);
+        c.fresh = Some((pop.clone(), 2.0));
+        // Items 10 (stale) and 160 (fresh): share 1/2.
+        let items = [10u32, 160];
+        for (s, score) in top_k(&c.cat(), c.e.row(0), &items, 200) {
+            let want = before[s as usize] + 2.0 * 0.5 * pop[s as usize];
+            assert!((score - want).abs() < 1e-4, "slot {s}: {score} vs {want}");
+        }
+        // A user of stale items only ranks as without the term.
+        let stale = [10u32, 20];
+        let with = top_k(&c.cat(), c.e.row(0), &stale, 20);
+        let fresh = c.fresh.take();
+        assert_eq!(with, top_k(&c.cat(), c.e.row(0), &stale, 20));
+        c.fresh = fresh;
+        let vs: Vec<Array1<f32>> = (0..70).map(|i| c.e.row(i).to_owned()).collect();
+        let hist: Vec<Vec<u32>> = (0..70u32).map(|i| vec![i, 150 + i % 50]).collect();
+        let users: Vec<(ArrayView1<'_, f32>, &[u32])> = vs
+            .iter()
+            .zip(&hist)
+            .map(|(v, e)| (v.view(), e.as_slice()))
+            .collect();
+        for ((v, e), got) in users.iter().zip(rank_users(&c.cat(), &users, 10)) {
+            let want = top_k(&c.cat(), *v, e, 10);
+            assert_eq!(
+                got.iter().map(|p| p.0).collect::<Vec<_>>(),
+                want.iter().map(|p| p.0).collect::<Vec<_>>()
+            );
         }
     }
 

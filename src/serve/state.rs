@@ -193,6 +193,11 @@ pub struct LoadedModel {
     pub items: ItemModels,
     /// Text encoder (shared with the text stage).
     pub text: Arc<TextEncoder>,
+    /// External ids of the items the model was trained with interactions
+    /// (`trained_items.txt`); every other item is fresh
+    /// ([`crate::train::fresh`]). Empty when the folder has no list, in
+    /// which case the fresh-item score is off.
+    pub trained_items: std::collections::HashSet<String>,
 }
 
 impl LoadedModel {
@@ -236,10 +241,24 @@ impl LoadedModel {
                 model_dir.display()
             );
         }
+        let trained_items = match crate::train::read_trained_items(model_dir)? {
+            Some(t) => t,
+            None => {
+                if card.fresh_weight != 0.0 {
+                    tracing::warn!(
+                        model_dir = %model_dir.display(),
+                        "no {}: the fresh-item score is off",
+                        crate::train::fresh::TRAINED_ITEMS_FILE
+                    );
+                }
+                Default::default()
+            }
+        };
         Ok(Self {
             card,
             items,
             text: Arc::new(text),
+            trained_items,
         })
     }
 }
@@ -839,6 +858,26 @@ impl Core {
         b
     }
 
+    /// Fresh popularity per slot ([`crate::train::fresh`]): items outside
+    /// the model's trained items, by the users who interacted since they
+    /// arrived. `None` when the model's fresh-item weight is 0 or it lists no
+    /// trained items.
+    fn fresh_popularity(&self) -> Option<Array1<f32>> {
+        let trained = &self.model.trained_items;
+        if self.model.card.fresh_weight == 0.0 || trained.is_empty() {
+            return None;
+        }
+        let mut p = Array1::<f32>::zeros(self.fused.nrows());
+        for (s, slot) in self.slots.iter().enumerate() {
+            let fresh = self
+                .pkg
+                .ext_id(s as u32)
+                .is_some_and(|id| !trained.contains(id));
+            p[s] = crate::train::fresh::fresh_popularity(fresh, slot.count as f32);
+        }
+        Some(p)
+    }
+
     fn active(&self) -> Vec<bool> {
         let mut a = vec![false; self.fused.nrows()];
         for (s, slot) in self.slots.iter().enumerate() {
@@ -853,6 +892,7 @@ impl Core {
         }
         let t0 = Instant::now();
         let bias = self.bias();
+        let fresh = self.fresh_popularity();
         let active = self.active();
         let mut keys = self.keys.clone();
         keys.resize(self.fused.nrows(), 0);
@@ -862,6 +902,9 @@ impl Core {
             active: &active,
             keys: &keys,
             graph: Some((&self.pkg, &self.model.card.neighbour_weights)),
+            fresh: fresh
+                .as_ref()
+                .map(|p| (p.view(), self.model.card.fresh_weight)),
         };
         let mut adapted: Vec<(&String, &UserState, Array1<f32>)> = Vec::with_capacity(users.len());
         for id in users {

@@ -5,7 +5,8 @@
 //!   by cosine over the users who interacted with both (at least
 //!   `min_co_users` shared users), from training interactions only;
 //! - `co_liked`: the same over interactions rated at least `like_threshold`
-//!   (when the dataset has ratings);
+//!   (when the dataset has a `rating` column: weights and play counts are
+//!   not ratings);
 //! - `kg:<relation>` for the `kg_relations` most frequent KG relations: two
 //!   items are linked when their entities share a tail through that relation;
 //!   tails shared by more than `max_tail_items` items are skipped as
@@ -49,7 +50,7 @@ impl Default for PkgConfig {
 /// The relation names a dataset gives under `cfg` (fixed at training time).
 pub fn relation_names(ds: &Dataset, cfg: &PkgConfig) -> Vec<String> {
     let mut names = vec!["co_interacted".to_string()];
-    if ds.interactions.iter().any(|i| i.value.is_some()) {
+    if ds.rated && ds.interactions.iter().any(|i| i.value.is_some()) {
         names.push("co_liked".into());
     }
     names.extend(
