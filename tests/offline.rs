@@ -44,6 +44,7 @@ fn eval(ds: &Dataset, split: &Split, model: ModelName, mode: Mode) -> eval::repo
         seed: 2020,
         model_dir: None,
         neighbour_weights: None,
+        fresh_weight: None,
     };
     eval::run(ds, split, &cfg).expect("evaluation runs")
 }
