@@ -10,11 +10,14 @@
 //! interactions are never replayed, they are what evaluation scores.
 //! [`dataset_timeline`] gives the same events with the phase boundary.
 //!
-//! The PKG edges are the ones evaluation's inference graph has
-//! (`crate::train::pkg_build::build_pkg` over every item, co-interaction
-//! relations from the training interactions of
-//! [`crate::eval::TrainSet::from_split`]), so the engine sees the graph
-//! `thaw eval --model mpkg` scores with. Item categories are the KG labels of
+//! The catalogue edges are the KG relations of evaluation's inference graph
+//! (`crate::train::pkg_build::build_pkg` over every item). The behavioural
+//! relations (`co_interacted`, `co_liked`) are never sent: the engine derives
+//! them from each interaction as it consumes it, with the code that builds
+//! them offline over the same interactions in the same order
+//! (`crate::train::pkg_build::split_stream`), so the engine ends with the
+//! graph `thaw eval --model mpkg` scores with, and never knows an interaction
+//! before it arrives. Item categories are the KG labels of
 //! `crate::train::features::item_categories`, hashed by the engine exactly
 //! as in training.
 //!
@@ -33,13 +36,11 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::dataset::Dataset;
 use crate::eval::split::Split;
-use crate::eval::TrainSet;
 use crate::ingest::{Event, InteractionEvent, ItemEvent, Kind, Limits, Op, RelationEvent};
 use crate::kafka::KafkaSettings;
-use crate::train::pkg_build::{build_pkg, relation_names, PkgConfig};
-
-/// Largest event time the streams accept, ms (`2^53 - 1`, see `streams/`).
-const MAX_TS_MS: u64 = (1 << 53) - 1;
+use crate::train::pkg_build::{
+    build_pkg, interaction_ms, relation_names, stream_order, PkgConfig, BEHAVIOURAL,
+};
 
 /// Most deliveries [`produce`] keeps in flight before it waits for reports.
 const MAX_IN_FLIGHT: usize = 10_000;
@@ -58,26 +59,6 @@ pub struct Timeline {
     /// [`Event::validate`] with [`Limits::default`] or encode to more than
     /// its `max_message_bytes`.
     pub skipped: usize,
-}
-
-/// Event time of every interaction in ms: its timestamp when the dataset has
-/// one on every interaction, else its index as seconds (file order). `None`
-/// for a timestamp the streams cannot carry (negative, not finite, past
-/// `2^53 - 1` ms).
-fn interaction_ms(ds: &Dataset) -> Vec<Option<u64>> {
-    let timed = ds.has_timestamps();
-    ds.interactions
-        .iter()
-        .enumerate()
-        .map(|(k, x)| {
-            let seconds = match x.ts {
-                Some(t) if timed => t,
-                _ => k as f64,
-            };
-            let ms = (seconds * 1000.0).round();
-            (0.0..=MAX_TS_MS as f64).contains(&ms).then_some(ms as u64)
-        })
-        .collect()
 }
 
 /// Order of the timeline: `(ts, class, a, sub, b, c)`. Class 0 is the
@@ -147,9 +128,11 @@ pub fn dataset_timeline(
     let latest = ms.iter().flatten().copied().max().unwrap_or(0);
     let item_ts: Vec<u64> = item_first.iter().map(|t| t.unwrap_or(latest)).collect();
 
-    // The phases, and the training interactions the PKG is built from.
+    // The phases, and the training interactions in stream order, from which
+    // the PKG's catalogue relations are built (its behavioural relations are
+    // the engine's to derive as it consumes the interactions).
     let mut seen = HashSet::new();
-    let (phase1, phase2, user_items) = match split {
+    let (phase1, phase2, stream) = match split {
         None => {
             let pairs = distinct(ds.interactions.iter().map(|x| (x.user, x.item)), &mut seen);
             let mut user_items = vec![Vec::new(); ds.users.len()];
@@ -160,7 +143,8 @@ pub fn dataset_timeline(
                 its.sort_unstable();
                 its.dedup();
             }
-            (pairs, Vec::new(), user_items)
+            let stream = stream_order(ds, &[&user_items]);
+            (pairs, Vec::new(), stream)
         }
         Some(s) => {
             check_split(ds, s)?;
@@ -177,8 +161,7 @@ pub fn dataset_timeline(
                     .flat_map(|t| t.support.iter().map(move |&i| (t.user, i))),
                 &mut seen,
             );
-            let train = TrainSet::from_split(s, ds.users.len(), n_items);
-            (p1, p2, train.user_items)
+            (p1, p2, crate::train::pkg_build::split_stream(ds, s))
         }
     };
 
@@ -226,12 +209,15 @@ pub fn dataset_timeline(
         ));
     }
     let all: Vec<u32> = (0..n_items as u32).collect();
-    let (pkg, slots) = build_pkg(ds, pkg_cfg, &all, &user_items).context("building the PKG")?;
+    let (pkg, slots) = build_pkg(ds, pkg_cfg, &all, &stream).context("building the PKG")?;
     let mut item_of_slot = vec![u32::MAX; pkg.slots()];
     for (&item, &slot) in &slots {
         item_of_slot[slot as usize] = item;
     }
     for (r, name) in pkg.relations().iter().enumerate() {
+        if BEHAVIOURAL.contains(&name.as_str()) {
+            continue;
+        }
         for (a, b) in pkg.edges(r)? {
             let (x, y) = (item_of_slot[a as usize], item_of_slot[b as usize]);
             if x == u32::MAX || y == u32::MAX {
@@ -745,12 +731,17 @@ mod tests {
         let cfg = PkgConfig::default();
         let tl = dataset_timeline(&ds, Some(&split), &cfg).unwrap();
         check_order(&tl.events, tl.history, &ds);
-        // The same graph as evaluation's inference graph.
-        let train = TrainSet::from_split(&split, ds.users.len(), ds.n_items());
+        // The catalogue relations of evaluation's inference graph; its
+        // behavioural ones are the engine's to derive, never sent.
+        let stream = crate::train::pkg_build::split_stream(&ds, &split);
         let all: Vec<u32> = (0..ds.n_items() as u32).collect();
-        let (pkg, _) = build_pkg(&ds, &cfg, &all, &train.user_items).unwrap();
+        let (pkg, _) = build_pkg(&ds, &cfg, &all, &stream).unwrap();
         let mut want = HashSet::new();
         for (r, name) in pkg.relations().iter().enumerate() {
+            if BEHAVIOURAL.contains(&name.as_str()) {
+                assert!(pkg.edge_count(r).unwrap() > 0, "{name} has edges");
+                continue;
+            }
             for (a, b) in pkg.edges(r).unwrap() {
                 let (a, b) = (pkg.ext_id(a).unwrap(), pkg.ext_id(b).unwrap());
                 want.insert(format!("{a}|{name}|{b}"));
@@ -764,14 +755,11 @@ mod tests {
             .collect();
         assert_eq!(got.len(), want.len(), "each undirected edge once");
         assert_eq!(got.into_iter().collect::<HashSet<_>>(), want);
-        // The KG relation links the genre's items; co-interaction edges exist.
+        // The KG relation links the genre's items; no behavioural edge is sent.
         let names: Vec<&str> = pkg.relations().iter().map(String::as_str).collect();
         assert!(names.len() >= 3, "{names:?}");
         assert!(want.iter().any(|k| k.contains("|kg:")), "{want:?}");
-        assert!(
-            want.iter().any(|k| k.contains("|co_interacted|")),
-            "{want:?}"
-        );
+        assert!(!want.iter().any(|k| k.contains("|co_")), "{want:?}");
         // An edge comes right after the later of its items.
         for (k, e) in tl.events.iter().enumerate() {
             if let Event::Relation(r) = e {
@@ -834,8 +822,12 @@ mod tests {
                 ("b", "y", Kind::View, 3000)
             ]
         );
-        // Two shared users: x and y are co-interacted.
-        assert!(tl.events.iter().any(|e| e.key() == "x|co_interacted|y"));
+        // Two shared users make x and y co-interacted, but that edge is the
+        // engine's to derive from the interactions: the replay never sends it.
+        assert!(!tl
+            .events
+            .iter()
+            .any(|e| e.key().contains("|co_interacted|")));
     }
 
     #[test]
@@ -1022,9 +1014,10 @@ mod tests {
         }
     }
 
-    /// On the reference data (MovieLens-100K and the reference split), when
-    /// present: every item, every PKG edge, the meta-training and support
-    /// interactions, and nothing else.
+    /// On the reference data (MovieLens-100K and the reference split; `make
+    /// data` and `../shared/eval` beside the checkout): every item, every
+    /// catalogue PKG edge, the meta-training and support interactions, and
+    /// nothing else.
     #[test]
     fn reference_split_counts() {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -1032,24 +1025,28 @@ mod tests {
             root.join("data/ml-100k"),
             root.join("../shared/eval/ml100k-coldstart"),
         );
-        if !data.join("ml-100k.inter").is_file() || !split_dir.join("meta_training.txt").is_file() {
-            eprintln!(
-                "skipped: {} or {} is missing (make data)",
-                data.display(),
-                split_dir.display()
-            );
-            return;
-        }
+        assert!(
+            data.join("ml-100k.inter").is_file() && split_dir.join("meta_training.txt").is_file(),
+            "{} or {} is missing: run `make data` (the split is ../shared/eval)",
+            data.display(),
+            split_dir.display()
+        );
         let ds = Dataset::load(&data).unwrap();
         let split = Split::read(&split_dir, &ds).unwrap();
         let cfg = PkgConfig::default();
         let tl = dataset_timeline(&ds, Some(&split), &cfg).unwrap();
         assert_eq!(tl.skipped, 0);
         check_order(&tl.events, tl.history, &ds);
-        let train = TrainSet::from_split(&split, ds.users.len(), ds.n_items());
+        let stream = crate::train::pkg_build::split_stream(&ds, &split);
         let all: Vec<u32> = (0..ds.n_items() as u32).collect();
-        let (pkg, _) = build_pkg(&ds, &cfg, &all, &train.user_items).unwrap();
-        let relations: usize = pkg.edge_counts().iter().sum();
+        let (pkg, _) = build_pkg(&ds, &cfg, &all, &stream).unwrap();
+        let relations: usize = pkg
+            .relations()
+            .iter()
+            .zip(pkg.edge_counts())
+            .filter(|(name, _)| !BEHAVIOURAL.contains(&name.as_str()))
+            .map(|(_, n)| n)
+            .sum();
         let meta = pairs_of(&ds, &split.meta_training).len();
         let [support, query] = support_and_query(&ds, &split);
         assert_eq!(

@@ -58,7 +58,11 @@ fn untrained_model_version(dir: &Path, version: &str, seed: u64) {
     cfg.mpkg.seed = seed;
     thaw::train::write_untrained_model(
         dir,
-        vec!["co_interacted".into(), "also_viewed".into()],
+        vec![
+            "co_interacted".into(),
+            "also_bought".into(),
+            "also_viewed".into(),
+        ],
         384 + cfg.kg_dim,
         &cfg,
         version,
@@ -273,7 +277,7 @@ async fn serve_end_to_end() {
         events.push(edge(
             &format!("m{i}"),
             &format!("m{}", i + 1),
-            "co_interacted",
+            "also_bought",
             2_000 + i,
         ));
     }
@@ -590,7 +594,7 @@ async fn kill_and_restart_converges() {
             events.push(edge(
                 &format!("i{i}"),
                 &format!("i{}", (i * 7) % i),
-                "co_interacted",
+                "also_bought",
                 200 + i,
             ));
             events.push(edge(

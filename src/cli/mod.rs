@@ -84,6 +84,13 @@ pub struct TrainArgs {
     /// The same in the scenario-aware mode.
     #[arg(long)]
     pub aware_fresh_weight: Option<f32>,
+    /// Gradient steps of the per-user adaptation (engine and eval), chosen
+    /// on `valid/` with `thaw eval --adapt-steps`.
+    #[arg(long)]
+    pub adapt_steps: Option<usize>,
+    /// Learning rate of those steps.
+    #[arg(long)]
+    pub adapt_lr: Option<f32>,
     /// Text encoder folder (from onnx/setup.sh).
     #[arg(long, default_value = "models/text")]
     pub text_model: PathBuf,
@@ -172,6 +179,12 @@ pub struct EvalArgs {
     /// choosing it on `valid/`.
     #[arg(long)]
     pub fresh_weight: Option<f32>,
+    /// MPKG only: the per-user adaptation's steps instead of the model's.
+    #[arg(long)]
+    pub adapt_steps: Option<usize>,
+    /// MPKG only: the per-user adaptation's learning rate instead of the model's.
+    #[arg(long)]
+    pub adapt_lr: Option<f32>,
     /// Compare these reports instead: one table per mode, SVG charts beside --out.
     #[arg(long, num_args = 1.., conflicts_with_all = ["dataset", "split", "model"])]
     pub compare: Vec<PathBuf>,
@@ -242,6 +255,12 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     }
     if let Some(w) = a.aware_fresh_weight {
         cfg.aware_fresh_weight = w;
+    }
+    if let Some(s) = a.adapt_steps {
+        cfg.user_adapt.steps = s;
+    }
+    if let Some(lr) = a.adapt_lr {
+        cfg.user_adapt.lr = lr;
     }
     let card = crate::train::train(&ds, &split, &cfg, &a.out)?;
     println!("{}", serde_json::to_string_pretty(&card.training)?);
@@ -334,6 +353,18 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
                 bail!("--fresh-weight applies to --model mpkg only")
             }
             w => w,
+        },
+        adapt_steps: match a.adapt_steps {
+            Some(_) if model != ModelName::Mpkg => {
+                bail!("--adapt-steps applies to --model mpkg only")
+            }
+            s => s,
+        },
+        adapt_lr: match a.adapt_lr {
+            Some(_) if model != ModelName::Mpkg => {
+                bail!("--adapt-lr applies to --model mpkg only")
+            }
+            lr => lr,
         },
     };
     let report: Report = eval::run(&ds, &split, &cfg)?;

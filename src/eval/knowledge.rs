@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use super::metrics::{bootstrap_mean, Interval};
 use super::mpkg_eval::err;
 use super::split::Split;
-use super::{Result, TrainSet};
+use super::Result;
 use crate::dataset::Dataset;
 use crate::train::{self, pkg_build, TrainedModel};
 
@@ -160,14 +160,19 @@ pub fn run(
 
     // The training graph: meta-training only, zero-shot items absent.
     let (meta, warm_items) = train::meta_training(ds, split);
-    let (g_train, slot_train) =
-        pkg_build::build_pkg(ds, pkg_cfg, &warm_items, &meta).map_err(err)?;
+    let (g_train, slot_train) = pkg_build::build_pkg(
+        ds,
+        pkg_cfg,
+        &warm_items,
+        &pkg_build::stream_order(ds, &[&meta]),
+    )
+    .map_err(err)?;
     let item_of: HashMap<u32, u32> = slot_train.iter().map(|(&i, &s)| (s, i)).collect();
     let is_warm = |i: u32| slot_train.contains_key(&i);
 
     // The inference graph: every item, all training interactions.
-    let train_set = TrainSet::from_split(split, ds.users.len(), n);
-    let mut g = train::inference_graph(ds, &tm, &train_set.user_items).map_err(err)?;
+    let mut g =
+        train::inference_graph(ds, &tm, &pkg_build::split_stream(ds, split)).map_err(err)?;
 
     // Candidates: inference edges the training graph lacks.
     let mut seen: HashSet<(usize, u32, u32)> = HashSet::new();

@@ -158,12 +158,20 @@ pub struct FitContext<'a> {
     pub scenario: Option<(Scenario, &'a [Task])>,
     /// The validation split, for choosing hyper-parameters.
     pub valid: Option<&'a Split>,
+    /// The training interactions in the order a stream sees them
+    /// (`crate::train::pkg_build::split_stream`): the PKG's behavioural
+    /// relations are learnt in this order, as the engine learns them.
+    pub stream: &'a [(u32, u32)],
     /// A model folder (trained models such as MPKG).
     pub model_dir: Option<&'a Path>,
     /// MPKG's graph-neighbour weights, when given instead of the model's.
     pub neighbour_weights: Option<&'a std::collections::BTreeMap<String, f32>>,
     /// MPKG's fresh-item weight, when given instead of the model's.
     pub fresh_weight: Option<f32>,
+    /// MPKG's per-user adaptation steps, when given instead of the model's.
+    pub adapt_steps: Option<usize>,
+    /// MPKG's per-user adaptation learning rate, when given instead of the model's.
+    pub adapt_lr: Option<f32>,
     /// Seed of every random choice.
     pub seed: u64,
     /// Cut-off of the metrics used for hyper-parameter choice.
@@ -245,6 +253,10 @@ pub struct EvalConfig {
     pub neighbour_weights: Option<std::collections::BTreeMap<String, f32>>,
     /// MPKG only: the fresh-item score's weight instead of the model's.
     pub fresh_weight: Option<f32>,
+    /// MPKG only: the per-user adaptation steps instead of the model's.
+    pub adapt_steps: Option<usize>,
+    /// MPKG only: the per-user adaptation learning rate instead of the model's.
+    pub adapt_lr: Option<f32>,
 }
 
 /// Runs one evaluation: fit, score every scenario, aggregate.
@@ -252,14 +264,18 @@ pub fn run(ds: &Dataset, split: &Split, cfg: &EvalConfig) -> Result<Report> {
     let start = Instant::now();
     let train = TrainSet::from_split(split, ds.users.len(), ds.n_items());
     let valid = split.valid.as_deref();
+    let stream = crate::train::pkg_build::split_stream(ds, split);
     let ctx = |scenario| FitContext {
         dataset: ds,
         train: &train,
         scenario,
         valid,
+        stream: &stream,
         model_dir: cfg.model_dir.as_deref(),
         neighbour_weights: cfg.neighbour_weights.as_ref(),
         fresh_weight: cfg.fresh_weight,
+        adapt_steps: cfg.adapt_steps,
+        adapt_lr: cfg.adapt_lr,
         seed: cfg.seed,
         k: cfg.k,
     };

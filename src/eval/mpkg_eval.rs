@@ -1,20 +1,29 @@
 //! MPKG in `thaw eval`: inductive item embeddings from a trained model folder,
-//! users as the mean of their items' embeddings (eq. 15) plus the learned item
-//! bias. In the aware mode the MRA layer and the bias are fine-tuned further on
-//! the scenario's support sets (as MetaKG adapts per scenario).
+//! scored for each user exactly as the engine scores them
+//! ([`crate::serve::adapt`]): the user's most recent items (in stream order)
+//! averaged (eq. 15), the model's adaptation steps on them
+//! ([`crate::serve::adapt::adapt_user`], `model.json`'s `user_adapt`), then
+//! `u · e + b` plus the graph-neighbour and fresh-item terms of the user's
+//! items ([`crate::serve::adapt::score_users`]). In the aware mode the MRA
+//! layer and the bias are fine-tuned further on the scenario's support sets
+//! (as MetaKG adapts per scenario) before the same user path.
 
 use ndarray::{Array1, Array2, ArrayViewMut2, Axis};
 use serde_json::json;
 
 use super::baselines::Fitted;
 use super::{EvalError, FitContext, Recommender, Result};
+use crate::serve::adapt::{adapt_user, key, score_users, AdaptConfig, Catalogue};
 use crate::train::{self, mpkg, TrainedModel};
 
-/// Users are the mean of their training items' fused embeddings.
-struct MeanUser {
+/// The engine's user path over the whole catalogue (every item is active,
+/// as every item of a replayed dataset is described).
+struct EngineUsers {
     emb: Array2<f32>,
     bias: Array1<f32>,
-    user_items: Vec<Vec<u32>>,
+    /// `adapt::key` of every item's external id (the negatives' draw).
+    keys: Vec<u64>,
+    active: Vec<bool>,
     /// The inference graph (slots are item indexes) and the graph-neighbour
     /// weights per relation.
     pkg: crate::graph::Pkg,
@@ -23,36 +32,44 @@ struct MeanUser {
     /// ([`train::fresh`]).
     fresh_pop: Array1<f32>,
     fresh_weight: f32,
+    adapt: AdaptConfig,
+    /// Per user: their training items in the order the stream delivers them.
+    user_items: Vec<Vec<u32>>,
+    /// `adapt::key` of every user's external id.
+    user_keys: Vec<u64>,
 }
 
-impl Recommender for MeanUser {
+impl EngineUsers {
+    fn catalogue(&self) -> Catalogue<'_> {
+        Catalogue {
+            emb: self.emb.view(),
+            bias: self.bias.view(),
+            active: &self.active,
+            keys: &self.keys,
+            graph: Some((&self.pkg, &self.neighbour_weights)),
+            fresh: Some((self.fresh_pop.view(), self.fresh_weight)),
+        }
+    }
+}
+
+impl Recommender for EngineUsers {
     fn score(&self, users: &[u32], mut out: ArrayViewMut2<'_, f32>) {
+        let cat = self.catalogue();
         let d = self.emb.ncols();
-        let mut eu = Array2::<f32>::zeros((users.len(), d));
-        for (mut row, &u) in eu.rows_mut().into_iter().zip(users) {
-            let its = &self.user_items[u as usize];
-            for &i in its {
-                row += &self.emb.row(i as usize);
-            }
-            if !its.is_empty() {
-                row /= its.len() as f32;
-            }
-        }
-        ndarray::linalg::general_mat_mul(1.0, &eu, &self.emb.t(), 0.0, &mut out);
-        out += &self.bias;
-        for (mut row, &u) in out.rows_mut().into_iter().zip(users) {
-            self.pkg.add_neighbour_scores(
-                &self.neighbour_weights,
-                &self.user_items[u as usize],
-                row.view_mut(),
-            );
-            train::fresh::add_fresh_scores(
-                self.fresh_weight,
-                self.fresh_pop.view(),
-                &self.user_items[u as usize],
-                row,
-            );
-        }
+        let vs: Vec<Array1<f32>> = users
+            .iter()
+            .map(|&u| {
+                let u = u as usize;
+                adapt_user(&cat, &self.user_items[u], self.user_keys[u], &self.adapt)
+                    .unwrap_or_else(|| Array1::zeros(d))
+            })
+            .collect();
+        let queries: Vec<(ndarray::ArrayView1<'_, f32>, &[u32])> = vs
+            .iter()
+            .zip(users)
+            .map(|(v, &u)| (v.view(), self.user_items[u as usize].as_slice()))
+            .collect();
+        score_users(&cat, &queries, out.view_mut());
     }
 }
 
@@ -70,8 +87,7 @@ pub(super) fn fit(ctx: &FitContext<'_>) -> Result<Fitted> {
     let tm = TrainedModel::load(dir).map_err(err)?;
     let x = train::item_features(ctx.dataset, &tm.card.config, Some(&dir.join("cache")))
         .map_err(err)?;
-    let (e_nrd, fused, pkg) =
-        train::infer_items(ctx.dataset, &tm, &x, &ctx.train.user_items).map_err(err)?;
+    let (e_nrd, fused, pkg) = train::infer_items(ctx.dataset, &tm, &x, ctx.stream).map_err(err)?;
     let neighbour_weights = match ctx.neighbour_weights {
         Some(w) => {
             if let Some(bad) = w.keys().find(|k| !tm.card.relations.contains(k)) {
@@ -145,17 +161,33 @@ pub(super) fn fit(ctx: &FitContext<'_>) -> Result<Fitted> {
             json!({"adapted": scenario.map_or("all observed interactions", |s| s.name()), "bpr": curve, "bias_weights": bw}),
         )
     };
+    let mut adapt = tm.card.user_adapt.clone();
+    adapt.steps = ctx.adapt_steps.unwrap_or(adapt.steps);
+    adapt.lr = ctx.adapt_lr.unwrap_or(adapt.lr);
+    let mut user_items = vec![Vec::new(); ctx.train.user_items.len()];
+    for &(u, i) in ctx.stream {
+        user_items[u as usize].push(i);
+    }
+    let ds = ctx.dataset;
     Ok(Fitted {
-        rec: Box::new(MeanUser {
+        rec: Box::new(EngineUsers {
             emb,
             bias: bias_w,
-            user_items: ctx.train.user_items.clone(),
+            keys: (0..ds.n_items() as u32)
+                .map(|i| key(ds.items.id(i)))
+                .collect(),
+            active: vec![true; ds.n_items()],
             pkg,
             neighbour_weights: neighbour_weights.clone(),
             fresh_pop,
             fresh_weight,
+            adapt: adapt.clone(),
+            user_items,
+            user_keys: (0..ds.users.len() as u32)
+                .map(|u| key(ds.users.id(u)))
+                .collect(),
         }),
-        params: json!({"model": tm.card.version, "relations": tm.card.relations, "bias_weights": tm.card.bias_weights, "neighbour_weights": neighbour_weights, "fresh_weight": fresh_weight, "run": params}),
+        params: json!({"model": tm.card.version, "relations": tm.card.relations, "bias_weights": tm.card.bias_weights, "neighbour_weights": neighbour_weights, "fresh_weight": fresh_weight, "user_adapt": adapt, "run": params}),
     })
 }
 

@@ -57,6 +57,7 @@
 //! ```
 
 mod batch;
+pub mod co;
 mod pkg;
 mod propagate;
 

@@ -308,22 +308,36 @@ pub fn rank_users(
     users: &[(ArrayView1<'_, f32>, &[u32])],
     k: usize,
 ) -> Vec<Vec<(u32, f32)>> {
-    let d = cat.emb.ncols();
     let mut out = Vec::with_capacity(users.len());
     for block in users.chunks(BLOCK) {
-        let mut u = Array2::<f32>::zeros((block.len(), d));
-        for (mut row, (v, _)) in u.rows_mut().into_iter().zip(block) {
-            row.assign(v);
-        }
         let mut scores = Array2::<f32>::zeros((block.len(), cat.emb.nrows()));
-        ndarray::linalg::general_mat_mul(1.0, &u, &cat.emb.t(), 0.0, &mut scores);
-        scores += &cat.bias;
-        for (mut row, (_, items)) in scores.rows_mut().into_iter().zip(block) {
-            cat.add_user_terms(items, row.view_mut());
-            out.push(select(cat, row.view(), items, k));
+        score_users(cat, block, scores.view_mut());
+        for (row, (_, items)) in scores.rows().into_iter().zip(block) {
+            out.push(select(cat, row, items, k));
         }
     }
     out
+}
+
+/// The score of every slot for each of `users` (`(vector, the user's
+/// items)`), one row each of `out` (`users.len()` × slots): `u · e + b` by
+/// one matrix product, plus the terms of the user's items (graph neighbours,
+/// fresh items). What [`rank_users`] ranks by, and what `thaw eval` scores.
+pub fn score_users(
+    cat: &Catalogue<'_>,
+    users: &[(ArrayView1<'_, f32>, &[u32])],
+    mut out: ndarray::ArrayViewMut2<'_, f32>,
+) {
+    let d = cat.emb.ncols();
+    let mut u = Array2::<f32>::zeros((users.len(), d));
+    for (mut row, (v, _)) in u.rows_mut().into_iter().zip(users) {
+        row.assign(v);
+    }
+    ndarray::linalg::general_mat_mul(1.0, &u, &cat.emb.t(), 0.0, &mut out);
+    out += &cat.bias;
+    for (mut row, (_, items)) in out.rows_mut().into_iter().zip(users) {
+        cat.add_user_terms(items, row.view_mut());
+    }
 }
 
 #[cfg(test)]

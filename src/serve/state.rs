@@ -20,6 +20,7 @@ use ndarray::{Array1, Array2, Array3, ArrayView2};
 
 use super::adapt::{adapt_user, key, rank_users, AdaptConfig, Catalogue};
 use super::metrics::Metrics;
+use crate::graph::co::{CoGraph, EdgeChange};
 use crate::graph::{Batch, Pkg, Propagator, PropagatorConfig};
 use crate::infer::item::{ItemModels, ItemModelsConfig};
 use crate::infer::text::{TextEncoder, TextEncoderConfig};
@@ -181,8 +182,64 @@ impl Default for ItemSlot {
 
 #[derive(Debug, Clone, Default)]
 struct UserState {
+    /// Distinct items, in the order the user reached them.
     items: Vec<u32>,
+    /// Distinct items rated at least the like threshold, in order (only
+    /// kept when the model has a `co_liked` relation).
+    liked: Vec<u32>,
     ts: u64,
+}
+
+/// The PKG's behavioural relations, learnt from the interactions as they are
+/// consumed ([`crate::graph::co`]), with the code and settings that built
+/// them for training and evaluation.
+struct Behavioural {
+    /// `co_interacted`: its relation index and builder.
+    co: Option<(usize, CoGraph)>,
+    /// `co_liked`: its relation index and builder.
+    liked: Option<(usize, CoGraph)>,
+    /// Ratings at or above it are likes.
+    like_threshold: f32,
+}
+
+impl Behavioural {
+    fn new(pkg: &Pkg, card: &ModelCard) -> Self {
+        let cfg = card.config.pkg.co();
+        let rel = |name: &str| pkg.relation_index(name).map(|r| (r, CoGraph::new(cfg)));
+        Self {
+            co: rel("co_interacted"),
+            liked: rel("co_liked"),
+            like_threshold: card.config.pkg.like_threshold,
+        }
+    }
+
+    /// Whether `relation` is derived here (its events from the
+    /// `item-relations` topic are ignored).
+    fn derives(&self, r: usize) -> bool {
+        self.co.as_ref().is_some_and(|c| c.0 == r) || self.liked.as_ref().is_some_and(|c| c.0 == r)
+    }
+}
+
+/// Applies one interaction (`history` before `item`, keyed `key`) to a
+/// behavioural relation and its edge changes to the PKG.
+fn learn(
+    rel: &mut Option<(usize, CoGraph)>,
+    pkg: &mut Pkg,
+    history: &[u32],
+    item: u32,
+    key: u64,
+) -> Result<()> {
+    let Some((r, g)) = rel.as_mut() else {
+        return Ok(());
+    };
+    g.set_key(item, key);
+    for change in g.interact(history, item) {
+        match change {
+            EdgeChange::Add(a, b) => pkg.add_edge(*r, a, b)?,
+            EdgeChange::Remove(a, b) => pkg.remove_edge(*r, a, b)?,
+        };
+    }
+    Ok(())
 }
 
 /// The loaded model: its card and ONNX Runtime sessions.
@@ -309,6 +366,7 @@ impl Ripple {
 pub struct Core {
     model: LoadedModel,
     pkg: Pkg,
+    behavioural: Behavioural,
     prop: Propagator,
     slots: Vec<ItemSlot>,
     /// `adapt::key` of each slot's item id (for the negatives' draw).
@@ -361,6 +419,7 @@ impl Core {
         metrics.set_model(&model.card.version);
         let d = model.card.dim;
         Ok(Self {
+            behavioural: Behavioural::new(&pkg, &model.card),
             model,
             pkg,
             prop,
@@ -400,6 +459,13 @@ impl Core {
     /// Items with an item event (ranked and published).
     pub fn described_items(&self) -> usize {
         self.slots.iter().filter(|s| s.described).count()
+    }
+
+    /// The product knowledge graph as it stands (catalogue relations from
+    /// the `item-relations` topic, behavioural ones learnt from the
+    /// interactions).
+    pub fn graph(&self) -> &Pkg {
+        &self.pkg
     }
 
     /// Users seen.
@@ -468,6 +534,12 @@ impl Core {
                         *counts.ignored.entry(topic).or_default() += 1;
                         continue;
                     };
+                    if self.behavioural.derives(r) {
+                        // Learnt from the interactions here, never taken
+                        // precomputed (DESIGN.md, "Events").
+                        *counts.ignored.entry(topic).or_default() += 1;
+                        continue;
+                    }
                     let (u, nu) = self.slot(&e.src);
                     let (v, nv) = self.slot(&e.dst);
                     for (s, new) in [(u, nu), (v, nv)] {
@@ -492,11 +564,26 @@ impl Core {
                     }
                     let user = self.users.entry(e.user_id.clone()).or_default();
                     user.ts = user.ts.max(e.ts);
+                    let key = self.keys[s as usize];
                     if !user.items.contains(&s) {
+                        learn(&mut self.behavioural.co, &mut self.pkg, &user.items, s, key)?;
                         user.items.push(s);
                         let slot = &mut self.slots[s as usize];
                         slot.count += 1;
                         slot.first_ms = slot.first_ms.min(e.ts);
+                    }
+                    let liked = e.kind == crate::ingest::Kind::Rating
+                        && e.value
+                            .is_some_and(|v| v >= self.behavioural.like_threshold);
+                    if liked && self.behavioural.liked.is_some() && !user.liked.contains(&s) {
+                        learn(
+                            &mut self.behavioural.liked,
+                            &mut self.pkg,
+                            &user.liked,
+                            s,
+                            key,
+                        )?;
+                        user.liked.push(s);
                     }
                     self.dirty_users.insert(e.user_id.clone());
                     if let Some(k) = m.kafka_ms {

@@ -95,6 +95,10 @@ pub struct TrainConfig {
     /// The same in the scenario-aware mode.
     #[serde(default)]
     pub aware_fresh_weight: f32,
+    /// The per-user adaptation the engine and `thaw eval` run (written to
+    /// `model.json`'s `user_adapt`).
+    #[serde(default)]
+    pub user_adapt: crate::serve::adapt::AdaptConfig,
 }
 
 /// `weights` (by relation name) in the order of `relations`; unnamed ones 0.
@@ -141,6 +145,7 @@ impl Default for TrainConfig {
             aware_neighbour_weights: default_aware_neighbour_weights(),
             fresh_weight: 0.0,
             aware_fresh_weight: 0.0,
+            user_adapt: crate::serve::adapt::AdaptConfig::default(),
         }
     }
 }
@@ -264,9 +269,13 @@ pub fn bias_features(
     scenario_counts: Option<&[f32]>,
 ) -> Array2<f32> {
     let n = ds.n_items();
+    // Event times as the stream stamps them (`pkg_build::interaction_ms`:
+    // timestamps, else file positions), in seconds, so the engine's bias,
+    // computed from the events it consumed, is this one.
     let mut ts: HashMap<(u32, u32), f64> = HashMap::new();
-    for x in &ds.interactions {
-        if let Some(t) = x.ts {
+    for (x, ms) in ds.interactions.iter().zip(pkg_build::interaction_ms(ds)) {
+        if let Some(ms) = ms {
+            let t = ms as f64 / 1000.0;
             ts.entry((x.user, x.item))
                 .and_modify(|v| *v = v.min(t))
                 .or_insert(t);
@@ -341,7 +350,8 @@ pub fn train(ds: &Dataset, split: &Split, cfg: &TrainConfig, out: &Path) -> Resu
 
     // Meta-training only: zero-shot items are absent from the training graph.
     let (user_items, items) = meta_training(ds, split);
-    let (pkg, slot) = pkg_build::build_pkg(ds, &cfg.pkg, &items, &user_items)?;
+    let stream = pkg_build::stream_order(ds, &[&user_items]);
+    let (pkg, slot) = pkg_build::build_pkg(ds, &cfg.pkg, &items, &stream)?;
     let relations: Vec<String> = pkg.relations().to_vec();
     tracing::info!(items = items.len(), edges = ?pkg.edge_counts(), ?relations, "training graph");
     let x_sub = x_all.select(
@@ -421,7 +431,7 @@ pub fn train(ds: &Dataset, split: &Split, cfg: &TrainConfig, out: &Path) -> Resu
         aware_fresh_weight: cfg.aware_fresh_weight,
         adapt_steps: 5,
         adapt_lr: 0.05,
-        user_adapt: crate::serve::adapt::AdaptConfig::default(),
+        user_adapt: cfg.user_adapt.clone(),
         training: serde_json::json!({
             "seconds": {"features": t_features, "pretrain": t_pretrain, "finetune": t_finetune},
             "pretrain_losses_kr_fr_hnr_mra": pre_curve,
@@ -497,7 +507,7 @@ pub fn write_untrained_model(
         aware_fresh_weight: cfg.aware_fresh_weight,
         adapt_steps: cfg.mpkg.adapt_steps,
         adapt_lr: cfg.mpkg.finetune_lr,
-        user_adapt: crate::serve::adapt::AdaptConfig::default(),
+        user_adapt: cfg.user_adapt.clone(),
         training: serde_json::json!({"untrained": true}),
     };
     let json = serde_json::to_string_pretty(&card).map_err(|e| TrainError::Data(e.to_string()))?;
@@ -547,10 +557,10 @@ impl TrainedModel {
 pub fn inference_graph(
     ds: &Dataset,
     tm: &TrainedModel,
-    user_items: &[Vec<u32>],
+    stream: &[(u32, u32)],
 ) -> Result<crate::graph::Pkg> {
     let items: Vec<u32> = (0..ds.n_items() as u32).collect();
-    let (pkg, slot) = pkg_build::build_pkg(ds, &tm.card.config.pkg, &items, user_items)?;
+    let (pkg, slot) = pkg_build::build_pkg(ds, &tm.card.config.pkg, &items, stream)?;
     tracing::debug!(items = items.len(), edges = ?pkg.edge_counts(), "inference graph");
     if slot.iter().any(|(i, s)| i != s) {
         return Err(TrainError::Data(
@@ -588,9 +598,9 @@ pub fn infer_items(
     ds: &Dataset,
     tm: &TrainedModel,
     x_all: &Array2<f32>,
-    user_items: &[Vec<u32>],
+    stream: &[(u32, u32)],
 ) -> Result<(ndarray::Array3<f32>, Array2<f32>, crate::graph::Pkg)> {
-    let pkg = inference_graph(ds, tm, user_items)?;
+    let pkg = inference_graph(ds, tm, stream)?;
     let e = relation_embeddings(tm, &pkg, x_all)?;
     let views: Vec<_> = e
         .iter()

@@ -1,9 +1,12 @@
 //! Building the product knowledge graph of a dataset (MPKG §4.1).
 //!
 //! Relations:
-//! - `co_interacted`: each item linked to its `neighbours` most similar items
-//!   by cosine over the users who interacted with both (at least
-//!   `min_co_users` shared users), from training interactions only;
+//! - `co_interacted`: behavioural, learnt from the interactions in the order a
+//!   stream sees them ([`stream_order`]) by [`crate::graph::co::CoGraph`],
+//!   the code the engine runs on its `interactions` topic: each item linked
+//!   to its `neighbours` most similar items by cosine over shared users (at
+//!   least `min_co_users`), co-occurrences counted within each user's
+//!   `window` most recent items;
 //! - `co_liked`: the same over interactions rated at least `like_threshold`
 //!   (when the dataset has a `rating` column: weights and play counts are
 //!   not ratings);
@@ -11,12 +14,16 @@
 //!   items are linked when their entities share a tail through that relation;
 //!   tails shared by more than `max_tail_items` items are skipped as
 //!   uninformative (a genre or a country links half the catalogue).
+//!
+//! Behavioural relations are never sent as `item-relations` events: the
+//! engine derives them itself as it consumes each interaction.
 
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
 use crate::dataset::Dataset;
+use crate::graph::co::{CoConfig, CoGraph};
 use crate::graph::Pkg;
 
 /// Settings of the PKG construction.
@@ -33,6 +40,31 @@ pub struct PkgConfig {
     pub kg_relations: usize,
     /// Tails shared by more items than this are skipped (50).
     pub max_tail_items: usize,
+    /// Most recent distinct items of a user that a new interaction is paired
+    /// with in the behavioural relations (200: bounds the engine's
+    /// co-occurrence counts per interaction; most users of both reference
+    /// datasets have fewer items, so it rarely cuts).
+    #[serde(default = "default_window")]
+    pub window: usize,
+}
+
+fn default_window() -> usize {
+    200
+}
+
+/// The behavioural relations, derived from interactions by the engine and
+/// never sent as `item-relations` events.
+pub const BEHAVIOURAL: [&str; 2] = ["co_interacted", "co_liked"];
+
+impl PkgConfig {
+    /// The online builder's settings for a behavioural relation.
+    pub fn co(&self) -> CoConfig {
+        CoConfig {
+            neighbours: self.neighbours,
+            min_co_users: self.min_co_users,
+            window: self.window,
+        }
+    }
 }
 
 impl Default for PkgConfig {
@@ -43,6 +75,7 @@ impl Default for PkgConfig {
             like_threshold: 4.0,
             kg_relations: 4,
             max_tail_items: 50,
+            window: default_window(),
         }
     }
 }
@@ -77,9 +110,141 @@ fn top_kg_relations(ds: &Dataset, cfg: &PkgConfig) -> Vec<u32> {
         .collect()
 }
 
+/// Event time of every interaction of `ds` in ms, as the replay stamps it:
+/// its timestamp when every interaction has one, else its index as seconds
+/// (file order). `None` for a time the streams cannot carry (negative, not
+/// finite, past `2^53 - 1` ms): such interactions are never replayed.
+pub fn interaction_ms(ds: &Dataset) -> Vec<Option<u64>> {
+    const MAX_TS_MS: f64 = ((1u64 << 53) - 1) as f64;
+    let timed = ds.has_timestamps();
+    ds.interactions
+        .iter()
+        .enumerate()
+        .map(|(k, x)| {
+            let seconds = match x.ts {
+                Some(t) if timed => t,
+                _ => k as f64,
+            };
+            let ms = (seconds * 1000.0).round();
+            (0.0..=MAX_TS_MS).contains(&ms).then_some(ms as u64)
+        })
+        .collect()
+}
+
+/// Training interactions in the order a stream sees them: phase by phase
+/// (e.g. meta-training, then the scenarios' support sets), each phase's
+/// distinct (user, item) pairs not in an earlier phase by (event time of the
+/// pair's first occurrence in `ds`, user, item). A pair `ds` lacks takes its
+/// item's first time (or the data's latest); a pair whose time the streams
+/// cannot carry is left out, as the replay leaves it out.
+pub fn stream_order(ds: &Dataset, phases: &[&[Vec<u32>]]) -> Vec<(u32, u32)> {
+    let ms = interaction_ms(ds);
+    let mut first: HashMap<(u32, u32), usize> = HashMap::with_capacity(ds.interactions.len());
+    let mut item_first: Vec<Option<u64>> = vec![None; ds.n_items()];
+    for (k, x) in ds.interactions.iter().enumerate() {
+        first.entry((x.user, x.item)).or_insert(k);
+        if let Some(t) = ms[k] {
+            let f = &mut item_first[x.item as usize];
+            *f = Some(f.map_or(t, |f| f.min(t)));
+        }
+    }
+    let latest = ms.iter().flatten().copied().max().unwrap_or(0);
+    let time = |u: u32, i: u32| -> Option<u64> {
+        match first.get(&(u, i)) {
+            Some(&k) => ms[k],
+            None => Some(
+                item_first
+                    .get(i as usize)
+                    .copied()
+                    .flatten()
+                    .unwrap_or(latest),
+            ),
+        }
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for phase in phases {
+        let mut keyed: Vec<(u64, u32, u32)> = Vec::new();
+        for (u, its) in phase.iter().enumerate() {
+            for &i in its {
+                let u = u as u32;
+                if seen.insert((u, i)) {
+                    if let Some(t) = time(u, i) {
+                        keyed.push((t, u, i));
+                    }
+                }
+            }
+        }
+        keyed.sort_unstable();
+        out.extend(keyed.into_iter().map(|(_, u, i)| (u, i)));
+    }
+    out
+}
+
+/// A split's training interactions in stream order: meta-training, then the
+/// scenarios' support sets (the replay's two phases).
+pub fn split_stream(ds: &Dataset, split: &crate::eval::split::Split) -> Vec<(u32, u32)> {
+    let train = crate::eval::TrainSet::from_split(split, ds.users.len(), ds.n_items());
+    let (meta, _) = crate::train::meta_training(ds, split);
+    stream_order(ds, &[&meta, &train.user_items])
+}
+
+/// The rating of the first occurrence of every (user, item) pair of `ds`
+/// (the value the replay sends), when the dataset has ratings.
+fn first_ratings(ds: &Dataset) -> HashMap<(u32, u32), f32> {
+    let mut out = HashMap::new();
+    if ds.rated {
+        for x in &ds.interactions {
+            if let Some(v) = x.value {
+                out.entry((x.user, x.item)).or_insert(v);
+            }
+        }
+    }
+    out
+}
+
+/// The behavioural relations learnt from `stream` (ordered (user, item)
+/// pairs, [`stream_order`]): `co_interacted` from every pair, `co_liked`
+/// (when `liked` is given) from the pairs it accepts. Each pair is one
+/// interaction of the engine: a user's repeated item is skipped.
+pub fn behavioural(
+    cfg: &PkgConfig,
+    stream: &[(u32, u32)],
+    key: impl Fn(u32) -> u64,
+    liked: Option<&dyn Fn(u32, u32) -> bool>,
+) -> (CoGraph, Option<CoGraph>) {
+    let mut co = CoGraph::new(cfg.co());
+    let mut like = liked.map(|_| CoGraph::new(cfg.co()));
+    let mut hist: HashMap<u32, (Vec<u32>, Vec<u32>)> = HashMap::new();
+    let mut keyed = std::collections::HashSet::new();
+    for &(u, i) in stream {
+        if keyed.insert(i) {
+            co.set_key(i, key(i));
+            if let Some(l) = like.as_mut() {
+                l.set_key(i, key(i));
+            }
+        }
+        let (all, good) = hist.entry(u).or_default();
+        if all.contains(&i) {
+            continue;
+        }
+        co.interact(all, i);
+        all.push(i);
+        if let (Some(l), Some(f)) = (like.as_mut(), liked) {
+            if f(u, i) && !good.contains(&i) {
+                l.interact(good, i);
+                good.push(i);
+            }
+        }
+    }
+    (co, like)
+}
+
 /// Builds the PKG over `items` (dense dataset indexes present in the graph;
 /// every other item is absent, e.g. zero-shot items during training), with
-/// co-interaction relations from `user_items` (training interactions only).
+/// behavioural relations from `stream` (training interactions in stream
+/// order, [`stream_order`]; pairs naming absent items are skipped, as the
+/// engine never sees them).
 ///
 /// Graph slot `k` holds dataset item `items[k]`; the returned map gives the
 /// slot of a dataset item.
@@ -87,7 +252,7 @@ pub fn build_pkg(
     ds: &Dataset,
     cfg: &PkgConfig,
     items: &[u32],
-    user_items: &[Vec<u32>],
+    stream: &[(u32, u32)],
 ) -> crate::graph::Result<(Pkg, HashMap<u32, u32>)> {
     let names = relation_names(ds, cfg);
     let mut pkg = Pkg::new(names.iter().map(String::as_str))?;
@@ -96,47 +261,27 @@ pub fn build_pkg(
     for &i in items {
         slot.insert(i, pkg.add_item(ds.items.id(i)));
     }
-    let rating: HashMap<(u32, u32), f32> = ds
-        .interactions
+    let stream: Vec<(u32, u32)> = stream
         .iter()
-        .filter_map(|x| x.value.map(|v| ((x.user, x.item), v)))
+        .copied()
+        .filter(|(_, i)| slot.contains_key(i))
         .collect();
-    let mut add_knn = |r: usize, lists: Vec<Vec<u32>>| -> crate::graph::Result<()> {
-        for (i, nbrs) in co_neighbours(&lists, ds.n_items(), cfg)
-            .into_iter()
-            .enumerate()
-        {
-            let Some(&a) = slot.get(&(i as u32)) else {
-                continue;
-            };
-            for j in nbrs {
-                if let Some(&b) = slot.get(&j) {
-                    pkg.add_edge(r, a, b)?;
-                }
-            }
+    let rating = first_ratings(ds);
+    let with_likes = names.get(1).is_some_and(|n| n == "co_liked");
+    let like_threshold = cfg.like_threshold;
+    let is_liked = |u: u32, i: u32| rating.get(&(u, i)).is_some_and(|&v| v >= like_threshold);
+    let (co, liked) = behavioural(
+        cfg,
+        &stream,
+        |i| crate::serve::adapt::key(ds.items.id(i)),
+        with_likes.then_some(&is_liked as &dyn Fn(u32, u32) -> bool),
+    );
+    for (r, g) in std::iter::once(&co).chain(liked.as_ref()).enumerate() {
+        for (a, b) in g.edges() {
+            pkg.add_edge(r, slot[&a], slot[&b])?;
         }
-        Ok(())
-    };
-    add_knn(0, user_items.to_vec())?;
-    let mut r = 1;
-    if names.get(1).is_some_and(|n| n == "co_liked") {
-        let liked: Vec<Vec<u32>> = user_items
-            .iter()
-            .enumerate()
-            .map(|(u, its)| {
-                its.iter()
-                    .copied()
-                    .filter(|&i| {
-                        rating
-                            .get(&(u as u32, i))
-                            .is_some_and(|&v| v >= cfg.like_threshold)
-                    })
-                    .collect()
-            })
-            .collect();
-        add_knn(1, liked)?;
-        r = 2;
     }
+    let r = 1 + liked.is_some() as usize;
     // KG relations: items sharing a tail entity through the relation.
     let mut entity_slots: HashMap<u32, Vec<u32>> = HashMap::new();
     for &i in items {
@@ -167,52 +312,4 @@ pub fn build_pkg(
         }
     }
     Ok((pkg, slot))
-}
-
-/// Per item, its `cfg.neighbours` most similar items by cosine over users
-/// (at least `cfg.min_co_users` shared users).
-fn co_neighbours(user_items: &[Vec<u32>], n_items: usize, cfg: &PkgConfig) -> Vec<Vec<u32>> {
-    let mut item_users: Vec<Vec<u32>> = vec![Vec::new(); n_items];
-    for (u, its) in user_items.iter().enumerate() {
-        for &i in its {
-            item_users[i as usize].push(u as u32);
-        }
-    }
-    let mut co = vec![0u32; n_items];
-    let mut touched = Vec::new();
-    let mut out = vec![Vec::new(); n_items];
-    for i in 0..n_items {
-        for &u in &item_users[i] {
-            for &j in &user_items[u as usize] {
-                if j as usize != i {
-                    if co[j as usize] == 0 {
-                        touched.push(j);
-                    }
-                    co[j as usize] += 1;
-                }
-            }
-        }
-        let ni = item_users[i].len() as f32;
-        let mut cand: Vec<(u32, f32)> = touched
-            .iter()
-            .filter(|&&j| co[j as usize] as usize >= cfg.min_co_users)
-            .map(|&j| {
-                (
-                    j,
-                    co[j as usize] as f32 / (ni * item_users[j as usize].len() as f32).sqrt(),
-                )
-            })
-            .collect();
-        for &j in &touched {
-            co[j as usize] = 0;
-        }
-        touched.clear();
-        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        out[i] = cand
-            .into_iter()
-            .take(cfg.neighbours)
-            .map(|(j, _)| j)
-            .collect();
-    }
-    out
 }

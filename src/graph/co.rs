@@ -1,0 +1,333 @@
+//! Behavioural PKG relations (`co_interacted`, `co_liked`) learnt from the
+//! interaction stream, one interaction at a time (MPKG §4.1's co-interaction
+//! relations, made online).
+//!
+//! The offline builder (`crate::train::pkg_build`) and the engine both feed
+//! [`CoGraph::interact`] the same interactions in the same order (the stream's
+//! order), so the graph a model is trained and evaluated on is the graph the
+//! engine holds after consuming those interactions: equal, edge for edge.
+//!
+//! Per interaction of user `u` with an item `i` new to `u`:
+//! 1. `i`'s user count goes up, and its co-occurrence count with each item of
+//!    `u`'s history window (the `window` most recent distinct items before
+//!    `i`) goes up by one;
+//! 2. `i`'s neighbour list is re-selected from all its co-occurring items:
+//!    the `neighbours` best by cosine `c_ij / sqrt(n_i n_j)` among those with
+//!    at least `min_co_users` shared users;
+//! 3. each window item `j` re-considers `i` as a candidate for its own list
+//!    (insert, or update `i`'s score, or evict its weakest entry); the other
+//!    entries of `j`'s list keep the scores they were selected with.
+//!
+//! An edge `{a, b}` exists while `b` is in `a`'s list or `a` in `b`'s. The edge
+//! additions and removals an interaction causes are returned, so the engine
+//! applies them to its PKG and they propagate like catalogue edges.
+//!
+//! Ties between equal scores go to the smaller node key (a hash of the item's
+//! external id, so slots and dataset indexes order the same way), then the
+//! smaller node. Memory: one count per co-occurring pair within a window, so
+//! the window bounds it by `window` new pairs per interaction.
+
+use std::collections::{BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+/// Settings of one behavioural relation.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CoConfig {
+    /// Neighbours kept per item.
+    pub neighbours: usize,
+    /// Least shared users for an edge.
+    pub min_co_users: usize,
+    /// Most recent distinct items of a user that a new interaction pairs with.
+    pub window: usize,
+}
+
+/// An edge change caused by an interaction, `a < b`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum EdgeChange {
+    /// The edge appears.
+    Add(u32, u32),
+    /// The edge disappears.
+    Remove(u32, u32),
+}
+
+/// One behavioural relation over `u32` nodes (engine slots or dataset items).
+#[derive(Debug, Clone)]
+pub struct CoGraph {
+    cfg: CoConfig,
+    /// Users per node.
+    users: Vec<u32>,
+    /// Node keys for tie-breaks.
+    keys: Vec<u64>,
+    /// Co-occurrence counts per node.
+    co: Vec<HashMap<u32, u32>>,
+    /// Neighbour list per node, `(node, score)`, best first.
+    lists: Vec<Vec<(u32, f32)>>,
+}
+
+impl CoGraph {
+    /// An empty relation.
+    pub fn new(cfg: CoConfig) -> Self {
+        Self {
+            cfg,
+            users: Vec::new(),
+            keys: Vec::new(),
+            co: Vec::new(),
+            lists: Vec::new(),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> CoConfig {
+        self.cfg
+    }
+
+    fn grow(&mut self, node: u32) {
+        let n = node as usize + 1;
+        if self.users.len() < n {
+            self.users.resize(n, 0);
+            self.keys.resize(n, 0);
+            self.co.resize_with(n, HashMap::new);
+            self.lists.resize_with(n, Vec::new);
+        }
+    }
+
+    /// Sets the tie-break key of `node` (a hash of its external id); call it
+    /// before the node's first interaction.
+    pub fn set_key(&mut self, node: u32, key: u64) {
+        self.grow(node);
+        self.keys[node as usize] = key;
+    }
+
+    /// `node`'s neighbour list, best first.
+    pub fn neighbours(&self, node: u32) -> impl Iterator<Item = u32> + '_ {
+        self.lists
+            .get(node as usize)
+            .into_iter()
+            .flatten()
+            .map(|p| p.0)
+    }
+
+    /// Whether the edge `{a, b}` exists.
+    pub fn has_edge(&self, a: u32, b: u32) -> bool {
+        let listed = |x: u32, y: u32| {
+            self.lists
+                .get(x as usize)
+                .is_some_and(|l| l.iter().any(|p| p.0 == y))
+        };
+        listed(a, b) || listed(b, a)
+    }
+
+    /// Every edge `(a, b)`, `a < b`, in order.
+    pub fn edges(&self) -> Vec<(u32, u32)> {
+        let mut out = BTreeSet::new();
+        for (a, l) in self.lists.iter().enumerate() {
+            for &(b, _) in l {
+                let a = a as u32;
+                out.insert((a.min(b), a.max(b)));
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    fn score(&self, a: u32, b: u32, c: u32) -> f32 {
+        let (na, nb) = (self.users[a as usize], self.users[b as usize]);
+        c as f32 / ((na as f32) * (nb as f32)).sqrt()
+    }
+
+    /// `x` ranks before `y`: higher score, then smaller key, then smaller node.
+    fn before(&self, x: (u32, f32), y: (u32, f32)) -> bool {
+        match x.1.total_cmp(&y.1) {
+            std::cmp::Ordering::Greater => true,
+            std::cmp::Ordering::Less => false,
+            std::cmp::Ordering::Equal => {
+                (self.keys[x.0 as usize], x.0) < (self.keys[y.0 as usize], y.0)
+            }
+        }
+    }
+
+    fn sort(&self, list: &mut [(u32, f32)]) {
+        list.sort_by(|&x, &y| {
+            if self.before(x, y) {
+                std::cmp::Ordering::Less
+            } else if self.before(y, x) {
+                std::cmp::Ordering::Greater
+            } else {
+                std::cmp::Ordering::Equal
+            }
+        });
+    }
+
+    /// Applies one interaction: a user whose history window (most recent
+    /// last; only its last `window` entries are used) gains `item`. Returns
+    /// the edge changes, sorted.
+    pub fn interact(&mut self, history: &[u32], item: u32) -> Vec<EdgeChange> {
+        let start = history.len().saturating_sub(self.cfg.window);
+        let window: Vec<u32> = history[start..]
+            .iter()
+            .copied()
+            .filter(|&j| j != item)
+            .collect();
+        self.grow(item);
+        for &j in &window {
+            self.grow(j);
+        }
+        self.users[item as usize] += 1;
+        for &j in &window {
+            *self.co[item as usize].entry(j).or_insert(0) += 1;
+            *self.co[j as usize].entry(item).or_insert(0) += 1;
+        }
+        // Pairs whose edge may change: (item, old or new neighbour of item),
+        // and (j, dropped entry of j) for each window item j.
+        let mut affected: BTreeSet<(u32, u32)> = BTreeSet::new();
+        let mut before: Vec<(u32, u32)> = Vec::new();
+        let note = |a: u32, b: u32, affected: &mut BTreeSet<(u32, u32)>| {
+            affected.insert((a.min(b), a.max(b)));
+        };
+
+        // 2. item's list, re-selected in full.
+        let min = self.cfg.min_co_users.max(1) as u32;
+        let mut cand: Vec<(u32, f32)> = self.co[item as usize]
+            .iter()
+            .filter(|&(_, &c)| c >= min)
+            .map(|(&j, &c)| (j, self.score(item, j, c)))
+            .collect();
+        self.sort(&mut cand);
+        cand.truncate(self.cfg.neighbours);
+        for &(j, _) in self.lists[item as usize].iter().chain(&cand) {
+            note(item, j, &mut affected);
+        }
+        // 3. each window item re-considers item.
+        let mut updates: Vec<(u32, Vec<(u32, f32)>)> = Vec::new();
+        for &j in &window {
+            let c = self.co[j as usize][&item];
+            if c < min {
+                continue;
+            }
+            let s = self.score(j, item, c);
+            let mut list = self.lists[j as usize].clone();
+            if let Some(p) = list.iter_mut().find(|p| p.0 == item) {
+                p.1 = s;
+            } else {
+                list.push((item, s));
+            }
+            self.sort(&mut list);
+            if list.len() > self.cfg.neighbours {
+                let dropped = list.pop().expect("longer than neighbours");
+                note(j, dropped.0, &mut affected);
+            }
+            note(j, item, &mut affected);
+            updates.push((j, list));
+        }
+        for &(a, b) in &affected {
+            if self.has_edge(a, b) {
+                before.push((a, b));
+            }
+        }
+        self.lists[item as usize] = cand;
+        for (j, list) in updates {
+            self.lists[j as usize] = list;
+        }
+        let mut out = Vec::new();
+        for &(a, b) in &affected {
+            let was = before.binary_search(&(a, b)).is_ok();
+            let is = self.has_edge(a, b);
+            match (was, is) {
+                (false, true) => out.push(EdgeChange::Add(a, b)),
+                (true, false) => out.push(EdgeChange::Remove(a, b)),
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cfg(neighbours: usize, min_co_users: usize, window: usize) -> CoConfig {
+        CoConfig {
+            neighbours,
+            min_co_users,
+            window,
+        }
+    }
+
+    /// Replays `(user, item)` pairs through a graph, applying its changes to
+    /// an explicit edge set.
+    fn replay(g: &mut CoGraph, pairs: &[(u32, u32)]) -> BTreeSet<(u32, u32)> {
+        let mut hist: HashMap<u32, Vec<u32>> = HashMap::new();
+        let mut edges = BTreeSet::new();
+        for &(u, i) in pairs {
+            let h = hist.entry(u).or_default();
+            if h.contains(&i) {
+                continue;
+            }
+            for ch in g.interact(h, i) {
+                match ch {
+                    EdgeChange::Add(a, b) => assert!(edges.insert((a, b)), "added twice"),
+                    EdgeChange::Remove(a, b) => assert!(edges.remove(&(a, b)), "absent removed"),
+                }
+            }
+            h.push(i);
+        }
+        edges
+    }
+
+    #[test]
+    fn co_interactions_link_items_with_enough_shared_users() {
+        let mut g = CoGraph::new(cfg(10, 2, 50));
+        // Users 0 and 1 both have items 1 and 2; item 3 shares one user.
+        let edges = replay(&mut g, &[(0, 1), (0, 2), (1, 1), (1, 2), (1, 3)]);
+        assert_eq!(edges.into_iter().collect::<Vec<_>>(), vec![(1, 2)]);
+        let mut g = CoGraph::new(cfg(10, 1, 50));
+        let edges = replay(&mut g, &[(0, 1), (0, 2), (1, 1), (1, 2), (1, 3)]);
+        assert_eq!(
+            edges.into_iter().collect::<Vec<_>>(),
+            vec![(1, 2), (1, 3), (2, 3)]
+        );
+        // cos(1, 2) = 2 / sqrt(2 * 2) = 1 ranks before cos(1, 3) = 1 / sqrt(2).
+        assert_eq!(g.neighbours(1).collect::<Vec<_>>(), vec![2, 3]);
+    }
+
+    #[test]
+    fn the_window_bounds_the_pairs_and_lists_the_neighbours() {
+        let mut g = CoGraph::new(cfg(1, 1, 2));
+        // One user: 1, 2, 3, 4; item 4 pairs with 2 and 3 only (window 2).
+        let edges = replay(&mut g, &[(0, 1), (0, 2), (0, 3), (0, 4)]);
+        assert!(!g.has_edge(1, 4));
+        // One neighbour each: every list holds one entry, ties to the smaller node.
+        for n in 1..=4 {
+            assert!(g.neighbours(n).count() <= 1);
+        }
+        assert_eq!(edges.into_iter().collect::<Vec<_>>(), g.edges());
+    }
+
+    proptest! {
+        /// The returned changes always describe the graph's edge set, and the
+        /// same pairs give the same graph (determinism).
+        #[test]
+        fn changes_track_the_edge_set(
+            pairs in prop::collection::vec((0u32..12, 0u32..30), 0..300),
+            k in 1usize..5, min in 1usize..3, window in 1usize..8,
+        ) {
+            let mut g = CoGraph::new(cfg(k, min, window));
+            for n in 0..30 {
+                g.set_key(n, (n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            }
+            let edges = replay(&mut g, &pairs);
+            prop_assert_eq!(edges.into_iter().collect::<Vec<_>>(), g.edges());
+            let mut h = CoGraph::new(cfg(k, min, window));
+            for n in 0..30 {
+                h.set_key(n, (n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            }
+            replay(&mut h, &pairs);
+            prop_assert_eq!(g.edges(), h.edges());
+            for n in 0..30 {
+                prop_assert!(g.neighbours(n).count() <= k);
+            }
+        }
+    }
+}
