@@ -94,10 +94,11 @@ eval-baselines: data models build split
 	echo "all baselines, both modes: $$(( (end - start) / 1000000 )) ms"
 
 ## train: MPKG on the reference split's meta-training data, skipped when
-## $(MODEL_DIR) holds a model trained with the same flags on the same data and
-## split (.train-stamp); `make train MODEL_DIR=...` for another folder.
+## $(MODEL_DIR) holds a model trained with the same flags, data, split and
+## training code (.train-stamp); `make train MODEL_DIR=...` for another folder.
+TRAIN_CODE := $(wildcard src/train/*.rs src/graph/*.rs src/dataset/*.rs)
 train: data models build split
-	@stamp="$$(echo '$(TRAIN_FLAGS)'; cat $(DATA)/*.inter $(DATA)/*.link $(SPLIT)/meta_training.txt | sha256sum)"; \
+	@stamp="$$(echo '$(TRAIN_FLAGS)'; cat $(DATA)/*.inter $(DATA)/*.link $(SPLIT)/meta_training.txt $(TRAIN_CODE) | sha256sum)"; \
 	if [ -f $(MODEL_DIR)/model.json ] && [ -f $(MODEL_DIR)/trained_items.txt ] && [ "$$(cat $(MODEL_DIR)/.train-stamp 2>/dev/null)" = "$$stamp" ]; then \
 	  echo "model: $(MODEL_DIR) present (same flags, data and split)"; else \
 	  $(THAW) train --dataset $(DATA) --split $(SPLIT) --out $(MODEL_DIR) $(TRAIN_FLAGS) && echo "$$stamp" > $(MODEL_DIR)/.train-stamp; fi

@@ -188,6 +188,19 @@ pub fn evaluate_tasks(
     tasks: &[Task],
     k: usize,
 ) -> Vec<UserMetrics> {
+    evaluate_tasks_with_lists(rec, train, tasks, k, None)
+}
+
+/// [`evaluate_tasks`], also pushing each user's top-`k` list (best first,
+/// the user's training and support items excluded, ties to the lower item)
+/// onto `lists` when given.
+pub fn evaluate_tasks_with_lists(
+    rec: &dyn Recommender,
+    train: &TrainSet,
+    tasks: &[Task],
+    k: usize,
+    mut lists: Option<&mut Vec<Vec<u32>>>,
+) -> Vec<UserMetrics> {
     let n = train.n_items;
     let mut out = Vec::with_capacity(tasks.len());
     let mut scores = Array2::<f32>::zeros((BATCH.min(tasks.len()).max(1), n));
@@ -207,6 +220,17 @@ pub fn evaluate_tasks(
                 .as_slice()
                 .expect("rows of a standard-layout array are contiguous");
             out.push(user_metrics(s, |i| mask[i as usize], &t.query, k));
+            if let Some(lists) = lists.as_deref_mut() {
+                let mut top: Vec<u32> = (0..n as u32).filter(|&i| !mask[i as usize]).collect();
+                let by =
+                    |a: &u32, b: &u32| s[*b as usize].total_cmp(&s[*a as usize]).then(a.cmp(b));
+                if top.len() > k {
+                    top.select_nth_unstable_by(k, by);
+                    top.truncate(k);
+                }
+                top.sort_unstable_by(by);
+                lists.push(top);
+            }
             for &i in seen.iter().chain(&t.support) {
                 mask[i as usize] = false;
             }
@@ -261,6 +285,22 @@ pub struct EvalConfig {
 
 /// Runs one evaluation: fit, score every scenario, aggregate.
 pub fn run(ds: &Dataset, split: &Split, cfg: &EvalConfig) -> Result<Report> {
+    Ok(run_with_lists(ds, split, cfg, false)?.0)
+}
+
+/// Top-`k` lists of one evaluation per scenario name, one per task in task
+/// order (see [`evaluate_tasks_with_lists`]).
+pub type Lists = std::collections::BTreeMap<String, Vec<Vec<u32>>>;
+
+/// [`run`], also returning every query user's top-`k` list when `lists`
+/// (for comparing the engine's published lists with offline evaluation).
+pub fn run_with_lists(
+    ds: &Dataset,
+    split: &Split,
+    cfg: &EvalConfig,
+    lists: bool,
+) -> Result<(Report, Lists)> {
+    let mut all_lists = Lists::new();
     let start = Instant::now();
     let train = TrainSet::from_split(split, ds.users.len(), ds.n_items());
     let valid = split.valid.as_deref();
@@ -305,18 +345,31 @@ pub fn run(ds: &Dataset, split: &Split, cfg: &EvalConfig) -> Result<Report> {
                 &own
             }
         };
-        let per_user = evaluate_tasks(fitted.rec.as_ref(), &train, tasks, cfg.k);
+        let mut own_lists = Vec::new();
+        let per_user = evaluate_tasks_with_lists(
+            fitted.rec.as_ref(),
+            &train,
+            tasks,
+            cfg.k,
+            lists.then_some(&mut own_lists),
+        );
+        if lists {
+            all_lists.insert(s.name().to_string(), own_lists);
+        }
         let m = ScenarioMetrics::from_users(&per_user, cfg.seed ^ (si as u64 + 1));
         scenarios.insert(s.name().to_string(), m);
     }
-    Ok(Report {
-        model: cfg.model.name().into(),
-        mode: cfg.mode,
-        k: cfg.k,
-        dataset: ds.digest.clone(),
-        split: split.digest.clone(),
-        seconds: start.elapsed().as_secs_f64(),
-        scenarios,
-        params: serde_json::Value::Object(params),
-    })
+    Ok((
+        Report {
+            model: cfg.model.name().into(),
+            mode: cfg.mode,
+            k: cfg.k,
+            dataset: ds.digest.clone(),
+            split: split.digest.clone(),
+            seconds: start.elapsed().as_secs_f64(),
+            scenarios,
+            params: serde_json::Value::Object(params),
+        },
+        all_lists,
+    ))
 }

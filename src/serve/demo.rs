@@ -93,6 +93,15 @@ pub struct DemoReport {
     pub k: usize,
     /// Per scenario.
     pub scenarios: std::collections::BTreeMap<String, ScenarioFigures>,
+    /// `thaw eval --model mpkg` (blind) on the same split and model, per
+    /// scenario: the figures the lists above should equal.
+    pub offline: std::collections::BTreeMap<String, ScenarioFigures>,
+    /// Query users' lists compared between Redis and offline evaluation.
+    pub lists_compared: usize,
+    /// Of those, lists identical item for item, in order.
+    pub lists_identical: usize,
+    /// Mean share of a Redis list's items that are in the offline list.
+    pub lists_overlap: f64,
     /// Model version served.
     pub model: String,
     /// Execution provider.
@@ -267,16 +276,52 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport> {
     wait_published(&progress, total, &engine).await?;
     eprintln!("live: {} events produced in {:.1} s", s2.events, s2.seconds);
 
-    // Read back and score.
+    // Offline evaluation of the same model on the same split, with the
+    // engine's adaptation settings: its lists are what Redis should hold.
     let k = args.k;
+    let adapt = settings
+        .users
+        .adapt
+        .clone()
+        .unwrap_or_else(|| card.user_adapt.clone());
+    let (offline_report, offline_lists) = crate::eval::run_with_lists(
+        &ds,
+        &split,
+        &crate::eval::EvalConfig {
+            model: crate::eval::baselines::ModelName::Mpkg,
+            mode: crate::eval::Mode::Blind,
+            k,
+            seed: 2020,
+            model_dir: Some(settings.model.dir.clone()),
+            neighbour_weights: None,
+            fresh_weight: None,
+            adapt_steps: Some(adapt.steps),
+            adapt_lr: Some(adapt.lr),
+        },
+        true,
+    )?;
+    let (mut compared, mut identical, mut overlap) = (0usize, 0usize, 0f64);
+
+    // Read back and score.
     let mut scenarios = std::collections::BTreeMap::new();
     let mut cold_users = 0;
     for (sc, tasks) in &split.scenarios {
         let mut per_user = Vec::new();
         let mut with = 0;
-        for t in tasks {
+        let off = offline_lists.get(sc.name());
+        for (n, t) in tasks.iter().enumerate() {
             let uid = ds.users.id(t.user);
             let recs = publish::read_recs(&mut conn, &prefix, uid, k).await?;
+            if let Some(want) = off.and_then(|l| l.get(n)) {
+                let want: Vec<&str> = want.iter().map(|&i| ds.items.id(i)).collect();
+                let got: Vec<&str> = recs.iter().map(|(id, _)| id.as_str()).collect();
+                compared += 1;
+                identical += (want == got) as usize;
+                if !got.is_empty() {
+                    let common = got.iter().filter(|g| want.contains(g)).count();
+                    overlap += common as f64 / got.len() as f64;
+                }
+            }
             if !recs.is_empty() {
                 with += 1;
             }
@@ -354,6 +399,25 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport> {
         dead_lettered: progress.dead_lettered.load(Ordering::SeqCst),
         k,
         scenarios,
+        offline: offline_report
+            .scenarios
+            .iter()
+            .map(|(name, m)| {
+                (
+                    name.clone(),
+                    ScenarioFigures {
+                        users: m.users,
+                        query_users: m.users,
+                        recall: m.recall,
+                        ndcg: m.ndcg,
+                        mrr: m.mrr,
+                    },
+                )
+            })
+            .collect(),
+        lists_compared: compared,
+        lists_identical: identical,
+        lists_overlap: overlap / compared.max(1) as f64,
         model: card.version.clone(),
         provider: metrics.provider_name(),
     };
@@ -393,14 +457,24 @@ pub fn render(r: &DemoReport) -> String {
         "lists read back from Redis, scored on the split's query items (K = {}):\n",
         r.k
     );
-    s += "| scenario | users | Recall | NDCG | MRR@K |\n|---|---|---|---|---|\n";
+    s += "| scenario | users | Recall | NDCG | MRR@K | offline Recall | offline NDCG |\n|---|---|---|---|---|---|---|\n";
     for name in ["warm", "uc", "ic", "uic"] {
         if let Some(f) = r.scenarios.get(name) {
+            let (or, on) = r
+                .offline
+                .get(name)
+                .map_or((f64::NAN, f64::NAN), |o| (o.recall, o.ndcg));
             s += &format!(
-                "| {name} | {}/{} | {:.3} | {:.3} | {:.3} |\n",
+                "| {name} | {}/{} | {:.3} | {:.3} | {:.3} | {or:.3} | {on:.3} |\n",
                 f.users, f.query_users, f.recall, f.ndcg, f.mrr
             );
         }
     }
+    s += &format!(
+        "\nlists equal to offline `thaw eval --model mpkg`: {} of {} identical, {:.1}% of their items shared\n",
+        r.lists_identical,
+        r.lists_compared,
+        100.0 * r.lists_overlap
+    );
     s
 }
