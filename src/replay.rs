@@ -24,7 +24,7 @@
 //! [`produce`] sends events to Kafka with their topic's key (`streams/`),
 //! optionally paced, and waits for every delivery report.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -39,7 +39,7 @@ use crate::eval::split::Split;
 use crate::ingest::{Event, InteractionEvent, ItemEvent, Kind, Limits, Op, RelationEvent};
 use crate::kafka::KafkaSettings;
 use crate::train::pkg_build::{
-    build_pkg, interaction_ms, relation_names, stream_order, PkgConfig, BEHAVIOURAL,
+    build_pkg, relation_names, stream_order, PairTimes, PkgConfig, BEHAVIOURAL,
 };
 
 /// Most deliveries [`produce`] keeps in flight before it waits for reports.
@@ -113,20 +113,8 @@ pub fn dataset_timeline(
 ) -> Result<Timeline> {
     let limits = Limits::default();
     let n_items = ds.n_items();
-    let ms = interaction_ms(ds);
-
-    // First occurrence of every (user, item) pair; first time of every item.
-    let mut first: HashMap<(u32, u32), usize> = HashMap::with_capacity(ds.interactions.len());
-    let mut item_first: Vec<Option<u64>> = vec![None; n_items];
-    for (k, x) in ds.interactions.iter().enumerate() {
-        first.entry((x.user, x.item)).or_insert(k);
-        if let Some(t) = ms[k] {
-            let f = &mut item_first[x.item as usize];
-            *f = Some(f.map_or(t, |f| f.min(t)));
-        }
-    }
-    let latest = ms.iter().flatten().copied().max().unwrap_or(0);
-    let item_ts: Vec<u64> = item_first.iter().map(|t| t.unwrap_or(latest)).collect();
+    let times = PairTimes::new(ds);
+    let item_ts: Vec<u64> = (0..n_items as u32).map(|i| times.item(i)).collect();
 
     // The phases, and the training interactions in stream order, from which
     // the PKG's catalogue relations are built (its behavioural relations are
@@ -167,11 +155,9 @@ pub fn dataset_timeline(
 
     let mut skipped = 0usize;
     let interaction = |u: u32, i: u32| -> Option<(Key, Event)> {
-        let (value, ts) = match first.get(&(u, i)) {
-            Some(&k) => (ds.interactions[k].value, ms[k]?),
-            // A split pair the dataset lacks: when its item appears.
-            None => (None, item_ts[i as usize]),
-        };
+        // A split pair the dataset lacks: no value, when its item appears.
+        let value = times.first(u, i).and_then(|k| ds.interactions[k].value);
+        let ts = times.time(u, i)?;
         let e = Event::Interaction(InteractionEvent {
             user_id: ds.users.id(u).to_string(),
             item_id: ds.items.id(i).to_string(),
@@ -471,7 +457,7 @@ pub async fn produce(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, HashMap};
     use std::path::PathBuf;
 
     fn write(dir: &Path, name: &str, text: &str) {

@@ -395,14 +395,15 @@ fn split_naming_unknown_items_is_an_error() {
 
 /// `thaw replay`'s order on the reference split: an item before any event
 /// that names it, edges after both endpoints, meta-training interactions
-/// before the support sets, and no query interaction ever.
+/// before the support sets, no query interaction ever, and no behavioural
+/// (interaction-derived) edge: only the KG's.
 #[test]
 fn replay_order_on_the_reference_split() {
     use thaw::ingest::{Event, Limits};
     let ds = dataset();
     let split = reference_split(&ds);
     let cfg = thaw::train::pkg_build::PkgConfig {
-        kg_relations: 0,
+        kg_relations: 4,
         ..Default::default()
     };
     let events = thaw::replay::dataset_events(&ds, Some(&split), &cfg).unwrap();
@@ -440,6 +441,11 @@ fn replay_order_on_the_reference_split() {
                 assert!(
                     sent.contains(&r.src) && sent.contains(&r.dst),
                     "edge before its items"
+                );
+                assert!(
+                    r.relation.starts_with("kg:"),
+                    "{} is derived by the engine, never sent",
+                    r.relation
                 );
                 edges += 1;
             }

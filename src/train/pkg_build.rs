@@ -131,6 +131,53 @@ pub fn interaction_ms(ds: &Dataset) -> Vec<Option<u64>> {
         .collect()
 }
 
+/// When the stream delivers each of a dataset's (user, item) pairs and items
+/// (the replay's clock): a pair at the time of its first occurrence in the
+/// dataset ([`interaction_ms`]), a pair the dataset lacks and an item at the
+/// item's first time, an item nobody interacted with at the data's latest.
+pub struct PairTimes {
+    ms: Vec<Option<u64>>,
+    first: HashMap<(u32, u32), usize>,
+    item_ts: Vec<u64>,
+}
+
+impl PairTimes {
+    /// The times of `ds`.
+    pub fn new(ds: &Dataset) -> Self {
+        let ms = interaction_ms(ds);
+        let mut first: HashMap<(u32, u32), usize> = HashMap::with_capacity(ds.interactions.len());
+        let mut item_first: Vec<Option<u64>> = vec![None; ds.n_items()];
+        for (k, x) in ds.interactions.iter().enumerate() {
+            first.entry((x.user, x.item)).or_insert(k);
+            if let Some(t) = ms[k] {
+                let f = &mut item_first[x.item as usize];
+                *f = Some(f.map_or(t, |f| f.min(t)));
+            }
+        }
+        let latest = ms.iter().flatten().copied().max().unwrap_or(0);
+        let item_ts = item_first.iter().map(|t| t.unwrap_or(latest)).collect();
+        Self { ms, first, item_ts }
+    }
+
+    /// The dataset row of the pair's first occurrence, if any.
+    pub fn first(&self, user: u32, item: u32) -> Option<usize> {
+        self.first.get(&(user, item)).copied()
+    }
+
+    /// The pair's event time in ms; `None` when the streams cannot carry it.
+    pub fn time(&self, user: u32, item: u32) -> Option<u64> {
+        match self.first(user, item) {
+            Some(k) => self.ms[k],
+            None => Some(self.item(item)),
+        }
+    }
+
+    /// The item's event time in ms.
+    pub fn item(&self, item: u32) -> u64 {
+        self.item_ts[item as usize]
+    }
+}
+
 /// Training interactions in the order a stream sees them: phase by phase
 /// (e.g. meta-training, then the scenarios' support sets), each phase's
 /// distinct (user, item) pairs not in an earlier phase by (event time of the
@@ -138,29 +185,7 @@ pub fn interaction_ms(ds: &Dataset) -> Vec<Option<u64>> {
 /// item's first time (or the data's latest); a pair whose time the streams
 /// cannot carry is left out, as the replay leaves it out.
 pub fn stream_order(ds: &Dataset, phases: &[&[Vec<u32>]]) -> Vec<(u32, u32)> {
-    let ms = interaction_ms(ds);
-    let mut first: HashMap<(u32, u32), usize> = HashMap::with_capacity(ds.interactions.len());
-    let mut item_first: Vec<Option<u64>> = vec![None; ds.n_items()];
-    for (k, x) in ds.interactions.iter().enumerate() {
-        first.entry((x.user, x.item)).or_insert(k);
-        if let Some(t) = ms[k] {
-            let f = &mut item_first[x.item as usize];
-            *f = Some(f.map_or(t, |f| f.min(t)));
-        }
-    }
-    let latest = ms.iter().flatten().copied().max().unwrap_or(0);
-    let time = |u: u32, i: u32| -> Option<u64> {
-        match first.get(&(u, i)) {
-            Some(&k) => ms[k],
-            None => Some(
-                item_first
-                    .get(i as usize)
-                    .copied()
-                    .flatten()
-                    .unwrap_or(latest),
-            ),
-        }
-    };
+    let times = PairTimes::new(ds);
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
     for phase in phases {
@@ -169,7 +194,7 @@ pub fn stream_order(ds: &Dataset, phases: &[&[Vec<u32>]]) -> Vec<(u32, u32)> {
             for &i in its {
                 let u = u as u32;
                 if seen.insert((u, i)) {
-                    if let Some(t) = time(u, i) {
+                    if let Some(t) = times.time(u, i) {
                         keyed.push((t, u, i));
                     }
                 }
