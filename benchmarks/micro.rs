@@ -305,5 +305,45 @@ fn users(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, decoding, propagation, fusion, users);
+/// The engine's behavioural relations (`graph::co`): one interaction's cost
+/// (co-counts with the user's window, the item's list re-selected, the window
+/// items reconsidering it) once 10K users have made 200K interactions over
+/// 100K items drawn with a Zipf-like skew, at the default settings (window
+/// 200, 10 neighbours, 2 shared users).
+fn co_graph(c: &mut Criterion) {
+    use thaw::graph::co::CoGraph;
+    use thaw::train::pkg_build::PkgConfig;
+    let (n_items, n_users) = (100_000u32, 10_000u32);
+    let mut rng = ChaCha8Rng::seed_from_u64(SEED);
+    // Item i drawn with weight ~ 1 / (i + 10): a popular head, a long tail.
+    let draw = |rng: &mut ChaCha8Rng| -> u32 {
+        let u: f64 = rng.random_range(0.0..1.0);
+        let (lo, hi) = (10f64.ln(), (n_items as f64 + 10.0).ln());
+        ((lo + u * (hi - lo)).exp() - 10.0).clamp(0.0, n_items as f64 - 1.0) as u32
+    };
+    let mut g = CoGraph::new(PkgConfig::default().co());
+    for i in 0..n_items {
+        g.set_key(i, key(&format!("item-{i}")));
+    }
+    let mut hist: Vec<Vec<u32>> = vec![Vec::new(); n_users as usize];
+    let mut step = |g: &mut CoGraph, rng: &mut ChaCha8Rng| {
+        let u = rng.random_range(0..n_users) as usize;
+        let i = draw(rng);
+        if !hist[u].contains(&i) {
+            black_box(g.interact(&hist[u], i));
+            hist[u].push(i);
+        }
+    };
+    for _ in 0..200_000 {
+        step(&mut g, &mut rng);
+    }
+    let mut group = c.benchmark_group("co_graph");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("interaction_after_200k", |b| {
+        b.iter(|| step(&mut g, &mut rng))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, decoding, propagation, fusion, users, co_graph);
 criterion_main!(benches);

@@ -146,16 +146,19 @@ impl CoGraph {
         }
     }
 
+    /// [`Self::before`] as an ordering, best first.
+    fn order(&self, x: (u32, f32), y: (u32, f32)) -> std::cmp::Ordering {
+        if self.before(x, y) {
+            std::cmp::Ordering::Less
+        } else if self.before(y, x) {
+            std::cmp::Ordering::Greater
+        } else {
+            std::cmp::Ordering::Equal
+        }
+    }
+
     fn sort(&self, list: &mut [(u32, f32)]) {
-        list.sort_by(|&x, &y| {
-            if self.before(x, y) {
-                std::cmp::Ordering::Less
-            } else if self.before(y, x) {
-                std::cmp::Ordering::Greater
-            } else {
-                std::cmp::Ordering::Equal
-            }
-        });
+        list.sort_by(|&x, &y| self.order(x, y));
     }
 
     /// Applies one interaction: a user whose history window (most recent
@@ -192,8 +195,14 @@ impl CoGraph {
             .filter(|&(_, &c)| c >= min)
             .map(|(&j, &c)| (j, self.score(item, j, c)))
             .collect();
+        let k = self.cfg.neighbours;
+        if cand.len() > k {
+            // The order is total (score, key, node): the k best by a partial
+            // selection are the k best of a full sort.
+            cand.select_nth_unstable_by(k, |&x, &y| self.order(x, y));
+            cand.truncate(k);
+        }
         self.sort(&mut cand);
-        cand.truncate(self.cfg.neighbours);
         for &(j, _) in self.lists[item as usize].iter().chain(&cand) {
             note(item, j, &mut affected);
         }
