@@ -551,9 +551,10 @@ impl TrainedModel {
 }
 
 /// The inference graph: every dataset item (slots are the item indexes, as
-/// items enter in order) with the PKG built from `user_items` (all training
-/// interactions, so new items enter with their first interactions). Errors
-/// if its relations are not the model's.
+/// items enter in order) with the PKG built from `stream` (all training
+/// interactions in stream order, `pkg_build::split_stream`, so new items
+/// enter with their first interactions). Errors if its relations are not the
+/// model's.
 pub fn inference_graph(
     ds: &Dataset,
     tm: &TrainedModel,
