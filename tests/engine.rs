@@ -36,14 +36,15 @@ fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
-/// The text encoder from `make models`; tests that need it say so and stop
-/// when it is missing (CI always has it: `make test` builds it first).
-fn text_ready() -> bool {
-    let ok = Path::new(TEXT_DIR).join("text_encoder.onnx").is_file();
-    if !ok {
-        eprintln!("SKIPPED: no text encoder in {TEXT_DIR} (run `make models`)");
-    }
-    ok
+/// The text encoder from `make models`: a test that needs it fails with
+/// what to run when it is missing (CI builds it first: `make test`).
+fn require_text_encoder() {
+    let p = Path::new(TEXT_DIR).join("text_encoder.onnx");
+    assert!(
+        p.is_file(),
+        "no text encoder at {}: run `make models` first",
+        p.display()
+    );
 }
 
 fn untrained_model(dir: &Path) {
@@ -253,9 +254,7 @@ fn dead_letters(brokers: &str) -> Vec<DeadLetter> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_end_to_end() {
-    if !text_ready() {
-        return;
-    }
+    require_text_encoder();
     let tmp = tempfile::tempdir().unwrap();
     untrained_model(tmp.path());
     let broker = EmbeddedBroker::start(None).await.unwrap();
@@ -571,9 +570,7 @@ async fn converge(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_and_restart_converges() {
-    if !text_ready() {
-        return;
-    }
+    require_text_encoder();
     let tmp = tempfile::tempdir().unwrap();
     untrained_model(tmp.path());
     let broker = EmbeddedBroker::start(None).await.unwrap();
@@ -711,9 +708,7 @@ fn start_redis(port: u16) -> std::process::Child {
 /// Redis is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_applies_backpressure() {
-    if !text_ready() {
-        return;
-    }
+    require_text_encoder();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -330,6 +330,23 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    // --adapt-steps / --adapt-lr: the model's own adaptation with those changed.
+    let user_adapt = match (a.adapt_steps, a.adapt_lr) {
+        (None, None) => None,
+        _ if model != ModelName::Mpkg => {
+            bail!("--adapt-steps and --adapt-lr apply to --model mpkg only")
+        }
+        (steps, lr) => {
+            let dir = a
+                .model_dir
+                .as_deref()
+                .context("--adapt-steps and --adapt-lr need --model-dir")?;
+            let mut c = crate::train::TrainedModel::load(dir)?.card.user_adapt;
+            c.steps = steps.unwrap_or(c.steps);
+            c.lr = lr.unwrap_or(c.lr);
+            Some(c)
+        }
+    };
     let cfg = EvalConfig {
         model,
         mode: if a.scenario_aware {
@@ -354,18 +371,7 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
             }
             w => w,
         },
-        adapt_steps: match a.adapt_steps {
-            Some(_) if model != ModelName::Mpkg => {
-                bail!("--adapt-steps applies to --model mpkg only")
-            }
-            s => s,
-        },
-        adapt_lr: match a.adapt_lr {
-            Some(_) if model != ModelName::Mpkg => {
-                bail!("--adapt-lr applies to --model mpkg only")
-            }
-            lr => lr,
-        },
+        user_adapt,
     };
     let report: Report = eval::run(&ds, &split, &cfg)?;
     println!("{}", report.markdown());

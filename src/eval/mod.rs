@@ -168,10 +168,8 @@ pub struct FitContext<'a> {
     pub neighbour_weights: Option<&'a std::collections::BTreeMap<String, f32>>,
     /// MPKG's fresh-item weight, when given instead of the model's.
     pub fresh_weight: Option<f32>,
-    /// MPKG's per-user adaptation steps, when given instead of the model's.
-    pub adapt_steps: Option<usize>,
-    /// MPKG's per-user adaptation learning rate, when given instead of the model's.
-    pub adapt_lr: Option<f32>,
+    /// MPKG's per-user adaptation, when given instead of the model's.
+    pub user_adapt: Option<&'a crate::serve::adapt::AdaptConfig>,
     /// Seed of every random choice.
     pub seed: u64,
     /// Cut-off of the metrics used for hyper-parameter choice.
@@ -221,15 +219,8 @@ pub fn evaluate_tasks_with_lists(
                 .expect("rows of a standard-layout array are contiguous");
             out.push(user_metrics(s, |i| mask[i as usize], &t.query, k));
             if let Some(lists) = lists.as_deref_mut() {
-                let mut top: Vec<u32> = (0..n as u32).filter(|&i| !mask[i as usize]).collect();
-                let by =
-                    |a: &u32, b: &u32| s[*b as usize].total_cmp(&s[*a as usize]).then(a.cmp(b));
-                if top.len() > k {
-                    top.select_nth_unstable_by(k, by);
-                    top.truncate(k);
-                }
-                top.sort_unstable_by(by);
-                lists.push(top);
+                let top = metrics::top_k(s, k, |i| mask[i as usize]);
+                lists.push(top.into_iter().map(|(i, _)| i).collect());
             }
             for &i in seen.iter().chain(&t.support) {
                 mask[i as usize] = false;
@@ -277,10 +268,9 @@ pub struct EvalConfig {
     pub neighbour_weights: Option<std::collections::BTreeMap<String, f32>>,
     /// MPKG only: the fresh-item score's weight instead of the model's.
     pub fresh_weight: Option<f32>,
-    /// MPKG only: the per-user adaptation steps instead of the model's.
-    pub adapt_steps: Option<usize>,
-    /// MPKG only: the per-user adaptation learning rate instead of the model's.
-    pub adapt_lr: Option<f32>,
+    /// MPKG only: the per-user adaptation instead of the model's (the
+    /// engine's, when it overrides the model's in its settings).
+    pub user_adapt: Option<crate::serve::adapt::AdaptConfig>,
 }
 
 /// Runs one evaluation: fit, score every scenario, aggregate.
@@ -314,8 +304,7 @@ pub fn run_with_lists(
         model_dir: cfg.model_dir.as_deref(),
         neighbour_weights: cfg.neighbour_weights.as_ref(),
         fresh_weight: cfg.fresh_weight,
-        adapt_steps: cfg.adapt_steps,
-        adapt_lr: cfg.adapt_lr,
+        user_adapt: cfg.user_adapt.as_ref(),
         seed: cfg.seed,
         k: cfg.k,
     };

@@ -161,9 +161,10 @@ pub(super) fn fit(ctx: &FitContext<'_>) -> Result<Fitted> {
             json!({"adapted": scenario.map_or("all observed interactions", |s| s.name()), "bpr": curve, "bias_weights": bw}),
         )
     };
-    let mut adapt = tm.card.user_adapt.clone();
-    adapt.steps = ctx.adapt_steps.unwrap_or(adapt.steps);
-    adapt.lr = ctx.adapt_lr.unwrap_or(adapt.lr);
+    let adapt = ctx
+        .user_adapt
+        .cloned()
+        .unwrap_or_else(|| tm.card.user_adapt.clone());
     let mut user_items = vec![Vec::new(); ctx.train.user_items.len()];
     for &(u, i) in ctx.stream {
         user_items[u as usize].push(i);

@@ -174,6 +174,16 @@ pub struct UserSettings {
     pub refresh_all_when_idle: bool,
 }
 
+impl UserSettings {
+    /// The adaptation the engine runs with `card`'s model: these settings'
+    /// own, else the model's (`model.json`'s `user_adapt`).
+    pub fn adapt_for(&self, card: &crate::train::ModelCard) -> AdaptConfig {
+        self.adapt
+            .clone()
+            .unwrap_or_else(|| card.user_adapt.clone())
+    }
+}
+
 impl Default for UserSettings {
     fn default() -> Self {
         Self {

@@ -279,11 +279,6 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport> {
     // Offline evaluation of the same model on the same split, with the
     // engine's adaptation settings: its lists are what Redis should hold.
     let k = args.k;
-    let adapt = settings
-        .users
-        .adapt
-        .clone()
-        .unwrap_or_else(|| card.user_adapt.clone());
     let (offline_report, offline_lists) = crate::eval::run_with_lists(
         &ds,
         &split,
@@ -295,8 +290,7 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport> {
             model_dir: Some(settings.model.dir.clone()),
             neighbour_weights: None,
             fresh_weight: None,
-            adapt_steps: Some(adapt.steps),
-            adapt_lr: Some(adapt.lr),
+            user_adapt: Some(settings.users.adapt_for(&card)),
         },
         true,
     )?;

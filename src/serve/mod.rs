@@ -224,11 +224,7 @@ pub async fn run(
 ) -> Result<()> {
     let s = settings.clone();
     let model = tokio::task::spawn_blocking(move || load_model(&s)).await??;
-    let adapt = settings
-        .users
-        .adapt
-        .clone()
-        .unwrap_or_else(|| model.card.user_adapt.clone());
+    let adapt = settings.users.adapt_for(&model.card);
     tracing::info!(
         version = %model.card.version,
         relations = ?model.card.relations,
