@@ -876,6 +876,7 @@ mod tests {
             adapt_steps: 1,
             adapt_lr: 0.1,
             user_adapt: Default::default(),
+            meta_adapt: None,
             training: serde_json::Value::Null,
         }
     }

@@ -91,6 +91,24 @@ pub struct TrainArgs {
     /// Learning rate of those steps.
     #[arg(long)]
     pub adapt_lr: Option<f32>,
+    /// Skip meta-training the per-user adaptation (the engine then runs the
+    /// plain steps above).
+    #[arg(long)]
+    pub no_meta_adapt: bool,
+    /// Meta-train it with uniform task sampling instead of the adaptive task
+    /// scheduler (ablation).
+    #[arg(long)]
+    pub no_meta_scheduler: bool,
+    /// Steps of the meta-learned adaptation.
+    #[arg(long)]
+    pub meta_steps: Option<usize>,
+    /// Outer iterations of its meta-training.
+    #[arg(long)]
+    pub meta_iterations: Option<usize>,
+    /// Only meta-train the adaptation again, for the model already in --out
+    /// (trained on this dataset and split).
+    #[arg(long)]
+    pub meta_only: bool,
     /// Text encoder folder (from onnx/setup.sh).
     #[arg(long, default_value = "models/text")]
     pub text_model: PathBuf,
@@ -185,6 +203,10 @@ pub struct EvalArgs {
     /// MPKG only: the per-user adaptation's learning rate instead of the model's.
     #[arg(long)]
     pub adapt_lr: Option<f32>,
+    /// MPKG only: run the plain adaptation (mean, then `--adapt-steps` at
+    /// `--adapt-lr`) even when the model has a meta-learned one.
+    #[arg(long)]
+    pub no_meta_adapt: bool,
     /// Compare these reports instead: one table per mode, SVG charts beside --out.
     #[arg(long, num_args = 1.., conflicts_with_all = ["dataset", "split", "model"])]
     pub compare: Vec<PathBuf>,
@@ -262,6 +284,24 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     if let Some(lr) = a.adapt_lr {
         cfg.user_adapt.lr = lr;
     }
+    cfg.meta_adapt.enabled = !a.no_meta_adapt;
+    cfg.meta_adapt.scheduler = !a.no_meta_scheduler;
+    if let Some(s) = a.meta_steps {
+        cfg.meta_adapt.steps = s;
+    }
+    if let Some(n) = a.meta_iterations {
+        cfg.meta_adapt.iterations = n;
+    }
+    if a.meta_only {
+        let m = crate::train::retrain_meta_adapt(&ds, &split, &a.out, &cfg.meta_adapt)?;
+        println!(
+            "meta-learned adaptation written to {}: held-out (iteration, query loss, Recall@20) {:?}; the plain path {:?}",
+            a.out.display(),
+            m.held_out,
+            m.plain
+        );
+        return Ok(());
+    }
     let card = crate::train::train(&ds, &split, &cfg, &a.out)?;
     println!("{}", serde_json::to_string_pretty(&card.training)?);
     println!("model {} written to {}", card.version, a.out.display());
@@ -330,21 +370,24 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    // --adapt-steps / --adapt-lr: the model's own adaptation with those changed.
-    let user_adapt = match (a.adapt_steps, a.adapt_lr) {
-        (None, None) => None,
+    // --adapt-steps / --adapt-lr / --no-meta-adapt: the model's own
+    // adaptation with those changed.
+    let user_adapt = match (a.adapt_steps, a.adapt_lr, a.no_meta_adapt) {
+        (None, None, false) => None,
         _ if model != ModelName::Mpkg => {
-            bail!("--adapt-steps and --adapt-lr apply to --model mpkg only")
+            bail!("--adapt-steps, --adapt-lr and --no-meta-adapt apply to --model mpkg only")
         }
-        (steps, lr) => {
+        (steps, lr, no_meta) => {
             let dir = a
                 .model_dir
                 .as_deref()
-                .context("--adapt-steps and --adapt-lr need --model-dir")?;
-            let mut c = crate::train::TrainedModel::load(dir)?.card.user_adapt;
+                .context("--adapt-steps, --adapt-lr and --no-meta-adapt need --model-dir")?;
+            let card = crate::train::TrainedModel::load(dir)?.card;
+            let mut c = card.user_adapt.clone();
             c.steps = steps.unwrap_or(c.steps);
             c.lr = lr.unwrap_or(c.lr);
-            Some(c)
+            c.meta_learned = c.meta_learned && !no_meta;
+            Some(c.with_meta(card.meta_adapt.as_ref()))
         }
     };
     let cfg = EvalConfig {

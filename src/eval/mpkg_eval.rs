@@ -73,6 +73,10 @@ impl Recommender for EngineUsers {
     }
 }
 
+/// Outer iterations of the aware mode's co-adaptation of the meta-learned
+/// adaptation to a scenario.
+const CO_ADAPT_ITERATIONS: usize = 60;
+
 pub(super) fn err(e: impl std::fmt::Display) -> EvalError {
     EvalError::Model {
         model: "mpkg".into(),
@@ -161,7 +165,7 @@ pub(super) fn fit(ctx: &FitContext<'_>) -> Result<Fitted> {
             json!({"adapted": scenario.map_or("all observed interactions", |s| s.name()), "bpr": curve, "bias_weights": bw}),
         )
     };
-    let adapt = ctx
+    let mut adapt = ctx
         .user_adapt
         .cloned()
         .unwrap_or_else(|| tm.card.user_adapt.clone());
@@ -170,13 +174,52 @@ pub(super) fn fit(ctx: &FitContext<'_>) -> Result<Fitted> {
         user_items[u as usize].push(i);
     }
     let ds = ctx.dataset;
+    let keys: Vec<u64> = (0..ds.n_items() as u32)
+        .map(|i| key(ds.items.id(i)))
+        .collect();
+    let user_keys: Vec<u64> = (0..ds.users.len() as u32)
+        .map(|u| key(ds.users.id(u)))
+        .collect();
+    // The aware mode co-adapts the meta-learned adaptation to the scenario
+    // (MetaKG eq. 26): more meta-training on tasks cut from its support sets.
+    let mut co_adapt = serde_json::Value::Null;
+    if let (Some((_, tasks)), Some(meta)) = (ctx.scenario, adapt.meta.clone()) {
+        let supports: Vec<(u64, Vec<u32>)> = tasks
+            .iter()
+            .map(|t| {
+                let support: std::collections::HashSet<u32> = t.support.iter().copied().collect();
+                let s: Vec<u32> = user_items[t.user as usize]
+                    .iter()
+                    .copied()
+                    .filter(|i| support.contains(i))
+                    .collect();
+                (user_keys[t.user as usize], s)
+            })
+            .collect();
+        let mcfg = crate::train::meta_adapt::MetaAdaptConfig {
+            iterations: CO_ADAPT_ITERATIONS,
+            eval_every: 10,
+            ..tm.card.config.meta_adapt.clone()
+        };
+        let mtasks = crate::train::meta_adapt::support_tasks(&supports, 0.3, mcfg.seed);
+        if mtasks.len() >= 10 {
+            let cat = crate::train::meta_adapt::MetaCatalogue {
+                emb: emb.view(),
+                bias: bias_w.view(),
+                keys: &keys,
+                graph: Some((&pkg, &neighbour_weights)),
+            };
+            let m = crate::train::meta_adapt::train(&cat, &mtasks, &adapt, &mcfg, Some(&meta))
+                .map_err(err)?;
+            co_adapt = json!({"tasks": mtasks.len(), "held_out_query_loss": m.held_out});
+            adapt.meta = Some(std::sync::Arc::new(m.meta));
+        }
+    }
     Ok(Fitted {
         rec: Box::new(EngineUsers {
             emb,
             bias: bias_w,
-            keys: (0..ds.n_items() as u32)
-                .map(|i| key(ds.items.id(i)))
-                .collect(),
+            keys,
             active: vec![true; ds.n_items()],
             pkg,
             neighbour_weights: neighbour_weights.clone(),
@@ -184,11 +227,9 @@ pub(super) fn fit(ctx: &FitContext<'_>) -> Result<Fitted> {
             fresh_weight,
             adapt: adapt.clone(),
             user_items,
-            user_keys: (0..ds.users.len() as u32)
-                .map(|u| key(ds.users.id(u)))
-                .collect(),
+            user_keys,
         }),
-        params: json!({"model": tm.card.version, "relations": tm.card.relations, "bias_weights": tm.card.bias_weights, "neighbour_weights": neighbour_weights, "fresh_weight": fresh_weight, "user_adapt": adapt, "run": params}),
+        params: json!({"model": tm.card.version, "relations": tm.card.relations, "bias_weights": tm.card.bias_weights, "neighbour_weights": neighbour_weights, "fresh_weight": fresh_weight, "user_adapt": adapt, "meta_adapt": adapt.meta.as_deref(), "co_adapt": co_adapt, "run": params}),
     })
 }
 

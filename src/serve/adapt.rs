@@ -39,6 +39,74 @@ pub struct AdaptConfig {
     /// is within a few per cent of the one over a whole catalogue, at a fixed
     /// cost whatever the catalogue's size.
     pub negatives: usize,
+    /// Run the model's meta-learned adaptation ([`MetaAdapt`], the model
+    /// folder's `meta_adapt.json`) when it has one: its starting point, step
+    /// count and per-dimension learning rates replace `steps`, `lr` and `l2`.
+    pub meta_learned: bool,
+    /// The meta-learned adaptation in use: attached from the model folder
+    /// (never read from settings; see [`AdaptConfig::with_meta`]).
+    #[serde(skip)]
+    pub meta: Option<std::sync::Arc<MetaAdapt>>,
+}
+
+/// A meta-learned adaptation (Meta-SGD over the item embeddings, trained by
+/// `crate::train::meta_adapt`): the user starts at
+/// `init_scale ⊙ mean + init_shift`, then takes `lr.len()` BPR steps, step
+/// `t` moving dimension `k` by `lr[t][k]` times the gradient, with an L2 pull
+/// of weight `l2` towards the start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetaAdapt {
+    /// Per-dimension scale of the mean of the user's items.
+    pub init_scale: Vec<f32>,
+    /// Per-dimension shift added to the scaled mean.
+    pub init_shift: Vec<f32>,
+    /// Per step, per-dimension learning rates.
+    pub lr: Vec<Vec<f32>>,
+    /// L2 pull towards the starting point.
+    pub l2: f32,
+}
+
+impl MetaAdapt {
+    /// The plain adaptation as a `MetaAdapt` of dimension `d`: start at the
+    /// mean, `steps` steps at learning rate `lr` in every dimension.
+    pub fn plain(d: usize, steps: usize, lr: f32, l2: f32) -> Self {
+        Self {
+            init_scale: vec![1.0; d],
+            init_shift: vec![0.0; d],
+            lr: vec![vec![lr; d]; steps],
+            l2,
+        }
+    }
+
+    /// Embedding size.
+    pub fn dim(&self) -> usize {
+        self.init_scale.len()
+    }
+
+    /// An error when the vectors' sizes disagree with each other or with `d`.
+    pub fn check(&self, d: usize) -> Result<(), String> {
+        let bad = self.init_scale.len() != d
+            || self.init_shift.len() != d
+            || self.lr.iter().any(|r| r.len() != d);
+        let finite = self
+            .init_scale
+            .iter()
+            .chain(&self.init_shift)
+            .chain(self.lr.iter().flatten())
+            .chain(std::iter::once(&self.l2))
+            .all(|x| x.is_finite());
+        match (bad, finite) {
+            (true, _) => Err(format!(
+                "meta-learned adaptation: vectors of sizes {}/{}/{:?}, the model's embeddings have {d}",
+                self.init_scale.len(),
+                self.init_shift.len(),
+                self.lr.iter().map(Vec::len).collect::<Vec<_>>()
+            )),
+            (false, false) => Err("meta-learned adaptation: a value is not finite".into()),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl Default for AdaptConfig {
@@ -49,7 +117,22 @@ impl Default for AdaptConfig {
             l2: 0.1,
             max_positives: 64,
             negatives: 256,
+            meta_learned: true,
+            meta: None,
         }
+    }
+}
+
+impl AdaptConfig {
+    /// These settings with `meta` (the model's meta-learned adaptation)
+    /// attached when [`AdaptConfig::meta_learned`] asks for it.
+    pub fn with_meta(mut self, meta: Option<&std::sync::Arc<MetaAdapt>>) -> Self {
+        self.meta = if self.meta_learned {
+            meta.cloned()
+        } else {
+            None
+        };
+        self
     }
 }
 
@@ -182,12 +265,25 @@ pub fn adapt_user(
         mean += &cat.emb.row(i as usize);
     }
     mean /= pos.len() as f32;
-    if cfg.steps == 0 {
-        return Some(mean);
+    let plain;
+    let meta: &MetaAdapt = match &cfg.meta {
+        Some(m) if m.dim() == d => m,
+        _ => {
+            if cfg.steps == 0 {
+                return Some(mean);
+            }
+            plain = MetaAdapt::plain(d, cfg.steps, cfg.lr, cfg.l2);
+            &plain
+        }
+    };
+    let start =
+        &mean * &ArrayView1::from(&meta.init_scale[..]) + ArrayView1::from(&meta.init_shift[..]);
+    if meta.lr.is_empty() {
+        return Some(start);
     }
     let neg = negatives(cat, items, user, cfg.negatives);
     if neg.is_empty() {
-        return Some(mean);
+        return Some(start);
     }
     let idx = |v: &[u32]| v.iter().map(|&i| i as usize).collect::<Vec<_>>();
     let (neg, pos) = (idx(&neg), idx(&pos));
@@ -195,14 +291,31 @@ pub fn adapt_user(
     let b_neg: Array1<f32> = neg.iter().map(|&j| cat.bias[j]).collect();
     let e_pos = cat.emb.select(Axis(0), &pos);
     let b_pos: Array1<f32> = pos.iter().map(|&i| cat.bias[i]).collect();
-    let pairs = (pos.len() * neg.len()) as f32;
-    let mut u = mean.clone();
-    for _ in 0..cfg.steps {
+    Some(adapt_steps(
+        meta,
+        start,
+        (e_pos.view(), b_pos.view()),
+        (e_neg.view(), b_neg.view()),
+    ))
+}
+
+/// The BPR steps of [`adapt_user`] from `start`, over the positives' and
+/// negatives' `(embeddings, biases)`: what `crate::train::meta_adapt`
+/// differentiates through (its tests check the two agree).
+pub fn adapt_steps(
+    meta: &MetaAdapt,
+    start: Array1<f32>,
+    (e_pos, b_pos): (ArrayView2<'_, f32>, ArrayView1<'_, f32>),
+    (e_neg, b_neg): (ArrayView2<'_, f32>, ArrayView1<'_, f32>),
+) -> Array1<f32> {
+    let pairs = (e_pos.nrows() * e_neg.nrows()).max(1) as f32;
+    let mut u = start.clone();
+    let mut w = Array2::<f32>::zeros((e_pos.nrows(), e_neg.nrows()));
+    for lr in &meta.lr {
         // s_pos: [P], s_neg: [K].
-        let s_pos = e_pos.dot(&u) + &b_pos;
-        let s_neg = e_neg.dot(&u) + &b_neg;
+        let s_pos = e_pos.dot(&u) + b_pos;
+        let s_neg = e_neg.dot(&u) + b_neg;
         // w[p, j] = σ(s_neg[j] − s_pos[p]) = −∂ log σ(s_pos − s_neg) / ∂ margin.
-        let mut w = Array2::<f32>::zeros((pos.len(), neg.len()));
         for (p, mut row) in w.rows_mut().into_iter().enumerate() {
             let sp = s_pos[p];
             row.iter_mut()
@@ -212,10 +325,10 @@ pub fn adapt_user(
         // ∂L/∂u of L = −mean log σ(s_pos − s_neg): Σ_pj w (e_j − e_p) / pairs.
         let toward_neg = w.sum_axis(Axis(0)).dot(&e_neg);
         let away_pos = w.sum_axis(Axis(1)).dot(&e_pos);
-        let grad = (toward_neg - away_pos) / pairs + (&u - &mean) * cfg.l2;
-        u.scaled_add(-cfg.lr, &grad);
+        let grad = (toward_neg - away_pos) / pairs + (&u - &start) * meta.l2;
+        u.zip_mut_with(&(grad * &ArrayView1::from(&lr[..])), |x, g| *x -= g);
     }
-    Some(u)
+    u
 }
 
 /// The mean BPR loss of `u` on the user's positives against `negatives`
@@ -466,6 +579,7 @@ mod tests {
             l2: 0.0,
             max_positives: 64,
             negatives: 12,
+            ..Default::default()
         };
         let u = adapt_user(&c.cat(), &items, user, &one).unwrap();
         let negs = negatives(&c.cat(), &items, user, one.negatives);

@@ -176,11 +176,13 @@ pub struct UserSettings {
 
 impl UserSettings {
     /// The adaptation the engine runs with `card`'s model: these settings'
-    /// own, else the model's (`model.json`'s `user_adapt`).
+    /// own, else the model's (`model.json`'s `user_adapt`); either way with
+    /// the model's meta-learned steps when it has them and `meta_learned` is on.
     pub fn adapt_for(&self, card: &crate::train::ModelCard) -> AdaptConfig {
-        self.adapt
-            .clone()
-            .unwrap_or_else(|| card.user_adapt.clone())
+        match &self.adapt {
+            Some(a) => a.clone().with_meta(card.meta_adapt.as_ref()),
+            None => card.user_adapt.clone(),
+        }
     }
 }
 

@@ -11,6 +11,7 @@
 pub mod export;
 pub mod features;
 pub mod fresh;
+pub mod meta_adapt;
 pub mod mpkg;
 pub mod pkg_build;
 
@@ -99,6 +100,9 @@ pub struct TrainConfig {
     /// `model.json`'s `user_adapt`).
     #[serde(default)]
     pub user_adapt: crate::serve::adapt::AdaptConfig,
+    /// Meta-training of the adaptation ([`meta_adapt`]).
+    #[serde(default)]
+    pub meta_adapt: meta_adapt::MetaAdaptConfig,
 }
 
 /// `weights` (by relation name) in the order of `relations`; unnamed ones 0.
@@ -146,6 +150,7 @@ impl Default for TrainConfig {
             fresh_weight: 0.0,
             aware_fresh_weight: 0.0,
             user_adapt: crate::serve::adapt::AdaptConfig::default(),
+            meta_adapt: meta_adapt::MetaAdaptConfig::default(),
         }
     }
 }
@@ -194,6 +199,10 @@ pub struct ModelCard {
     /// rate of BPR on a user's items from the mean of their embeddings.
     #[serde(default)]
     pub user_adapt: crate::serve::adapt::AdaptConfig,
+    /// The meta-learned adaptation (`meta_adapt.json` beside `model.json`),
+    /// attached to `user_adapt` on load; `None` for a model without one.
+    #[serde(skip)]
+    pub meta_adapt: Option<std::sync::Arc<crate::serve::adapt::MetaAdapt>>,
     /// Wall times and loss curves.
     pub training: serde_json::Value,
 }
@@ -407,6 +416,25 @@ pub fn train(ds: &Dataset, split: &Split, cfg: &TrainConfig, out: &Path) -> Resu
     )?;
     let t_finetune = t2.elapsed().as_secs_f64();
 
+    let t3 = Instant::now();
+    let meta_report = if cfg.meta_adapt.enabled {
+        let m = train_meta_adapt(ds, cfg, &model, &x_sub, &user_items, &items)?;
+        meta_adapt::write(out, &m.meta)?;
+        serde_json::json!({
+            "held_out_query_loss": m.held_out,
+            "plain_held_out_loss_recall": m.plain,
+            "scheduler_weights_loss_similarity": m.scheduler,
+            "first_last_batch_loss": [m.losses.first(), m.losses.last()],
+        })
+    } else {
+        let p = out.join(meta_adapt::FILE);
+        if p.exists() {
+            std::fs::remove_file(&p).map_err(io(&p))?;
+        }
+        serde_json::Value::Null
+    };
+    let t_meta = t3.elapsed().as_secs_f64();
+
     model.save(&out.join("weights.safetensors"))?;
     model.export_onnx(out)?;
     let version = std::time::SystemTime::now()
@@ -432,8 +460,10 @@ pub fn train(ds: &Dataset, split: &Split, cfg: &TrainConfig, out: &Path) -> Resu
         adapt_steps: 5,
         adapt_lr: 0.05,
         user_adapt: cfg.user_adapt.clone(),
+        meta_adapt: None,
         training: serde_json::json!({
-            "seconds": {"features": t_features, "pretrain": t_pretrain, "finetune": t_finetune},
+            "seconds": {"features": t_features, "pretrain": t_pretrain, "finetune": t_finetune, "meta_adapt": t_meta},
+            "meta_adapt": meta_report,
             "pretrain_losses_kr_fr_hnr_mra": pre_curve,
             "finetune_bpr": ft_curve,
             "train_items": items.len(),
@@ -444,6 +474,115 @@ pub fn train(ds: &Dataset, split: &Split, cfg: &TrainConfig, out: &Path) -> Resu
     let p = out.join("model.json");
     std::fs::write(&p, json).map_err(io(&p))?;
     Ok(card)
+}
+
+/// Meta-trains the adaptation of the model in `dir` again (`thaw train
+/// --meta-only`), with `meta` as its settings, and rewrites its
+/// `meta_adapt.json` and `model.json`.
+pub fn retrain_meta_adapt(
+    ds: &Dataset,
+    split: &Split,
+    dir: &Path,
+    meta: &meta_adapt::MetaAdaptConfig,
+) -> Result<meta_adapt::Trained> {
+    let tm = TrainedModel::load(dir)?;
+    if tm.card.split != split.digest || tm.card.dataset != ds.digest {
+        return Err(TrainError::Data(format!(
+            "{} was trained on another dataset or split: retrain it in full",
+            dir.display()
+        )));
+    }
+    let mut card = tm.card.clone();
+    card.config.meta_adapt = meta.clone();
+    let x_all = item_features(ds, &card.config, Some(&dir.join("cache")))?;
+    let (user_items, items) = meta_training(ds, split);
+    let x_sub = x_all.select(
+        ndarray::Axis(0),
+        &items.iter().map(|&i| i as usize).collect::<Vec<_>>(),
+    );
+    let m = train_meta_adapt(ds, &card.config, &tm.model, &x_sub, &user_items, &items)?;
+    meta_adapt::write(dir, &m.meta)?;
+    card.training["meta_adapt"] = serde_json::json!({
+        "held_out_query_loss": m.held_out,
+        "plain_held_out_loss_recall": m.plain,
+        "scheduler_weights_loss_similarity": m.scheduler,
+    });
+    let json = serde_json::to_string_pretty(&card).map_err(|e| TrainError::Data(e.to_string()))?;
+    let p = dir.join("model.json");
+    std::fs::write(&p, json).map_err(io(&p))?;
+    Ok(m)
+}
+
+/// Meta-trains the per-user adaptation ([`meta_adapt`]) over the trained
+/// model's embeddings of the training items. The tasks' query interactions
+/// are left out of the graph, the propagation and the bias features the
+/// tasks are scored with, as evaluation queries are unseen.
+fn train_meta_adapt(
+    ds: &Dataset,
+    cfg: &TrainConfig,
+    model: &Mpkg,
+    x_sub: &Array2<f32>,
+    user_items: &[Vec<u32>],
+    items: &[u32],
+) -> Result<meta_adapt::Trained> {
+    let ordered = {
+        let stream = pkg_build::stream_order(ds, &[user_items]);
+        let mut per_user = vec![Vec::new(); user_items.len()];
+        for (u, i) in stream {
+            per_user[u as usize].push(i);
+        }
+        per_user
+    };
+    let user_keys: Vec<u64> = (0..ds.users.len() as u32)
+        .map(|u| crate::serve::adapt::key(ds.users.id(u)))
+        .collect();
+    let tasks = meta_adapt::tasks(&ordered, &user_keys, &cfg.meta_adapt);
+    // Every user's items without their task's query items.
+    let mut seen = ordered.clone();
+    let mut u_of_key: HashMap<u64, usize> = HashMap::new();
+    for (u, k) in user_keys.iter().enumerate() {
+        u_of_key.insert(*k, u);
+    }
+    for t in &tasks {
+        let u = u_of_key[&t.user];
+        seen[u].retain(|i| !t.query.contains(i));
+    }
+    let stream = pkg_build::stream_order(ds, &[&seen]);
+    let (pkg, slot) = pkg_build::build_pkg(ds, &cfg.pkg, items, &stream)?;
+    let relations = pkg.relations().len();
+    let z = propagate(&pkg, &vec![x_sub.clone(); relations], cfg.mpkg.hops)?;
+    let e = model.encode(&mpkg::stack_relations(&z)?)?;
+    let emb = mpkg::to_array2(&model.fuse(&e, None)?)?;
+    let mut sorted_seen = seen.clone();
+    sorted_seen.iter_mut().for_each(|v| v.sort_unstable());
+    let bias_all = bias_features(ds, &sorted_seen, None);
+    let bias_sub = bias_all.select(
+        ndarray::Axis(0),
+        &items.iter().map(|&i| i as usize).collect::<Vec<_>>(),
+    );
+    let bias = item_bias(&bias_sub, &model.bias_weights()?);
+    let keys: Vec<u64> = items
+        .iter()
+        .map(|&i| crate::serve::adapt::key(ds.items.id(i)))
+        .collect();
+    let weights = weights_for(&cfg.neighbour_weights, pkg.relations());
+    let to_slots = |v: &[u32]| v.iter().map(|i| slot[i]).collect::<Vec<u32>>();
+    let tasks: Vec<meta_adapt::MetaTask> = tasks
+        .into_iter()
+        .map(|t| meta_adapt::MetaTask {
+            user: t.user,
+            support: to_slots(&t.support),
+            query: to_slots(&t.query),
+        })
+        .collect();
+    tracing::info!(tasks = tasks.len(), "meta-training the per-user adaptation");
+    let cat = meta_adapt::MetaCatalogue {
+        emb: emb.view(),
+        bias: bias.view(),
+        keys: &keys,
+        graph: Some((&pkg, &weights)),
+    };
+    meta_adapt::train(&cat, &tasks, &cfg.user_adapt, &cfg.meta_adapt, None)
 }
 
 /// Writes [`fresh::TRAINED_ITEMS_FILE`]: the external ids of the items the
@@ -508,6 +647,7 @@ pub fn write_untrained_model(
         adapt_steps: cfg.mpkg.adapt_steps,
         adapt_lr: cfg.mpkg.finetune_lr,
         user_adapt: cfg.user_adapt.clone(),
+        meta_adapt: None,
         training: serde_json::json!({"untrained": true}),
     };
     let json = serde_json::to_string_pretty(&card).map_err(|e| TrainError::Data(e.to_string()))?;
@@ -531,8 +671,10 @@ impl TrainedModel {
     pub fn load(dir: &Path) -> Result<Self> {
         let p = dir.join("model.json");
         let text = std::fs::read_to_string(&p).map_err(io(&p))?;
-        let card: ModelCard = serde_json::from_str(&text)
+        let mut card: ModelCard = serde_json::from_str(&text)
             .map_err(|e| TrainError::Data(format!("{}: {e}", p.display())))?;
+        card.meta_adapt = meta_adapt::read(dir, card.dim)?.map(std::sync::Arc::new);
+        card.user_adapt = card.user_adapt.clone().with_meta(card.meta_adapt.as_ref());
         let model = Mpkg::load(&dir.join("weights.safetensors"))?;
         if model.relations() != card.relations.len() {
             return Err(TrainError::Data(format!(
