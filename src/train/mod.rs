@@ -11,6 +11,7 @@
 pub mod export;
 pub mod features;
 pub mod fresh;
+pub mod metakg;
 pub mod mpkg;
 pub mod pkg_build;
 
