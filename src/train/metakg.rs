@@ -41,7 +41,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use ndarray::{Array1, Array2, ArrayView1, ArrayViewMut2, Axis};
 use rand::seq::SliceRandom;
@@ -490,7 +490,11 @@ impl Model {
         let neg = self.energy(&h, &r, &tn)?;
         let loss = softplus(&(pos - neg)?)?.mean_all()?;
         let sq = |v: &Var, i: &Tensor| -> Result<Tensor> {
-            Ok(v.as_tensor().index_select(i, 0)?.sqr()?.sum(1)?.mean_all()?)
+            Ok(v.as_tensor()
+                .index_select(i, 0)?
+                .sqr()?
+                .sum(1)?
+                .mean_all()?)
         };
         let l2 = (((sq(&self.ent, &h)? + sq(&self.ent, &t)?)? + sq(&self.ent, &tn)?)?
             + sq(&self.rel, &r)?)?;
@@ -542,8 +546,9 @@ impl Model {
                 nodes.sort_unstable();
                 nodes.dedup();
                 let rows: Vec<usize> = nodes.iter().map(|&n| n as usize).collect();
-                let w = ndarray::ArrayView2::from_shape((dr, d0), &wr[r * dr * d0..(r + 1) * dr * d0])
-                    .map_err(|e| TrainError::Data(e.to_string()))?;
+                let w =
+                    ndarray::ArrayView2::from_shape((dr, d0), &wr[r * dr * d0..(r + 1) * dr * d0])
+                        .map_err(|e| TrainError::Data(e.to_string()))?;
                 let p = ent.select(Axis(0), &rows).dot(&w.t());
                 let pos = nodes.iter().enumerate().map(|(i, &n)| (n, i)).collect();
                 proj.push((pos, p));
@@ -566,7 +571,10 @@ impl Model {
                 if !any {
                     continue;
                 }
-                let m = logits[..f].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let m = logits[..f]
+                    .iter()
+                    .cloned()
+                    .fold(f32::NEG_INFINITY, f32::max);
                 let z: f32 = logits[..f].iter().map(|&x| (x - m).exp()).sum();
                 for k in 0..f {
                     if slots.valid[h * f + k] {
@@ -608,7 +616,9 @@ impl Model {
     /// layer's output and the aggregator's inputs (e + →e, e ⊙ →e).
     fn layer(&self, l: usize, e: &Tensor, nc: &Tensor, nk: &Tensor) -> Result<[Tensor; 3]> {
         let n = if self.cfg.has(Component::Gate) {
-            let g = sigmoid(&(nc.matmul(self.wc[l].as_tensor())? + nk.matmul(self.wk[l].as_tensor())?)?)?;
+            let g = sigmoid(
+                &(nc.matmul(self.wc[l].as_tensor())? + nk.matmul(self.wk[l].as_tensor())?)?,
+            )?;
             ((&g * nk)? + (g.affine(-1.0, 1.0)? * nc)?)?
         } else {
             ((nc + nk)? * 0.5)?
@@ -627,7 +637,10 @@ impl Model {
     /// LeakyReLU's derivative, detached (piecewise constant).
     fn lrelu_grad(&self, x: &Tensor) -> Result<Tensor> {
         let s = self.cfg.slope as f64;
-        Ok(x.detach().ge(0.0)?.to_dtype(self.dtype)?.affine(1.0 - s, s)?)
+        Ok(x.detach()
+            .ge(0.0)?
+            .to_dtype(self.dtype)?
+            .affine(1.0 - s, s)?)
     }
 
     /// e⋆ (eq. 16) and the aggregator inputs of `targets` (distinct nodes),
@@ -661,8 +674,12 @@ impl Model {
         let nt = targets.len();
         let s1 = idx(&sets[1])?;
         let e0 = c.e0.index_select(&s1, 0)?;
-        let [mut e, a0, b0] =
-            self.layer(0, &e0, &c.nc0.index_select(&s1, 0)?, &c.nk0.index_select(&s1, 0)?)?;
+        let [mut e, a0, b0] = self.layer(
+            0,
+            &e0,
+            &c.nc0.index_select(&s1, 0)?,
+            &c.nk0.index_select(&s1, 0)?,
+        )?;
         let mut stars = vec![e0.narrow(0, 0, nt)?, e.narrow(0, 0, nt)?];
         let (mut a, mut b) = (vec![a0.narrow(0, 0, nt)?], vec![b0.narrow(0, 0, nt)?]);
         for l in 1..n_layers {
@@ -706,7 +723,14 @@ impl Model {
 
     /// The user's e⋆ under per-task aggregators `w1`, `w2` ([B, d_l, d_{l+1}])
     /// with the inputs `a`, `b` ([B, d_l]) held fixed (eq. 20).
-    fn user_star(&self, e0: &Tensor, a: &[Tensor], b: &[Tensor], w1: &[Tensor], w2: &[Tensor]) -> Result<Tensor> {
+    fn user_star(
+        &self,
+        e0: &Tensor,
+        a: &[Tensor],
+        b: &[Tensor],
+        w1: &[Tensor],
+        w2: &[Tensor],
+    ) -> Result<Tensor> {
         let mut parts = vec![e0.clone()];
         for l in 0..self.layers() {
             let z1 = a[l].unsqueeze(1)?.matmul(&w1[l])?.squeeze(1)?;
@@ -743,8 +767,20 @@ impl Model {
         let mut w2: Vec<Tensor> = Vec::new();
         for l in 0..self.layers() {
             let (di, dn) = (self.cfg.dims[l], self.cfg.dims[l + 1]);
-            w1.push(self.w1[l].as_tensor().unsqueeze(0)?.broadcast_as((bsz, di, dn))?.contiguous()?);
-            w2.push(self.w2[l].as_tensor().unsqueeze(0)?.broadcast_as((bsz, di, dn))?.contiguous()?);
+            w1.push(
+                self.w1[l]
+                    .as_tensor()
+                    .unsqueeze(0)?
+                    .broadcast_as((bsz, di, dn))?
+                    .contiguous()?,
+            );
+            w2.push(
+                self.w2[l]
+                    .as_tensor()
+                    .unsqueeze(0)?
+                    .broadcast_as((bsz, di, dn))?
+                    .contiguous()?,
+            );
         }
         let diff = (p - n)?;
         let npairs = p.dim(1)? as f64;
@@ -784,19 +820,46 @@ impl Model {
     /// pairs, BPR on the query pairs with the adapted aggregator (eq. 19–21,
     /// Algorithm 1 lines 5–7). Also the per-task query losses and
     /// support/query gradient cosines (eq. 18's features), detached.
-    fn meta_loss(&self, ckg: &Ckg, c: &Consts, batch: &Batch) -> Result<(Tensor, Vec<f32>, Vec<f32>)> {
+    fn meta_loss(
+        &self,
+        ckg: &Ckg,
+        c: &Consts,
+        batch: &Batch,
+    ) -> Result<(Tensor, Vec<f32>, Vec<f32>)> {
         let fwd = self.forward(ckg, c, &batch.targets)?;
         let (b, p) = (batch.b, self.cfg.pairs);
         let dstar = fwd.star.dim(1)?;
         let gather = |i: &Tensor| -> Result<Tensor> {
             Ok(fwd.star.index_select(i, 0)?.reshape((b, p, dstar))?)
         };
-        let (sp, sn, qp, qn) = (gather(&batch.sp)?, gather(&batch.sn)?, gather(&batch.qp)?, gather(&batch.qn)?);
-        let e0 = fwd.star.narrow(1, 0, self.cfg.dims[0])?.contiguous()?.index_select(&batch.user_pos, 0)?;
-        let a: Vec<Tensor> = fwd.a.iter().map(|t| t.index_select(&batch.user_pos, 0)).collect::<candle_core::Result<_>>()?;
-        let bb: Vec<Tensor> = fwd.b.iter().map(|t| t.index_select(&batch.user_pos, 0)).collect::<candle_core::Result<_>>()?;
-        let steps = if self.cfg.has(Component::Local) { self.cfg.inner_steps } else { 0 };
-        let (w1, w2, gs) = self.local_update(&e0, &a, &bb, &sp, &sn, steps.max(1), self.cfg.inner_lr)?;
+        let (sp, sn, qp, qn) = (
+            gather(&batch.sp)?,
+            gather(&batch.sn)?,
+            gather(&batch.qp)?,
+            gather(&batch.qn)?,
+        );
+        let e0 = fwd
+            .star
+            .narrow(1, 0, self.cfg.dims[0])?
+            .contiguous()?
+            .index_select(&batch.user_pos, 0)?;
+        let a: Vec<Tensor> = fwd
+            .a
+            .iter()
+            .map(|t| t.index_select(&batch.user_pos, 0))
+            .collect::<candle_core::Result<_>>()?;
+        let bb: Vec<Tensor> = fwd
+            .b
+            .iter()
+            .map(|t| t.index_select(&batch.user_pos, 0))
+            .collect::<candle_core::Result<_>>()?;
+        let steps = if self.cfg.has(Component::Local) {
+            self.cfg.inner_steps
+        } else {
+            0
+        };
+        let (w1, w2, gs) =
+            self.local_update(&e0, &a, &bb, &sp, &sn, steps.max(1), self.cfg.inner_lr)?;
         let (w1, w2) = if steps == 0 {
             // Without the local update the query loss is taken at γ itself.
             let base = self.local_update(&e0, &a, &bb, &sp, &sn, 0, 0.0)?;
@@ -814,7 +877,9 @@ impl Model {
             (Some(gs), Some(gq)) => {
                 let (gs, gq) = (gs.detach(), gq.detach());
                 let dot = (&gs * &gq)?.sum(1)?;
-                let norm = (gs.sqr()?.sum(1)? * gq.sqr()?.sum(1)?)?.sqrt()?.affine(1.0, 1e-12)?;
+                let norm = (gs.sqr()?.sum(1)? * gq.sqr()?.sum(1)?)?
+                    .sqrt()?
+                    .affine(1.0, 1e-12)?;
                 (dot / norm)?.to_dtype(DType::F32)?.to_vec1::<f32>()?
             }
             _ => vec![0.0; b],
@@ -1008,13 +1073,25 @@ fn build_tasks(order: &[Vec<u32>], n_items: usize) -> (Vec<MetaTask>, Vec<(u32, 
     }
     let (mut tasks, mut query_pairs) = (Vec::new(), Vec::new());
     for (u, its) in order.iter().enumerate() {
-        let old: Vec<u32> = its.iter().copied().filter(|&i| !new_item[i as usize]).collect();
-        let new: Vec<u32> = its.iter().copied().filter(|&i| new_item[i as usize]).collect();
+        let old: Vec<u32> = its
+            .iter()
+            .copied()
+            .filter(|&i| !new_item[i as usize])
+            .collect();
+        let new: Vec<u32> = its
+            .iter()
+            .copied()
+            .filter(|&i| new_item[i as usize])
+            .collect();
         let u = u as u32;
         if old.len() >= 8 {
             let q = (old.len() / 2).min(10);
             let s = (old.len() - q).min(10);
-            tasks.push(MetaTask { user: u, support: old[..s].to_vec(), query: old[old.len() - q..].to_vec() });
+            tasks.push(MetaTask {
+                user: u,
+                support: old[..s].to_vec(),
+                query: old[old.len() - q..].to_vec(),
+            });
             query_pairs.extend(old[old.len() - q..].iter().map(|&i| (u, i)));
         }
         if new.len() >= 4 {
@@ -1022,9 +1099,17 @@ fn build_tasks(order: &[Vec<u32>], n_items: usize) -> (Vec<MetaTask>, Vec<(u32, 
             let s = (new.len() - q).min(10);
             let query = new[new.len() - q..].to_vec();
             query_pairs.extend(query.iter().map(|&i| (u, i)));
-            tasks.push(MetaTask { user: u, support: new[..s].to_vec(), query: query.clone() });
+            tasks.push(MetaTask {
+                user: u,
+                support: new[..s].to_vec(),
+                query: query.clone(),
+            });
             if old.len() >= 3 {
-                tasks.push(MetaTask { user: u, support: old[..3].to_vec(), query });
+                tasks.push(MetaTask {
+                    user: u,
+                    support: old[..3].to_vec(),
+                    query,
+                });
             }
         }
     }
@@ -1074,7 +1159,9 @@ impl Trainer {
         let n_items = ds.n_items();
         let (tasks, query_pairs) = build_tasks(order, n_items);
         if tasks.is_empty() {
-            return Err(TrainError::Data("MetaKG: no user has enough items for a meta-training task".into()));
+            return Err(TrainError::Data(
+                "MetaKG: no user has enough items for a meta-training task".into(),
+            ));
         }
         let mut user_items: Vec<Vec<u32>> = order
             .iter()
@@ -1148,15 +1235,26 @@ impl Trainer {
             let tr = match extra {
                 Some(e) if !e.is_empty() && s % 2 == 0 => {
                     let (u, i) = e[self.rng.random_range(0..e.len())];
-                    (self.ckg.user_node(u), interact, self.ckg.item_node[i as usize])
+                    (
+                        self.ckg.user_node(u),
+                        interact,
+                        self.ckg.item_node[i as usize],
+                    )
                 }
                 _ => {
                     let j = self.rng.random_range(0..n_all);
-                    if j < n_kg { self.ckg.kg_triples[j] } else { self.ckg.cf_triples[j - n_kg] }
+                    if j < n_kg {
+                        self.ckg.kg_triples[j]
+                    } else {
+                        self.ckg.cf_triples[j - n_kg]
+                    }
                 }
             };
             let neg = if tr.2 as usize >= self.ckg.n_entities {
-                self.ckg.n_entities as u32 + self.rng.random_range(0..(self.ckg.n_nodes - self.ckg.n_entities) as u32)
+                self.ckg.n_entities as u32
+                    + self
+                        .rng
+                        .random_range(0..(self.ckg.n_nodes - self.ckg.n_entities) as u32)
             } else if tr.1 == interact {
                 self.ckg.item_nodes[self.rng.random_range(0..self.ckg.item_nodes.len())]
             } else {
@@ -1215,44 +1313,60 @@ impl Trainer {
     pub fn epoch(&mut self) -> Result<f32> {
         self.refresh()?;
         let cfg = self.model.cfg.clone();
-        let steps = self.tasks.len().div_ceil(cfg.meta_batch).min(cfg.max_steps_per_epoch);
+        let steps = self
+            .tasks
+            .len()
+            .div_ceil(cfg.meta_batch)
+            .min(cfg.max_steps_per_epoch);
         let mut total = 0.0;
         for _ in 0..steps {
             let bsz = cfg.meta_batch.min(self.tasks.len());
-            let (chosen_ids, cand, chosen_in_cand): (Vec<usize>, Vec<usize>, Vec<usize>) =
-                if cfg.has(Component::Scheduler) {
-                    let n_cand = (bsz * cfg.pool).min(self.tasks.len());
-                    let cand: Vec<usize> =
-                        rand::seq::index::sample(&mut self.rng, self.tasks.len(), n_cand).into_vec();
-                    // Gumbel top-k: sampling without replacement ∝ softmax(z).
-                    let mut keyed: Vec<(f64, usize)> = cand
-                        .iter()
-                        .enumerate()
-                        .map(|(ci, &t)| {
-                            let g: f64 = -(-(self.rng.random::<f64>().max(1e-12)).ln()).ln();
-                            (self.scheduler.logit(self.history[t]) + g, ci)
-                        })
-                        .collect();
-                    keyed.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-                    let cin: Vec<usize> = keyed[..bsz].iter().map(|k| k.1).collect();
-                    (cin.iter().map(|&c| cand[c]).collect(), cand, cin)
-                } else {
-                    let ids = rand::seq::index::sample(&mut self.rng, self.tasks.len(), bsz).into_vec();
-                    (ids, vec![], vec![])
-                };
+            let (chosen_ids, cand, chosen_in_cand): (Vec<usize>, Vec<usize>, Vec<usize>) = if cfg
+                .has(Component::Scheduler)
+            {
+                let n_cand = (bsz * cfg.pool).min(self.tasks.len());
+                let cand: Vec<usize> =
+                    rand::seq::index::sample(&mut self.rng, self.tasks.len(), n_cand).into_vec();
+                // Gumbel top-k: sampling without replacement ∝ softmax(z).
+                let mut keyed: Vec<(f64, usize)> = cand
+                    .iter()
+                    .enumerate()
+                    .map(|(ci, &t)| {
+                        let g: f64 = -(-(self.rng.random::<f64>().max(1e-12)).ln()).ln();
+                        (self.scheduler.logit(self.history[t]) + g, ci)
+                    })
+                    .collect();
+                keyed.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                let cin: Vec<usize> = keyed[..bsz].iter().map(|k| k.1).collect();
+                (cin.iter().map(|&c| cand[c]).collect(), cand, cin)
+            } else {
+                let ids = rand::seq::index::sample(&mut self.rng, self.tasks.len(), bsz).into_vec();
+                (ids, vec![], vec![])
+            };
             let tasks: Vec<MetaTask> = chosen_ids.iter().map(|&i| self.tasks[i].clone()).collect();
             let batch = self.batch(&tasks)?;
-            let consts = self.consts.as_ref().ok_or_else(|| TrainError::Data("no constants".into()))?;
+            let consts = self
+                .consts
+                .as_ref()
+                .ok_or_else(|| TrainError::Data("no constants".into()))?;
             let (loss, ql, cos) = self.model.meta_loss(&self.ckg, consts, &batch)?;
             let before = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
             self.cf_opt.backward_step(&loss)?;
             total += before;
             if cfg.has(Component::Scheduler) {
-                let consts = self.consts.as_ref().ok_or_else(|| TrainError::Data("no constants".into()))?;
+                let consts = self
+                    .consts
+                    .as_ref()
+                    .ok_or_else(|| TrainError::Data("no constants".into()))?;
                 let (after, _, _) = self.model.meta_loss(&self.ckg, consts, &batch)?;
                 let after = after.to_dtype(DType::F32)?.to_scalar::<f32>()?;
                 let feats: Vec<[f64; 2]> = cand.iter().map(|&t| self.history[t]).collect();
-                self.scheduler.reinforce(&feats, &chosen_in_cand, (before - after) as f64, cfg.scheduler_lr);
+                self.scheduler.reinforce(
+                    &feats,
+                    &chosen_in_cand,
+                    (before - after) as f64,
+                    cfg.scheduler_lr,
+                );
             }
             for (k, &t) in chosen_ids.iter().enumerate() {
                 self.history[t] = [ql[k] as f64, cos[k] as f64];
@@ -1272,23 +1386,41 @@ impl Trainer {
         let tasks: Vec<MetaTask> = tasks
             .iter()
             .filter(|t| !t.support.is_empty())
-            .map(|t| MetaTask { user: t.user, support: t.support.clone(), query: t.support.clone() })
+            .map(|t| MetaTask {
+                user: t.user,
+                support: t.support.clone(),
+                query: t.support.clone(),
+            })
             .collect();
         if tasks.is_empty() {
             return Ok(());
         }
-        let pairs: Vec<(u32, u32)> = tasks.iter().flat_map(|t| t.support.iter().map(move |&i| (t.user, i))).collect();
+        let pairs: Vec<(u32, u32)> = tasks
+            .iter()
+            .flat_map(|t| t.support.iter().map(move |&i| (t.user, i)))
+            .collect();
         let cfg = self.model.cfg.clone();
         for _ in 0..cfg.coadapt_steps {
             self.refresh()?;
-            let ids = rand::seq::index::sample(&mut self.rng, tasks.len(), cfg.meta_batch.min(tasks.len())).into_vec();
+            let ids = rand::seq::index::sample(
+                &mut self.rng,
+                tasks.len(),
+                cfg.meta_batch.min(tasks.len()),
+            )
+            .into_vec();
             let chosen: Vec<MetaTask> = ids.iter().map(|&i| tasks[i].clone()).collect();
             let batch = self.batch(&chosen)?;
-            let consts = self.consts.as_ref().ok_or_else(|| TrainError::Data("no constants".into()))?;
+            let consts = self
+                .consts
+                .as_ref()
+                .ok_or_else(|| TrainError::Data("no constants".into()))?;
             let fwd = self.model.forward(&self.ckg, consts, &batch.targets)?;
             let d = fwd.star.dim(1)?;
             let g = |i: &Tensor| -> Result<Tensor> {
-                Ok(fwd.star.index_select(i, 0)?.reshape((batch.b, cfg.pairs, d))?)
+                Ok(fwd
+                    .star
+                    .index_select(i, 0)?
+                    .reshape((batch.b, cfg.pairs, d))?)
             };
             let u = fwd.star.index_select(&batch.user_pos, 0)?;
             let loss = Model::bpr(&u, &g(&batch.sp)?, &g(&batch.sn)?)?;
@@ -1304,18 +1436,35 @@ impl Trainer {
         if self.consts.is_none() {
             self.refresh()?;
         }
-        let consts = self.consts.as_ref().ok_or_else(|| TrainError::Data("no constants".into()))?;
+        let consts = self
+            .consts
+            .as_ref()
+            .ok_or_else(|| TrainError::Data("no constants".into()))?;
         let all: Vec<u32> = (0..self.ckg.n_nodes as u32).collect();
         let fwd = self.model.forward(&self.ckg, consts, &all)?;
         let star = to_array2(&fwd.star)?;
         let a: Vec<Array2<f32>> = fwd.a.iter().map(to_array2).collect::<Result<_>>()?;
         let b: Vec<Array2<f32>> = fwd.b.iter().map(to_array2).collect::<Result<_>>()?;
-        let w1: Vec<Array2<f32>> = self.model.w1.iter().map(|v| to_array2(v.as_tensor())).collect::<Result<_>>()?;
-        let w2: Vec<Array2<f32>> = self.model.w2.iter().map(|v| to_array2(v.as_tensor())).collect::<Result<_>>()?;
+        let w1: Vec<Array2<f32>> = self
+            .model
+            .w1
+            .iter()
+            .map(|v| to_array2(v.as_tensor()))
+            .collect::<Result<_>>()?;
+        let w2: Vec<Array2<f32>> = self
+            .model
+            .w2
+            .iter()
+            .map(|v| to_array2(v.as_tensor()))
+            .collect::<Result<_>>()?;
         let rows: Vec<usize> = self.ckg.item_node.iter().map(|&n| n as usize).collect();
         let items = star.select(Axis(0), &rows);
         let cfg = &self.model.cfg;
-        let steps = if cfg.has(Component::Local) { cfg.inner_steps } else { 0 };
+        let steps = if cfg.has(Component::Local) {
+            cfg.inner_steps
+        } else {
+            0
+        };
         let d0 = cfg.dims[0];
         let mut users = Array2::<f32>::zeros((self.user_items.len(), star.ncols()));
         for (u, its) in self.user_items.iter().enumerate() {
@@ -1330,7 +1479,11 @@ impl Trainer {
             let mut p = Array2::<f32>::zeros((np, star.ncols()));
             let mut n = Array2::<f32>::zeros((np, star.ncols()));
             for k in 0..np {
-                let i = if its.len() <= np { its[k % its.len()] } else { its[rng.random_range(0..its.len())] };
+                let i = if its.len() <= np {
+                    its[k % its.len()]
+                } else {
+                    its[rng.random_range(0..its.len())]
+                };
                 let j = loop {
                     let j = rng.random_range(0..self.n_items as u32);
                     if its.binary_search(&j).is_err() || its.len() >= self.n_items {
@@ -1344,7 +1497,15 @@ impl Trainer {
             let bl: Vec<Array1<f32>> = b.iter().map(|m| m.row(node).to_owned()).collect();
             let s = local_update_nd(
                 star.row(node).slice(ndarray::s![..d0]),
-                &al, &bl, &w1, &w2, &p, &n, steps, cfg.inner_lr, cfg.slope,
+                &al,
+                &bl,
+                &w1,
+                &w2,
+                &p,
+                &n,
+                steps,
+                cfg.inner_lr,
+                cfg.slope,
             );
             row.assign(&s);
         }
@@ -1388,7 +1549,8 @@ impl Recommender for MetaKgRec {
 /// pair of `train` the stream lacks).
 pub fn time_order(train: &TrainSet, stream: &[(u32, u32)]) -> Vec<Vec<u32>> {
     let mut order: Vec<Vec<u32>> = vec![Vec::new(); train.user_items.len()];
-    let mut seen: Vec<std::collections::HashSet<u32>> = vec![Default::default(); train.user_items.len()];
+    let mut seen: Vec<std::collections::HashSet<u32>> =
+        vec![Default::default(); train.user_items.len()];
     for &(u, i) in stream {
         let u = u as usize;
         if u < order.len() && train.user_items[u].binary_search(&i).is_ok() && seen[u].insert(i) {
@@ -1431,7 +1593,9 @@ pub fn meta_train(
         seed,
         serde_json::to_string(cfg).map_err(|e| TrainError::Data(e.to_string()))?
     );
-    let mut cache = CACHE.lock().map_err(|_| TrainError::Data("MetaKG cache poisoned".into()))?;
+    let mut cache = CACHE
+        .lock()
+        .map_err(|_| TrainError::Data("MetaKG cache poisoned".into()))?;
     if let Some((k0, t, p)) = cache.as_ref() {
         if *k0 == key {
             return Ok((t.clone(), p.clone()));
@@ -1486,7 +1650,9 @@ pub fn meta_train(
 /// The fitted scorer: the meta-trained model, co-adapted to `scenario`'s
 /// support sets first when given (aware mode).
 pub fn fitted(trainer: &Mutex<Trainer>, scenario: Option<&[Task]>, seed: u64) -> Result<MetaKgRec> {
-    let mut t = trainer.lock().map_err(|_| TrainError::Data("MetaKG trainer poisoned".into()))?;
+    let mut t = trainer
+        .lock()
+        .map_err(|_| TrainError::Data("MetaKG trainer poisoned".into()))?;
     match scenario {
         Some(tasks) if t.model.cfg.has(Component::Coadapt) => {
             let mut own = t.fork()?;

@@ -32,7 +32,11 @@ fn tiny() -> (Dataset, Vec<Vec<u32>>) {
     let item_entity = (0..10u32).map(|i| (i < 8).then_some(i)).collect();
     let order: Vec<Vec<u32>> = (0..12u32)
         .map(|u| {
-            let half: Vec<u32> = if u < 6 { vec![0, 1, 2, 3, 8] } else { vec![4, 5, 6, 7, 9] };
+            let half: Vec<u32> = if u < 6 {
+                vec![0, 1, 2, 3, 8]
+            } else {
+                vec![4, 5, 6, 7, 9]
+            };
             let mut v: Vec<u32> = half.iter().copied().filter(|i| (i + u) % 5 != 0).collect();
             v.rotate_left(u as usize % 3);
             // A few cross-group items so that every user has ≥ 8 items... not
@@ -122,7 +126,12 @@ fn check_grad(var: &Var, loss: &dyn Fn() -> Tensor, entries: &[usize], tol: f64)
     let g = loss().backward().unwrap();
     let g = g.get(var).expect("the loss depends on the variable");
     let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-    let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let base = var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
     let shape = var.as_tensor().shape().clone();
     let eps = 1e-6;
     let mut checked = 0;
@@ -130,15 +139,22 @@ fn check_grad(var: &Var, loss: &dyn Fn() -> Tensor, entries: &[usize], tol: f64)
         let e = e % base.len();
         let mut v = base.clone();
         v[e] += eps;
-        var.set(&Tensor::from_vec(v.clone(), shape.dims(), &Device::Cpu).unwrap()).unwrap();
+        var.set(&Tensor::from_vec(v.clone(), shape.dims(), &Device::Cpu).unwrap())
+            .unwrap();
         let up = loss().to_scalar::<f64>().unwrap();
         v[e] -= 2.0 * eps;
-        var.set(&Tensor::from_vec(v, shape.dims(), &Device::Cpu).unwrap()).unwrap();
+        var.set(&Tensor::from_vec(v, shape.dims(), &Device::Cpu).unwrap())
+            .unwrap();
         let down = loss().to_scalar::<f64>().unwrap();
-        var.set(&Tensor::from_vec(base.clone(), shape.dims(), &Device::Cpu).unwrap()).unwrap();
+        var.set(&Tensor::from_vec(base.clone(), shape.dims(), &Device::Cpu).unwrap())
+            .unwrap();
         let fd = (up - down) / (2.0 * eps);
         let err = (fd - g[e]).abs() / (fd.abs().max(g[e].abs()).max(1e-3));
-        assert!(err < tol, "entry {e}: autograd {} vs finite difference {fd}", g[e]);
+        assert!(
+            err < tol,
+            "entry {e}: autograd {} vs finite difference {fd}",
+            g[e]
+        );
         checked += 1;
     }
     assert!(checked > 0);
@@ -173,8 +189,17 @@ fn meta_loss_gradient_matches_finite_differences() {
     check_grad(&t.model.wk[1], &loss, &[0, 5, 10, 15], 1e-4);
     // The second-order term matters: first-order MAML would differ.
     let full = loss().backward().unwrap();
-    let g2 = full.get(&t.model.w1[0]).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-    assert!(g2.iter().any(|g| g.abs() > 1e-9), "a gradient reaches the first layer");
+    let g2 = full
+        .get(&t.model.w1[0])
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    assert!(
+        g2.iter().any(|g| g.abs() > 1e-9),
+        "a gradient reaches the first layer"
+    );
 }
 
 #[test]
@@ -199,34 +224,94 @@ fn local_update_in_ndarray_matches_candle() {
     let lr = 0.7;
     // candle, both users as a batch of 2
     let up = idx(&[0, 1]).unwrap();
-    let e0 = fwd.star.narrow(1, 0, d0).unwrap().contiguous().unwrap().index_select(&up, 0).unwrap();
-    let a: Vec<Tensor> = fwd.a.iter().map(|x| x.index_select(&up, 0).unwrap()).collect();
-    let b: Vec<Tensor> = fwd.b.iter().map(|x| x.index_select(&up, 0).unwrap()).collect();
-    let pi: Vec<u32> = (0..2).flat_map(|_| pairs.iter().map(|p| pos(items[p.0]) as u32)).collect();
-    let ni: Vec<u32> = (0..2).flat_map(|_| pairs.iter().map(|p| pos(items[p.1]) as u32)).collect();
+    let e0 = fwd
+        .star
+        .narrow(1, 0, d0)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .index_select(&up, 0)
+        .unwrap();
+    let a: Vec<Tensor> = fwd
+        .a
+        .iter()
+        .map(|x| x.index_select(&up, 0).unwrap())
+        .collect();
+    let b: Vec<Tensor> = fwd
+        .b
+        .iter()
+        .map(|x| x.index_select(&up, 0).unwrap())
+        .collect();
+    let pi: Vec<u32> = (0..2)
+        .flat_map(|_| pairs.iter().map(|p| pos(items[p.0]) as u32))
+        .collect();
+    let ni: Vec<u32> = (0..2)
+        .flat_map(|_| pairs.iter().map(|p| pos(items[p.1]) as u32))
+        .collect();
     let dstar = star.ncols();
-    let p = fwd.star.index_select(&idx(&pi).unwrap(), 0).unwrap().reshape((2, 4, dstar)).unwrap();
-    let n = fwd.star.index_select(&idx(&ni).unwrap(), 0).unwrap().reshape((2, 4, dstar)).unwrap();
-    let (w1, w2, _) = t.model.local_update(&e0, &a, &b, &p, &n, steps, lr).unwrap();
+    let p = fwd
+        .star
+        .index_select(&idx(&pi).unwrap(), 0)
+        .unwrap()
+        .reshape((2, 4, dstar))
+        .unwrap();
+    let n = fwd
+        .star
+        .index_select(&idx(&ni).unwrap(), 0)
+        .unwrap()
+        .reshape((2, 4, dstar))
+        .unwrap();
+    let (w1, w2, _) = t
+        .model
+        .local_update(&e0, &a, &b, &p, &n, steps, lr)
+        .unwrap();
     let candle_u = to_array2(&t.model.user_star(&e0, &a, &b, &w1, &w2).unwrap()).unwrap();
     // ndarray
     let an: Vec<Array2<f32>> = fwd.a.iter().map(|x| to_array2(x).unwrap()).collect();
     let bn: Vec<Array2<f32>> = fwd.b.iter().map(|x| to_array2(x).unwrap()).collect();
-    let gw1: Vec<Array2<f32>> = t.model.w1.iter().map(|v| to_array2(v.as_tensor()).unwrap()).collect();
-    let gw2: Vec<Array2<f32>> = t.model.w2.iter().map(|v| to_array2(v.as_tensor()).unwrap()).collect();
-    let pn = star.select(Axis(0), &pairs.iter().map(|p| pos(items[p.0])).collect::<Vec<_>>());
-    let nn = star.select(Axis(0), &pairs.iter().map(|p| pos(items[p.1])).collect::<Vec<_>>());
+    let gw1: Vec<Array2<f32>> = t
+        .model
+        .w1
+        .iter()
+        .map(|v| to_array2(v.as_tensor()).unwrap())
+        .collect();
+    let gw2: Vec<Array2<f32>> = t
+        .model
+        .w2
+        .iter()
+        .map(|v| to_array2(v.as_tensor()).unwrap())
+        .collect();
+    let pn = star.select(
+        Axis(0),
+        &pairs.iter().map(|p| pos(items[p.0])).collect::<Vec<_>>(),
+    );
+    let nn = star.select(
+        Axis(0),
+        &pairs.iter().map(|p| pos(items[p.1])).collect::<Vec<_>>(),
+    );
     for row in 0..2 {
         let al: Vec<Array1<f32>> = an.iter().map(|m| m.row(row).to_owned()).collect();
         let bl: Vec<Array1<f32>> = bn.iter().map(|m| m.row(row).to_owned()).collect();
         let nd = local_update_nd(
             star.row(row).slice(ndarray::s![..d0]),
-            &al, &bl, &gw1, &gw2, &pn, &nn, steps, lr, t.model.cfg.slope,
+            &al,
+            &bl,
+            &gw1,
+            &gw2,
+            &pn,
+            &nn,
+            steps,
+            lr,
+            t.model.cfg.slope,
         );
-        let max = (&nd - &candle_u.row(row)).mapv(f32::abs).fold(0f32, |m, &x| m.max(x));
+        let max = (&nd - &candle_u.row(row))
+            .mapv(f32::abs)
+            .fold(0f32, |m, &x| m.max(x));
         assert!(max < 1e-5, "user {row}: max difference {max}");
         // The update moved the representation.
-        let moved = (&nd - &star.row(row)).mapv(f32::abs).fold(0f32, |m, &x| m.max(x));
+        let moved = (&nd - &star.row(row))
+            .mapv(f32::abs)
+            .fold(0f32, |m, &x| m.max(x));
         assert!(moved > 1e-4, "user {row}: the local update changed nothing");
     }
 }
@@ -251,11 +336,18 @@ fn training_is_deterministic() {
 
 #[test]
 fn coadaptation_and_ablations_run() {
-    for without in [vec![], vec![Component::Scheduler, Component::Local, Component::Gate]] {
+    for without in [
+        vec![],
+        vec![Component::Scheduler, Component::Local, Component::Gate],
+    ] {
         let mut t = trainer(DType::F32, 2);
         t.model.cfg.without = without;
         t.epoch().unwrap();
-        let tasks = vec![Task { user: 1, support: vec![0, 1], query: vec![2] }];
+        let tasks = vec![Task {
+            user: 1,
+            support: vec![0, 1],
+            query: vec![2],
+        }];
         t.coadapt(&tasks).unwrap();
         let mut out = Array2::<f32>::zeros((1, 10));
         t.scorer(1).unwrap().score(&[1], out.view_mut());
@@ -269,7 +361,10 @@ fn tasks_hold_out_new_items_and_queries() {
     let order = vec![(0..20u32).collect::<Vec<_>>(), (0..10u32).collect()];
     let (tasks, query_pairs) = build_tasks(&order, 20);
     // The last 4 items to appear (16..20) are new.
-    let ic = tasks.iter().find(|t| t.user == 0 && t.support.iter().all(|&i| i >= 16)).unwrap();
+    let ic = tasks
+        .iter()
+        .find(|t| t.user == 0 && t.support.iter().all(|&i| i >= 16))
+        .unwrap();
     assert!(ic.query.iter().all(|&i| i >= 16));
     assert!(ic.support.iter().all(|i| !ic.query.contains(i)));
     let uc = tasks.iter().find(|t| t.user == 1).unwrap();
@@ -284,6 +379,9 @@ fn tasks_hold_out_new_items_and_queries() {
 
 #[test]
 fn components_parse() {
-    assert_eq!("scheduler".parse::<Component>().unwrap(), Component::Scheduler);
+    assert_eq!(
+        "scheduler".parse::<Component>().unwrap(),
+        Component::Scheduler
+    );
     assert!("nope".parse::<Component>().unwrap_err().contains("coadapt"));
 }
