@@ -134,6 +134,10 @@ pub struct MetaKgConfig {
     pub scheduler_lr: f64,
     /// Co-adaptation steps (eq. 26) in the aware mode.
     pub coadapt_steps: usize,
+    /// Whether the CF meta-loss also updates the embeddings ϕ (through each
+    /// node's own layer-0 term), as in KGAT's and MetaKG's published code;
+    /// Algorithm 1 updates ϕ with the KG loss only (`false`).
+    pub cf_embeddings: bool,
     /// Switched-off components (ablations).
     pub without: Vec<Component>,
 }
@@ -161,6 +165,7 @@ impl Default for MetaKgConfig {
             pool: 4,
             scheduler_lr: 0.05,
             coadapt_steps: 20,
+            cf_embeddings: true,
             without: Vec::new(),
         }
     }
@@ -174,7 +179,8 @@ impl MetaKgConfig {
 
     /// Reads the ablation and budget overrides from the environment:
     /// `THAW_METAKG_WITHOUT` (comma-separated components) and
-    /// `THAW_METAKG_EPOCHS` (most epochs).
+    /// `THAW_METAKG_EPOCHS` (most epochs), `THAW_METAKG_CF_EMBEDDINGS` (0: ϕ
+    /// from the KG loss only, as Algorithm 1).
     pub fn from_env() -> Result<Self> {
         let mut cfg = Self::default();
         if let Ok(w) = std::env::var("THAW_METAKG_WITHOUT") {
@@ -182,6 +188,17 @@ impl MetaKgConfig {
                 cfg.without
                     .push(part.parse().map_err(|e: String| TrainError::Data(e))?);
             }
+        }
+        if let Ok(v) = std::env::var("THAW_METAKG_CF_EMBEDDINGS") {
+            cfg.cf_embeddings = match v.trim() {
+                "1" | "true" => true,
+                "0" | "false" => false,
+                _ => {
+                    return Err(TrainError::Data(format!(
+                        "THAW_METAKG_CF_EMBEDDINGS={v:?}: expected 0 or 1"
+                    )))
+                }
+            };
         }
         if let Ok(e) = std::env::var("THAW_METAKG_EPOCHS") {
             cfg.max_epochs = e.trim().parse().map_err(|_| {
@@ -465,6 +482,9 @@ impl Model {
         if self.cfg.has(Component::Gate) {
             v.extend(self.wc.iter().chain(&self.wk).cloned());
         }
+        if self.cfg.cf_embeddings {
+            v.push(self.ent.clone());
+        }
         v
     }
 
@@ -673,7 +693,13 @@ impl Model {
         }
         let nt = targets.len();
         let s1 = idx(&sets[1])?;
-        let e0 = c.e0.index_select(&s1, 0)?;
+        // The layer-0 neighbour sums are per-epoch constants; a node's own
+        // embedding is live when the CF loss trains ϕ.
+        let e0 = if self.cfg.cf_embeddings {
+            self.ent.as_tensor().index_select(&s1, 0)?
+        } else {
+            c.e0.index_select(&s1, 0)?
+        };
         let [mut e, a0, b0] = self.layer(
             0,
             &e0,
@@ -1311,7 +1337,10 @@ impl Trainer {
     /// scheduler picks tasks, the CF meta-update steps γ, the KG step updates
     /// ϕ and ω. Returns the mean meta (query) loss.
     pub fn epoch(&mut self) -> Result<f32> {
-        self.refresh()?;
+        // The previous epoch ends with a refresh.
+        if self.consts.is_none() {
+            self.refresh()?;
+        }
         let cfg = self.model.cfg.clone();
         let steps = self
             .tasks
