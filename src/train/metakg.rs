@@ -25,7 +25,10 @@
 //! - Knowledge-aware meta learner (eq. 24–25): the KG loss updates ϕ and the
 //!   TransR projections `W_r`, alternating with the CF meta-update (Algorithm 1
 //!   lines 8–10). The gate matrices `W_c`, `W_k` get no gradient from the KG
-//!   loss, so they are updated with γ by the CF meta-loss.
+//!   loss, so they are updated with γ by the CF meta-loss. By default the CF
+//!   meta-loss also trains ϕ through each node's own layer-0 term (as the
+//!   KGAT-based published code does; the layer-0 neighbour sums stay per-epoch
+//!   constants); `cf_embeddings = false` is Algorithm 1's KG-only ϕ.
 //! - Adaptive task scheduler (eq. 18): instead of the paper's LSTM, a small MLP
 //!   over each task's last seen query loss and support/query gradient cosine
 //!   (its history), trained by REINFORCE with the decrease of the sampled
@@ -1429,8 +1432,9 @@ impl Trainer {
             .flat_map(|t| t.support.iter().map(move |&i| (t.user, i)))
             .collect();
         let cfg = self.model.cfg.clone();
+        // Attention and layer-0 sums once, as in an epoch of meta-training.
+        self.refresh()?;
         for _ in 0..cfg.coadapt_steps {
-            self.refresh()?;
             let ids = rand::seq::index::sample(
                 &mut self.rng,
                 tasks.len(),
