@@ -165,7 +165,7 @@ pub struct EvalArgs {
     /// Split folder (MetaKG's format, e.g. written by `thaw split`).
     #[arg(long, required_unless_present = "compare")]
     pub split: Option<PathBuf>,
-    /// Model: pop, itemknn, bpr, kgknn, contentknn, scenariopop, mpkg.
+    /// Model: pop, itemknn, bpr, kgknn, contentknn, scenariopop, mpkg, metakg.
     #[arg(long, required_unless_present = "compare")]
     pub model: Option<ModelName>,
     /// A trained model's folder, for models that need one.

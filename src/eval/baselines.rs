@@ -44,11 +44,14 @@ pub enum ModelName {
     ScenarioPop,
     /// The MPKG item model (needs `--model-dir` from `thaw train`).
     Mpkg,
+    /// MetaKG (meta-learning on the collaborative knowledge graph), trained
+    /// inside `fit`; ablations through `THAW_METAKG_WITHOUT`.
+    MetaKg,
 }
 
 impl ModelName {
     /// Every model, in report order.
-    pub const ALL: [ModelName; 7] = [
+    pub const ALL: [ModelName; 8] = [
         ModelName::Pop,
         ModelName::ItemKnn,
         ModelName::Bpr,
@@ -56,6 +59,7 @@ impl ModelName {
         ModelName::ContentKnn,
         ModelName::ScenarioPop,
         ModelName::Mpkg,
+        ModelName::MetaKg,
     ];
 
     /// The CLI and report name.
@@ -68,6 +72,7 @@ impl ModelName {
             ModelName::ContentKnn => "contentknn",
             ModelName::ScenarioPop => "scenariopop",
             ModelName::Mpkg => "mpkg",
+            ModelName::MetaKg => "metakg",
         }
     }
 
@@ -78,7 +83,10 @@ impl ModelName {
 
     /// Whether the model fits differently per scenario in the aware mode.
     pub fn uses_scenario(self) -> bool {
-        matches!(self, ModelName::ScenarioPop | ModelName::Mpkg)
+        matches!(
+            self,
+            ModelName::ScenarioPop | ModelName::Mpkg | ModelName::MetaKg
+        )
     }
 }
 
@@ -159,7 +167,41 @@ pub fn fit(model: ModelName, ctx: &FitContext<'_>) -> Result<Fitted> {
         }
         ModelName::Bpr => fit_bpr(ctx),
         ModelName::Mpkg => super::mpkg_eval::fit(ctx),
+        ModelName::MetaKg => fit_metakg(ctx),
     }
+}
+
+// ---------------------------------------------------------------- MetaKG
+
+/// Meta-trains MetaKG (once per process for the same data and settings; its
+/// epoch count chosen on `valid/`) and, in the aware mode, co-adapts it to the
+/// scenario's support sets (eq. 26).
+fn fit_metakg(ctx: &FitContext<'_>) -> Result<Fitted> {
+    use crate::train::metakg;
+    let err = |reason: String| EvalError::Model {
+        model: "metakg".into(),
+        reason,
+    };
+    let cfg = metakg::MetaKgConfig::from_env().map_err(|e| err(e.to_string()))?;
+    let valid = ctx.valid.ok_or_else(|| {
+        err("chooses its epoch count on the split's valid/ folder, which is missing".into())
+    })?;
+    let (trainer, params) = metakg::meta_train(
+        ctx.dataset,
+        ctx.train,
+        ctx.stream,
+        valid,
+        ctx.k,
+        ctx.seed,
+        &cfg,
+    )
+    .map_err(|e| err(e.to_string()))?;
+    let rec = metakg::fitted(&trainer, ctx.scenario.map(|(_, t)| t), ctx.seed)
+        .map_err(|e| err(e.to_string()))?;
+    Ok(Fitted {
+        rec: Box::new(rec),
+        params,
+    })
 }
 
 /// Scores that do not depend on the user (popularity).

@@ -12,6 +12,7 @@ pub mod export;
 pub mod features;
 pub mod fresh;
 pub mod meta_adapt;
+pub mod metakg;
 pub mod mpkg;
 pub mod pkg_build;
 
