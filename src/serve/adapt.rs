@@ -326,7 +326,7 @@ pub fn adapt_steps(
         let toward_neg = w.sum_axis(Axis(0)).dot(&e_neg);
         let away_pos = w.sum_axis(Axis(1)).dot(&e_pos);
         let grad = (toward_neg - away_pos) / pairs + (&u - &start) * meta.l2;
-        u.zip_mut_with(&(grad * &ArrayView1::from(&lr[..])), |x, g| *x -= g);
+        u.zip_mut_with(&(grad * ArrayView1::from(&lr[..])), |x, g| *x -= g);
     }
     u
 }

@@ -1018,8 +1018,8 @@ impl Scheduler {
 
     fn hidden(&self, x: [f64; 2]) -> [f64; 8] {
         let mut h = [0.0; 8];
-        for j in 0..8 {
-            h[j] = (self.w1[j][0] * x[0] + self.w1[j][1] * x[1] + self.b1[j]).tanh();
+        for (j, hj) in h.iter_mut().enumerate() {
+            *hj = (self.w1[j][0] * x[0] + self.w1[j][1] * x[1] + self.b1[j]).tanh();
         }
         h
     }
