@@ -308,27 +308,39 @@ pub fn adapt_steps(
     (e_pos, b_pos): (ArrayView2<'_, f32>, ArrayView1<'_, f32>),
     (e_neg, b_neg): (ArrayView2<'_, f32>, ArrayView1<'_, f32>),
 ) -> Array1<f32> {
-    let pairs = (e_pos.nrows() * e_neg.nrows()).max(1) as f32;
     let mut u = start.clone();
     let mut w = Array2::<f32>::zeros((e_pos.nrows(), e_neg.nrows()));
     for lr in &meta.lr {
-        // s_pos: [P], s_neg: [K].
-        let s_pos = e_pos.dot(&u) + b_pos;
-        let s_neg = e_neg.dot(&u) + b_neg;
-        // w[p, j] = σ(s_neg[j] − s_pos[p]) = −∂ log σ(s_pos − s_neg) / ∂ margin.
-        for (p, mut row) in w.rows_mut().into_iter().enumerate() {
-            let sp = s_pos[p];
-            row.iter_mut()
-                .zip(s_neg.iter())
-                .for_each(|(x, &sn)| *x = sigmoid(sn - sp));
-        }
-        // ∂L/∂u of L = −mean log σ(s_pos − s_neg): Σ_pj w (e_j − e_p) / pairs.
-        let toward_neg = w.sum_axis(Axis(0)).dot(&e_neg);
-        let away_pos = w.sum_axis(Axis(1)).dot(&e_pos);
-        let grad = (toward_neg - away_pos) / pairs + (&u - &start) * meta.l2;
+        let grad = bpr_gradient(u.view(), (e_pos, b_pos), (e_neg, b_neg), &mut w)
+            + (&u - &start) * meta.l2;
         u.zip_mut_with(&(grad * ArrayView1::from(&lr[..])), |x, g| *x -= g);
     }
     u
+}
+
+/// `∂L/∂u` of the mean BPR loss `L = −mean log σ(s_pos − s_neg)` over every
+/// (positive, negative) pair, `s = e · u + b`; `w` is a `[P, K]` buffer.
+pub fn bpr_gradient(
+    u: ArrayView1<'_, f32>,
+    (e_pos, b_pos): (ArrayView2<'_, f32>, ArrayView1<'_, f32>),
+    (e_neg, b_neg): (ArrayView2<'_, f32>, ArrayView1<'_, f32>),
+    w: &mut Array2<f32>,
+) -> Array1<f32> {
+    let pairs = (e_pos.nrows() * e_neg.nrows()).max(1) as f32;
+    // s_pos: [P], s_neg: [K].
+    let s_pos = e_pos.dot(&u) + b_pos;
+    let s_neg = e_neg.dot(&u) + b_neg;
+    // w[p, j] = σ(s_neg[j] − s_pos[p]) = −∂ log σ(s_pos − s_neg) / ∂ margin.
+    for (p, mut row) in w.rows_mut().into_iter().enumerate() {
+        let sp = s_pos[p];
+        row.iter_mut()
+            .zip(s_neg.iter())
+            .for_each(|(x, &sn)| *x = sigmoid(sn - sp));
+    }
+    // Σ_pj w (e_j − e_p) / pairs.
+    let toward_neg = w.sum_axis(Axis(0)).dot(&e_neg);
+    let away_pos = w.sum_axis(Axis(1)).dot(&e_pos);
+    (toward_neg - away_pos) / pairs
 }
 
 /// The mean BPR loss of `u` on the user's positives against `negatives`

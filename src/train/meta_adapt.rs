@@ -306,7 +306,7 @@ fn batch(cat: &MetaCatalogue<'_>, tasks: &[&Prepared]) -> Result<Batch> {
             bn[t * k + j] = cat.bias[i as usize];
         }
         let row = &mut extra[t * n..(t + 1) * n];
-        row.copy_from_slice(task.extra.as_slice().unwrap_or(&task.extra.to_vec()));
+        ndarray::ArrayViewMut1::from(&mut *row).assign(&task.extra);
         for &i in &task.support {
             row[i as usize] = -1e9;
         }
@@ -629,25 +629,18 @@ fn task_factors(cat: &MetaCatalogue<'_>, t: &Prepared, m: &MetaAdapt) -> [f32; 2
     let e_neg = sel(&t.neg);
     let mean = e_pos.mean_axis(Axis(0)).unwrap_or_else(|| Array1::zeros(d));
     let u = &mean * &ArrayView1::from(&m.init_scale[..]) + ArrayView1::from(&m.init_shift[..]);
-    // Support: ∂/∂u of −mean log σ(s_p − s_n).
-    let s_pos = e_pos.dot(&u)
-        + t.pos
-            .iter()
+    // Support: the gradient of the engine's BPR steps.
+    let bias_of = |v: &[u32]| {
+        v.iter()
             .map(|&i| cat.bias[i as usize])
-            .collect::<Array1<f32>>();
-    let s_neg = e_neg.dot(&u)
-        + t.neg
-            .iter()
-            .map(|&i| cat.bias[i as usize])
-            .collect::<Array1<f32>>();
-    let mut w = Array2::<f32>::zeros((t.pos.len(), t.neg.len()));
-    for (p, mut row) in w.rows_mut().into_iter().enumerate() {
-        for (x, &sn) in row.iter_mut().zip(s_neg.iter()) {
-            *x = 1.0 / (1.0 + (s_pos[p] - sn).exp());
-        }
-    }
-    let pairs = (t.pos.len() * t.neg.len()) as f32;
-    let g_s = (w.sum_axis(Axis(0)).dot(&e_neg) - w.sum_axis(Axis(1)).dot(&e_pos)) / pairs;
+            .collect::<Array1<f32>>()
+    };
+    let g_s = adapt::bpr_gradient(
+        u.view(),
+        (e_pos.view(), bias_of(&t.pos).view()),
+        (e_neg.view(), bias_of(&t.neg).view()),
+        &mut Array2::zeros((t.pos.len(), t.neg.len())),
+    );
     // Query: softmax cross-entropy over the catalogue, support excluded.
     let mut logits = cat.emb.dot(&u) + cat.bias + &t.extra;
     for &i in &t.support {
