@@ -463,11 +463,15 @@ impl Default for BprConfig {
     }
 }
 
-/// Matrix factorisation: score = p_u · q_i + b_i.
-struct Mf {
-    users: Array2<f32>,
-    items: Array2<f32>,
-    bias: Array1<f32>,
+/// Matrix factorisation: score = p_u · q_i + b_i (BPR here; MetaKG's e⋆
+/// scores with a zero bias).
+pub struct Mf {
+    /// User vectors, one row per dense user index.
+    pub users: Array2<f32>,
+    /// Item vectors, one row per dense item index.
+    pub items: Array2<f32>,
+    /// Item biases.
+    pub bias: Array1<f32>,
 }
 
 impl Recommender for Mf {

@@ -46,7 +46,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use ndarray::{Array1, Array2, ArrayView1, ArrayViewMut2, Axis};
+use ndarray::{Array1, Array2, ArrayView1, Axis};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -55,7 +55,7 @@ use serde::{Deserialize, Serialize};
 use super::{Result, TrainError};
 use crate::dataset::Dataset;
 use crate::eval::split::Task;
-use crate::eval::{Recommender, TrainSet};
+use crate::eval::TrainSet;
 
 /// A part of MetaKG that an ablation can switch off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -1542,7 +1542,8 @@ impl Trainer {
             );
             row.assign(&s);
         }
-        Ok(MetaKgRec { users, items })
+        let bias = Array1::zeros(items.nrows());
+        Ok(MetaKgRec { users, items, bias })
     }
 
     /// A copy with the same state, for co-adaptation (optimiser moments restart).
@@ -1564,19 +1565,9 @@ impl Trainer {
     }
 }
 
-/// Fitted MetaKG scores: adapted users' e⋆ against items' e⋆ (eq. 16).
-pub struct MetaKgRec {
-    users: Array2<f32>,
-    items: Array2<f32>,
-}
-
-impl Recommender for MetaKgRec {
-    fn score(&self, users: &[u32], mut out: ArrayViewMut2<'_, f32>) {
-        let idx: Vec<usize> = users.iter().map(|&u| u as usize).collect();
-        let p = self.users.select(Axis(0), &idx);
-        ndarray::linalg::general_mat_mul(1.0, &p, &self.items.t(), 0.0, &mut out);
-    }
-}
+/// Fitted MetaKG scores: adapted users' e⋆ against items' e⋆ (eq. 16), a
+/// matrix factorisation without bias.
+pub type MetaKgRec = crate::eval::baselines::Mf;
 
 /// Per user, their training items in stream order (`stream` first, then any
 /// pair of `train` the stream lacks).

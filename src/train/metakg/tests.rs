@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::dataset::{IdMap, Triple};
+use crate::eval::Recommender;
 
 /// 12 users, 10 items (8 linked to KG entities, 2 not), 10 entities, 2
 /// relations; two user groups liking one half of the items each.
