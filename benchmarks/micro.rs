@@ -17,11 +17,11 @@ use ndarray::{Array1, Array2, Array3};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use thaw::bench::{generate, Synth};
+use thaw::adapt::{adapt_user, key, rank_users, top_k, AdaptConfig, Catalogue};
 use thaw::graph::{Pkg, Propagator, PropagatorConfig};
 use thaw::infer::item::{ItemModels, ItemModelsConfig};
 use thaw::ingest::events::{decode, Limits, Topic};
-use thaw::serve::adapt::{adapt_user, key, rank_users, top_k, AdaptConfig, Catalogue};
+use thaw::tools::bench::{generate, Synth};
 use thaw::train::export;
 
 const D: usize = 64;
@@ -263,6 +263,7 @@ fn users(c: &mut Criterion) {
         keys: &keys,
         graph: Some((&pkg, &weights)),
         fresh: None,
+        pool: None,
     };
     let histories: Vec<Vec<u32>> = (0..64)
         .map(|_| (0..5).map(|_| rng.random_range(0..n as u32)).collect())
@@ -287,7 +288,7 @@ fn users(c: &mut Criterion) {
     // learning rates: the same work as 5 plain steps plus a d-vector product),
     // alone and with the user's top 100 over the 100K items, the engine's
     // work per user.
-    let meta = std::sync::Arc::new(thaw::serve::adapt::MetaAdapt::plain(D, 5, 0.5, 0.1));
+    let meta = std::sync::Arc::new(thaw::adapt::MetaAdapt::plain(D, 5, 0.5, 0.1));
     let cfg = AdaptConfig::default().with_meta(Some(&meta));
     let mut k = 0;
     g.bench_function("adapt_meta_5_steps", |b| {
@@ -303,6 +304,44 @@ fn users(c: &mut Criterion) {
             black_box(top_k(&cat, u.view(), &histories[k], 100))
         })
     });
+    // The negatives drawn from the engine's pool (4,096 items picked once per
+    // batch) rather than by a pass over the catalogue per user.
+    let pool = thaw::adapt::negative_pool(&cat, 4096);
+    let pooled = Catalogue {
+        pool: Some(&pool),
+        ..cat
+    };
+    g.bench_function("adapt_meta_5_steps_pooled", |b| {
+        b.iter(|| {
+            k = (k + 1) % histories.len();
+            black_box(adapt_user(&pooled, &histories[k], k as u64, &cfg))
+        })
+    });
+    // The engine's work for a batch of 64 users, per user: the pool, each
+    // user's 5 meta-learned steps, their top 100 over the 100K items in one
+    // block (one matrix product).
+    g.throughput(Throughput::Elements(histories.len() as u64));
+    g.bench_function("engine_64_users_meta_5_steps_and_top_100", |b| {
+        b.iter(|| {
+            let pool = thaw::adapt::negative_pool(&cat, 4096);
+            let pooled = Catalogue {
+                pool: Some(&pool),
+                ..cat
+            };
+            let vs: Vec<Array1<f32>> = histories
+                .iter()
+                .enumerate()
+                .map(|(k, h)| adapt_user(&pooled, h, k as u64, &cfg).expect("items"))
+                .collect();
+            let q: Vec<(ndarray::ArrayView1<'_, f32>, &[u32])> = vs
+                .iter()
+                .zip(&histories)
+                .map(|(v, h)| (v.view(), h.as_slice()))
+                .collect();
+            black_box(rank_users(&pooled, &q, 100))
+        })
+    });
+    g.throughput(Throughput::Elements(1));
     let u = Array1::from_shape_fn(D, |_| rng.random_range(-1.0f32..1.0));
     g.bench_function("top_100_one_user", |b| {
         b.iter(|| black_box(top_k(&cat, u.view(), &histories[0], 100)))

@@ -9,17 +9,24 @@
 //!   reports (`thaw eval`).
 //! - [`graph`]: the product knowledge graph and its per-relation SGC propagation,
 //!   updated incrementally.
-//! - [`infer`]: ONNX Runtime sessions (text encoder, item projection, fusion).
-//! - [`ingest`]: the event wire format (`streams/`), validation and dead letters.
+//! - [`infer`]: ONNX Runtime sessions (text encoder, item projection, fusion)
+//!   from one session builder, and the engine's text stage.
+//! - [`ingest`]: the event wire format (`streams/`), validation and dead
+//!   letters; the engine's ingest stage and the restore from the log.
+//! - [`adapt`]: a user adapted from their interactions, and top-K scoring
+//!   (the same functions in `thaw eval` and the engine).
+//! - [`publish`]: the Redis layout and the engine's publish stage.
 //! - [`kafka`]: Kafka client settings and the embedded broker (`thaw broker`).
-//! - [`replay`]: a dataset as the three event streams (`thaw replay`).
-//! - [`serve`]: the streaming engine (`thaw serve`) and the demo (`thaw demo`).
-//! - [`bench`]: the synthetic catalogue and the end-to-end benchmark (`thaw bench`).
+//! - [`serve`]: the streaming engine (`thaw serve`): [`serve::Engine::start`],
+//!   its settings, state, core stage and metrics.
+//! - [`tools`]: what runs the engine from outside: the demo (`thaw demo`),
+//!   a dataset replayed as streams (`thaw replay`) and the end-to-end
+//!   benchmark (`thaw bench`).
 //! - [`cli`]: the command line; `main.rs` only parses and calls [`cli::run`].
 
 #![deny(missing_docs)]
 
-pub mod bench;
+pub mod adapt;
 pub mod cli;
 pub mod dataset;
 pub mod eval;
@@ -27,6 +34,7 @@ pub mod graph;
 pub mod infer;
 pub mod ingest;
 pub mod kafka;
-pub mod replay;
+pub mod publish;
 pub mod serve;
+pub mod tools;
 pub mod train;

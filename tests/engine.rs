@@ -25,10 +25,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use thaw::ingest::{DeadLetter, Event, InteractionEvent, ItemEvent, Kind, Op, RelationEvent};
 use thaw::kafka::{EmbeddedBroker, KafkaSettings};
+use thaw::publish::emb_from_bytes;
 use thaw::serve::config::Settings;
-use thaw::serve::metrics::{Health, Metrics};
-use thaw::serve::publish::emb_from_bytes;
-use thaw::serve::Progress;
+use thaw::serve::{Engine, Progress};
 
 const TEXT_DIR: &str = "models/text";
 
@@ -150,6 +149,7 @@ fn settings(brokers: &str, model_dir: &Path, tag: &str) -> Settings {
     s.ingest.idle_ms = 300;
     s.ingest.window_ms = 10;
     s.users.top_k = 10;
+    s.http.listen = "127.0.0.1:0".into();
     s
 }
 
@@ -309,17 +309,12 @@ async fn serve_end_to_end() {
     }
     let first = (events.len() + bad.len()) as u64;
 
-    let metrics = Arc::new(Metrics::new());
-    let health = Arc::new(Health::default());
-    let progress = Arc::new(Progress::default());
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let engine = tokio::spawn(thaw::serve::run(
-        s.clone(),
-        metrics.clone(),
-        health.clone(),
-        progress.clone(),
-        stop_rx,
-    ));
+    let engine = Engine::start(s.clone()).await.expect("engine started");
+    let (metrics, health, progress) = (
+        engine.metrics.clone(),
+        engine.health.clone(),
+        engine.progress.clone(),
+    );
     wait_for(&progress, first, "first batch").await;
     let mut c = redis().await;
     for i in 0..30 {
@@ -417,8 +412,7 @@ async fn serve_end_to_end() {
     assert_ne!(swapped_m0, after_m0, "new weights, new embedding");
     assert!(text.contains("thaw_inference_provider"));
 
-    let _ = stop_tx.send(true);
-    engine.await.unwrap().expect("clean shutdown");
+    engine.shutdown().await.expect("clean shutdown");
     for k in keys(&mut c, &format!("{prefix}:*")).await {
         let _: () = redis::cmd("DEL").arg(k).query_async(&mut c).await.unwrap();
     }
@@ -728,17 +722,12 @@ async fn redis_outage_applies_backpressure() {
         .collect();
     produce(&producer, &first).await;
 
-    let metrics = Arc::new(Metrics::new());
-    let health = Arc::new(Health::default());
-    let progress = Arc::new(Progress::default());
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let engine = tokio::spawn(thaw::serve::run(
-        s.clone(),
-        metrics.clone(),
-        health.clone(),
-        progress.clone(),
-        stop_rx,
-    ));
+    let engine = Engine::start(s.clone()).await.expect("engine started");
+    let (metrics, health, progress) = (
+        engine.metrics.clone(),
+        engine.health.clone(),
+        engine.progress.clone(),
+    );
     wait_for(&progress, 10, "before the outage").await;
     assert!(health.is_ready());
 
@@ -772,8 +761,7 @@ async fn redis_outage_applies_backpressure() {
         );
     }
     assert!(health.is_ready());
-    let _ = stop_tx.send(true);
-    engine.await.unwrap().expect("clean shutdown");
+    engine.shutdown().await.expect("clean shutdown");
     let mut back = _redis_back;
     let _ = back.kill();
     let _ = back.wait();

@@ -405,7 +405,7 @@ fn replay_order_on_the_reference_split() {
         kg_relations: 4,
         ..Default::default()
     };
-    let events = thaw::replay::dataset_events(&ds, Some(&split), &cfg).unwrap();
+    let events = thaw::tools::replay::dataset_events(&ds, Some(&split), &cfg).unwrap();
     let mut sent: HashSet<String> = HashSet::new();
     let query: HashSet<(String, String)> = split
         .scenarios
@@ -468,6 +468,6 @@ fn replay_order_on_the_reference_split() {
     // Deterministic.
     assert_eq!(
         events,
-        thaw::replay::dataset_events(&ds, Some(&split), &cfg).unwrap()
+        thaw::tools::replay::dataset_events(&ds, Some(&split), &cfg).unwrap()
     );
 }

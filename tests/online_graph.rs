@@ -15,10 +15,11 @@ use std::sync::Arc;
 
 use thaw::dataset::Dataset;
 use thaw::eval::split::Split;
+use thaw::ingest::batch::Msg;
 use thaw::ingest::Event;
 use thaw::serve::config::GraphSettings;
 use thaw::serve::metrics::Metrics;
-use thaw::serve::state::{Core, LoadedModel, Mode, Msg};
+use thaw::serve::state::{Core, LoadedModel, Mode};
 use thaw::train::pkg_build::{self, PkgConfig, BEHAVIOURAL};
 
 const TEXT_DIR: &str = "models/text";
@@ -73,7 +74,7 @@ fn online_equals_offline(data: &str, split: &str, cfg: PkgConfig) {
     );
 
     // The replay sends none of them.
-    let timeline = thaw::replay::dataset_timeline(&ds, Some(&split), &cfg).unwrap();
+    let timeline = thaw::tools::replay::dataset_timeline(&ds, Some(&split), &cfg).unwrap();
     let sent = timeline
         .events
         .iter()

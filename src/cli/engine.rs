@@ -2,16 +2,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use tokio::sync::watch;
 
 use crate::kafka::EmbeddedBroker;
 use crate::serve::config::Settings;
-use crate::serve::metrics::{Health, Metrics};
-use crate::serve::Progress;
 
 /// Arguments of `thaw serve`.
 #[derive(Debug, Args)]
@@ -129,33 +125,14 @@ pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         settings.kafka.brokers = b;
     }
     runtime()?.block_on(async move {
-        let metrics = Arc::new(Metrics::new());
-        let health = Arc::new(Health::default());
-        let progress = Arc::new(Progress::default());
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let listener = tokio::net::TcpListener::bind(&settings.http.listen)
-            .await
-            .with_context(|| format!("binding {}", settings.http.listen))?;
-        tracing::info!(addr = %listener.local_addr()?, "metrics and health endpoints");
-        let http = {
-            let (m, h, mut s) = (metrics.clone(), health.clone(), stop_rx.clone());
-            tokio::spawn(crate::serve::metrics::serve_http(
-                listener,
-                m,
-                h,
-                async move {
-                    let _ = s.changed().await;
-                },
-            ))
-        };
+        let engine = crate::serve::Engine::start(settings).await?;
+        let stop = engine.stopper();
         tokio::spawn(async move {
             terminated().await;
             tracing::info!("stopping: draining, publishing, committing");
-            let _ = stop_tx.send(true);
+            stop();
         });
-        let res = crate::serve::run(settings, metrics, health, progress, stop_rx).await;
-        http.abort();
-        res
+        engine.wait().await
     })
 }
 
@@ -205,7 +182,7 @@ pub fn run_replay(a: ReplayArgs) -> anyhow::Result<()> {
         }
         None => crate::train::pkg_build::PkgConfig::default(),
     };
-    let events = crate::replay::dataset_events(&ds, split.as_ref(), &pkg_cfg)?;
+    let events = crate::tools::replay::dataset_events(&ds, split.as_ref(), &pkg_cfg)?;
     if let Some(path) = &a.dry_run {
         use std::io::Write;
         let mut f = std::io::BufWriter::new(
@@ -224,7 +201,7 @@ pub fn run_replay(a: ReplayArgs) -> anyhow::Result<()> {
     }
     let mut kafka = crate::kafka::KafkaSettings::with_brokers(a.brokers);
     kafka.properties.extend(a.properties);
-    let stats = runtime()?.block_on(crate::replay::produce(&events, &kafka, a.rate))?;
+    let stats = runtime()?.block_on(crate::tools::replay::produce(&events, &kafka, a.rate))?;
     println!(
         "{} events ({} items, {} relations, {} interactions) in {:.1} s: {:.0} events/s",
         stats.events,
@@ -254,7 +231,7 @@ pub fn run_demo(a: DemoArgs) -> anyhow::Result<()> {
             PathBuf::from("splits/ml100k")
         }
     });
-    let report = runtime()?.block_on(crate::serve::demo::run(crate::serve::demo::DemoArgs {
+    let report = runtime()?.block_on(crate::tools::demo::run(crate::tools::demo::DemoArgs {
         dataset: a.dataset,
         split,
         settings,
@@ -262,7 +239,7 @@ pub fn run_demo(a: DemoArgs) -> anyhow::Result<()> {
         k: a.k,
         out: a.out,
     }))?;
-    println!("{}", crate::serve::demo::render(&report));
+    println!("{}", crate::tools::demo::render(&report));
     Ok(())
 }
 
@@ -271,7 +248,7 @@ pub fn run_demo(a: DemoArgs) -> anyhow::Result<()> {
 pub struct BenchArgs {
     /// Catalogue size: small (10K items), medium (100K), large (1M; graph only).
     #[arg(long, value_enum, default_value = "medium")]
-    pub size: crate::bench::Size,
+    pub size: crate::tools::bench::Size,
     /// Offered rate of the freshness phase, events per second.
     #[arg(long, default_value_t = 10_000.0)]
     pub rate: f64,
@@ -300,7 +277,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub tolerance: Option<f32>,
     /// Zipf exponent of an edge target's popularity.
-    #[arg(long, default_value_t = crate::bench::LINK_EXPONENT)]
+    #[arg(long, default_value_t = crate::tools::bench::LINK_EXPONENT)]
     pub link_exponent: f64,
     /// Draw edge sources by popularity too (else uniformly).
     #[arg(long)]
@@ -320,7 +297,7 @@ pub fn run_bench(a: BenchArgs) -> anyhow::Result<()> {
     if !(a.link_exponent >= 0.0 && a.link_exponent.is_finite()) {
         anyhow::bail!("--link-exponent must be a finite number >= 0");
     }
-    let o = crate::bench::BenchOptions {
+    let o = crate::tools::bench::BenchOptions {
         redis_url: url,
         text_dir: a.text_dir.clone(),
         rate: a.rate,
@@ -331,13 +308,13 @@ pub fn run_bench(a: BenchArgs) -> anyhow::Result<()> {
         tolerance: a
             .tolerance
             .unwrap_or(crate::serve::config::GraphSettings::default().tolerance),
-        links: crate::bench::LinkModel {
+        links: crate::tools::bench::LinkModel {
             exponent: a.link_exponent,
             both_ends: a.link_both_ends,
         },
-        ..crate::bench::BenchOptions::new(a.size)
+        ..crate::tools::bench::BenchOptions::new(a.size)
     };
-    let report = runtime()?.block_on(crate::bench::run(&o))?;
+    let report = runtime()?.block_on(crate::tools::bench::run(&o))?;
     let json = serde_json::to_string_pretty(&report)?;
     if let Some(p) = &a.out {
         std::fs::write(p, &json).with_context(|| format!("writing {}", p.display()))?;

@@ -169,7 +169,7 @@ pub struct FitContext<'a> {
     /// MPKG's fresh-item weight, when given instead of the model's.
     pub fresh_weight: Option<f32>,
     /// MPKG's per-user adaptation, when given instead of the model's.
-    pub user_adapt: Option<&'a crate::serve::adapt::AdaptConfig>,
+    pub user_adapt: Option<&'a crate::adapt::AdaptConfig>,
     /// Seed of every random choice.
     pub seed: u64,
     /// Cut-off of the metrics used for hyper-parameter choice.
@@ -270,7 +270,7 @@ pub struct EvalConfig {
     pub fresh_weight: Option<f32>,
     /// MPKG only: the per-user adaptation instead of the model's (the
     /// engine's, when it overrides the model's in its settings).
-    pub user_adapt: Option<crate::serve::adapt::AdaptConfig>,
+    pub user_adapt: Option<crate::adapt::AdaptConfig>,
 }
 
 /// Runs one evaluation: fit, score every scenario, aggregate.

@@ -1,10 +1,10 @@
 //! MPKG in `thaw eval`: inductive item embeddings from a trained model folder,
 //! scored for each user exactly as the engine scores them
-//! ([`crate::serve::adapt`]): the user's most recent items (in stream order)
+//! ([`crate::adapt`]): the user's most recent items (in stream order)
 //! averaged (eq. 15), the model's adaptation steps on them
-//! ([`crate::serve::adapt::adapt_user`], `model.json`'s `user_adapt`), then
+//! ([`crate::adapt::adapt_user`], `model.json`'s `user_adapt`), then
 //! `u · e + b` plus the graph-neighbour and fresh-item terms of the user's
-//! items ([`crate::serve::adapt::score_users`]). In the aware mode the MRA
+//! items ([`crate::adapt::score_users`]). In the aware mode the MRA
 //! layer and the bias are fine-tuned further on the scenario's support sets
 //! (as MetaKG adapts per scenario) before the same user path.
 
@@ -13,7 +13,7 @@ use serde_json::json;
 
 use super::baselines::Fitted;
 use super::{EvalError, FitContext, Recommender, Result};
-use crate::serve::adapt::{adapt_user, key, score_users, AdaptConfig, Catalogue};
+use crate::adapt::{adapt_user, key, score_users, AdaptConfig, Catalogue};
 use crate::train::{self, mpkg, TrainedModel};
 
 /// The engine's user path over the whole catalogue (every item is active,
@@ -37,6 +37,9 @@ struct EngineUsers {
     user_items: Vec<Vec<u32>>,
     /// `adapt::key` of every user's external id.
     user_keys: Vec<u64>,
+    /// The negatives' pool of the catalogue ([`crate::adapt::negative_pool`]),
+    /// as the engine draws it.
+    pool: Option<Vec<u32>>,
 }
 
 impl EngineUsers {
@@ -48,6 +51,7 @@ impl EngineUsers {
             keys: &self.keys,
             graph: Some((&self.pkg, &self.neighbour_weights)),
             fresh: Some((self.fresh_pop.view(), self.fresh_weight)),
+            pool: self.pool.as_deref(),
         }
     }
 }
@@ -216,18 +220,30 @@ pub(super) fn fit(ctx: &FitContext<'_>) -> Result<Fitted> {
         }
     }
     Ok(Fitted {
-        rec: Box::new(EngineUsers {
-            emb,
-            bias: bias_w,
-            keys,
-            active: vec![true; ds.n_items()],
-            pkg,
-            neighbour_weights: neighbour_weights.clone(),
-            fresh_pop,
-            fresh_weight,
-            adapt: adapt.clone(),
-            user_items,
-            user_keys,
+        rec: Box::new({
+            let mut users = EngineUsers {
+                emb,
+                bias: bias_w,
+                keys,
+                active: vec![true; ds.n_items()],
+                pkg,
+                neighbour_weights: neighbour_weights.clone(),
+                fresh_pop,
+                fresh_weight,
+                adapt: adapt.clone(),
+                user_items,
+                user_keys,
+                pool: None,
+            };
+            // The engine's draw: a pool over the whole catalogue, then each
+            // user's negatives within it.
+            if adapt.negative_pool > 0 {
+                users.pool = Some(crate::adapt::negative_pool(
+                    &users.catalogue(),
+                    adapt.negative_pool,
+                ));
+            }
+            users
         }),
         params: json!({"model": tm.card.version, "relations": tm.card.relations, "bias_weights": tm.card.bias_weights, "neighbour_weights": neighbour_weights, "fresh_weight": fresh_weight, "user_adapt": adapt, "meta_adapt": adapt.meta.as_deref(), "co_adapt": co_adapt, "run": params}),
     })

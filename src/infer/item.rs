@@ -18,8 +18,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
 use ndarray::{Array2, Array3, ArrayView2, ArrayView3, Ix2, Ix3};
-use ort::environment::Environment;
-use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::{Session, SessionOutputs};
 use ort::value::{Outlet, TensorElementType, TensorRef, ValueType};
 use serde::{Deserialize, Serialize};
@@ -132,10 +130,16 @@ impl ItemModels {
 
         let env = super::environment_for(cfg.ort_dylib.as_deref(), &cfg.model_dir)?;
 
-        let (projection, provider) = commit(env, cfg, &projection_path, true)?;
+        let (projection, provider) =
+            super::session(env, &projection_path, cfg.intra_threads, true)?;
         // The fusion graph follows the projection's provider: if CUDA could not
         // take the first, it will not take the second.
-        let (fusion, provider) = commit(env, cfg, &fusion_path, provider == CUDA_PROVIDER)?;
+        let (fusion, provider) = super::session(
+            env,
+            &fusion_path,
+            cfg.intra_threads,
+            provider == CUDA_PROVIDER,
+        )?;
 
         let (d_in, relations, dim) = check_projection(&projection, &projection_path)?;
         let (fusion_relations, fusion_dim) = check_fusion(&fusion, &fusion_path)?;
@@ -288,49 +292,6 @@ fn extract(
         )));
     }
     Ok(array.to_owned())
-}
-
-/// A session builder with this crate's threading and optimisation settings.
-fn builder(env: &Environment, cfg: &ItemModelsConfig) -> Result<SessionBuilder> {
-    Ok(Session::builder(env)?
-        .with_optimization_level(GraphOptimizationLevel::All)
-        .map_err(ort::Error::from)?
-        .with_intra_threads(cfg.intra_threads)
-        .map_err(ort::Error::from)?
-        .with_inter_threads(1)
-        .map_err(ort::Error::from)?)
-}
-
-/// Creates the session of `path`: on CUDA if `try_cuda` and the crate feature
-/// `cuda` is on and the provider registers, else on CPU; returns it with the
-/// provider's name.
-fn commit(
-    env: &Environment,
-    cfg: &ItemModelsConfig,
-    path: &Path,
-    try_cuda: bool,
-) -> Result<(Session, &'static str)> {
-    #[cfg(feature = "cuda")]
-    if try_cuda {
-        let cuda = builder(env, cfg).and_then(|b| {
-            let mut b = b
-                .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
-                .map_err(ort::Error::from)?;
-            Ok(b.commit_from_file(path)?)
-        });
-        match cuda {
-            Ok(session) => return Ok((session, CUDA_PROVIDER)),
-            Err(e) => tracing::warn!(
-                model = %path.display(),
-                error = %e,
-                "CUDA execution provider unavailable, running on CPU"
-            ),
-        }
-    }
-    #[cfg(not(feature = "cuda"))]
-    let _ = try_cuda;
-    let session = builder(env, cfg)?.commit_from_file(path)?;
-    Ok((session, CPU_PROVIDER))
 }
 
 /// Names and types of `outlets`, for error messages.

@@ -10,6 +10,7 @@
 //! process; every session shares that one environment.
 
 pub mod item;
+pub mod stage;
 pub mod text;
 
 use std::ffi::OsString;
@@ -201,4 +202,51 @@ mod tests {
         assert!(matches!(err, Error::OrtLibraryMissing { .. }), "{err}");
         assert!(err.to_string().contains("onnx/setup.sh"), "{err}");
     }
+}
+
+/// A session builder with this crate's threading and optimisation settings.
+fn builder(
+    env: &Environment,
+    intra_threads: usize,
+) -> Result<ort::session::builder::SessionBuilder> {
+    Ok(ort::session::Session::builder(env)?
+        .with_optimization_level(ort::session::builder::GraphOptimizationLevel::All)
+        .map_err(ort::Error::from)?
+        .with_intra_threads(intra_threads)
+        .map_err(ort::Error::from)?
+        .with_inter_threads(1)
+        .map_err(ort::Error::from)?)
+}
+
+/// The one session builder of every model (text encoder, item projection,
+/// fusion): the session of `path` on CUDA if `try_cuda`, the crate feature
+/// `cuda` is on and the provider registers, else on CPU; returned with the
+/// provider's name ([`item::CPU_PROVIDER`] or [`item::CUDA_PROVIDER`]).
+pub(crate) fn session(
+    env: &Environment,
+    path: &Path,
+    intra_threads: usize,
+    try_cuda: bool,
+) -> Result<(ort::session::Session, &'static str)> {
+    #[cfg(feature = "cuda")]
+    if try_cuda {
+        let cuda = builder(env, intra_threads).and_then(|b| {
+            let mut b = b
+                .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+                .map_err(ort::Error::from)?;
+            Ok(b.commit_from_file(path)?)
+        });
+        match cuda {
+            Ok(session) => return Ok((session, item::CUDA_PROVIDER)),
+            Err(e) => tracing::warn!(
+                model = %path.display(),
+                error = %e,
+                "CUDA execution provider unavailable, running on CPU"
+            ),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = try_cuda;
+    let session = builder(env, intra_threads)?.commit_from_file(path)?;
+    Ok((session, item::CPU_PROVIDER))
 }

@@ -20,7 +20,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
 use ndarray::{s, Array2, Ix2};
-use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use ort::value::{Tensor, TensorElementType, ValueType};
 use serde::{Deserialize, Serialize};
@@ -108,6 +107,7 @@ pub struct TextEncoder {
     batch_size: usize,
     pad_id: i64,
     dim: usize,
+    provider: &'static str,
 }
 
 impl std::fmt::Debug for TextEncoder {
@@ -136,14 +136,7 @@ impl TextEncoder {
 
         let (tokenizer, pad_id) = load_tokenizer(&tokenizer_path, cfg.max_tokens)?;
 
-        let session = Session::builder(env)?
-            .with_optimization_level(GraphOptimizationLevel::All)
-            .map_err(ort::Error::from)?
-            .with_intra_threads(cfg.intra_threads)
-            .map_err(ort::Error::from)?
-            .with_inter_threads(1)
-            .map_err(ort::Error::from)?
-            .commit_from_file(&model_path)?;
+        let (session, provider) = super::session(env, &model_path, cfg.intra_threads, true)?;
         let dim = check_interface(&session, &model_path)?;
         tracing::info!(
             model = %model_path.display(),
@@ -151,6 +144,7 @@ impl TextEncoder {
             batch_size = cfg.batch_size,
             max_tokens = cfg.max_tokens,
             intra_threads = cfg.intra_threads,
+            provider,
             "text encoder loaded"
         );
         Ok(Self {
@@ -159,7 +153,14 @@ impl TextEncoder {
             batch_size: cfg.batch_size,
             pad_id: i64::from(pad_id),
             dim,
+            provider,
         })
+    }
+
+    /// The execution provider the encoder runs on (`CPUExecutionProvider`,
+    /// or `CUDAExecutionProvider` with the crate feature `cuda`).
+    pub fn provider(&self) -> &'static str {
+        self.provider
     }
 
     /// Dimension of the embeddings (384 for all-MiniLM-L6-v2).

@@ -1,6 +1,9 @@
 //! Ingest: Kafka records of `items`, `item-relations` and `interactions` in,
 //! typed events out; whatever cannot be accepted goes to `thaw-dlq` with a reason.
 //!
+//! - [`stage`]: the engine's ingest stage (consumer, batching window, dead
+//!   letters, lag), [`batch`]: what it hands the other stages, [`restore`]:
+//!   the state re-read from the log at start.
 //! - [`events`]: the wire format of the three topics and of the dead-letter
 //!   record (`streams/schemas/*.json`, described in `streams/README.md`),
 //!   [`decode`] with its validation rules, the [`Rejection`] reasons and their
@@ -11,7 +14,10 @@
 //! input never stops the stream, it becomes one [`DeadLetter`] and one counter
 //! increment.
 
+pub mod batch;
 pub mod events;
+pub mod restore;
+pub mod stage;
 
 pub use events::{
     decode, DeadLetter, Event, InteractionEvent, ItemEvent, Kind, Limits, Op, ReasonCode,

@@ -9,7 +9,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-use super::adapt::AdaptConfig;
+use crate::adapt::AdaptConfig;
 use crate::ingest::Limits;
 use crate::kafka::KafkaSettings;
 

@@ -32,6 +32,12 @@ struct TopicOutcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageKind {
+    stage: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Reason {
     reason: String,
 }
@@ -134,12 +140,28 @@ fn keep_sample((v, seen): &mut (Vec<f64>, u64), ms: f64) {
     }
 }
 
+/// Prequential quality: each interaction scored against the list the user
+/// had just before it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Prequential {
+    /// Interactions with an item new to a user who had a list.
+    pub interactions: u64,
+    /// Of them, with the item in the list.
+    pub hits: u64,
+    /// `hits / interactions`: HitRate@K.
+    pub hit_rate: f64,
+    /// Mean reciprocal rank (0 when absent): MRR@K.
+    pub mrr: f64,
+}
+
 /// The engine's metrics.
 pub struct Metrics {
     registry: Registry,
     events: Family<TopicOutcome, Counter>,
     dlq: Family<Reason, Counter>,
-    unknown_relations: Family<Relation, Counter>,
+    unknown_relations: Counter,
+    /// Unknown relation names logged so far (at most 100).
+    unknown_seen: Mutex<std::collections::BTreeSet<String>>,
     graph_items: Gauge,
     graph_edges: Family<Relation, Gauge>,
     propagation_edits: Histogram,
@@ -158,6 +180,11 @@ pub struct Metrics {
     model: Family<Version, Gauge>,
     published: Family<KindLabel, Counter>,
     offsets: Counter,
+    errors: Family<StageKind, Counter>,
+    quality_interactions: Counter,
+    quality_hits: Counter,
+    quality_rr: Counter<f64, std::sync::atomic::AtomicU64>,
+    quality_rank: Histogram,
     samples: Mutex<Samples>,
     version: Mutex<String>,
     provider_name: Mutex<String>,
@@ -178,16 +205,20 @@ impl Metrics {
         let mut registry = Registry::with_prefix("thaw");
         let events = Family::<TopicOutcome, Counter>::default();
         registry.register(
-            "events",
+            "ingest_events",
             "Input messages by topic and outcome (applied, dead_lettered, ignored)",
             events.clone(),
         );
         let dlq = Family::<Reason, Counter>::default();
-        registry.register("dlq", "Messages dead-lettered, by reason", dlq.clone());
-        let unknown_relations = Family::<Relation, Counter>::default();
         registry.register(
-            "unknown_relation",
-            "Relation events ignored because the model does not know the relation",
+            "ingest_dead_letters",
+            "Messages dead-lettered, by reason",
+            dlq.clone(),
+        );
+        let unknown_relations = Counter::default();
+        registry.register(
+            "core_unknown_relations",
+            "Relation events ignored because the model does not know the relation (each new name is logged once, up to 100)",
             unknown_relations.clone(),
         );
         let graph_items = Gauge::default();
@@ -200,13 +231,13 @@ impl Metrics {
         registry.register("graph_edges", "Edges per relation", graph_edges.clone());
         let propagation_edits = Histogram::new(exponential_buckets(1.0, 4.0, 11));
         registry.register(
-            "propagation_batch_edits",
+            "graph_propagation_edits",
             "Graph edits and input rows per propagation batch",
             propagation_edits.clone(),
         );
         let propagation_seconds = work_histogram();
         registry.register(
-            "propagation_seconds",
+            "graph_propagation_seconds",
             "Incremental propagation time per batch",
             propagation_seconds.clone(),
         );
@@ -214,7 +245,7 @@ impl Metrics {
             work_histogram as fn() -> Histogram,
         );
         registry.register(
-            "inference_seconds",
+            "infer_batch_seconds",
             "ONNX Runtime time per batch, by model and execution provider",
             inference_seconds.clone(),
         );
@@ -222,47 +253,47 @@ impl Metrics {
             (|| Histogram::new(exponential_buckets(1.0, 4.0, 10))) as fn() -> Histogram,
         );
         registry.register(
-            "inference_batch_rows",
+            "infer_batch_rows",
             "Rows per inference batch",
             inference_rows.clone(),
         );
         let provider = Family::<ProviderLabel, Gauge>::default();
         registry.register(
-            "inference_provider",
+            "infer_provider_info",
             "The ONNX Runtime execution provider in use (1)",
             provider.clone(),
         );
         let redis_seconds = work_histogram();
         registry.register(
-            "redis_write_seconds",
+            "publish_pipeline_seconds",
             "Time per Redis pipeline",
             redis_seconds.clone(),
         );
         let redis_errors = Counter::default();
         registry.register(
-            "redis_errors",
+            "publish_redis_errors",
             "Failed Redis writes (each retried)",
             redis_errors.clone(),
         );
         let redis_writes = Counter::default();
         registry.register(
-            "redis_writes",
+            "publish_redis_commands",
             "Redis commands written",
             redis_writes.clone(),
         );
         let adaptation_seconds = work_histogram();
         registry.register(
-            "adaptation_seconds",
+            "adapt_batch_seconds",
             "Adaptation and top-K time of the users of one batch",
             adaptation_seconds.clone(),
         );
         let users_adapted = Counter::default();
-        registry.register("users_adapted", "Users adapted", users_adapted.clone());
+        registry.register("adapt_users", "Users adapted", users_adapted.clone());
         let freshness = Family::<KindLabel, Histogram>::new_with_constructor(
             (|| Histogram::new(exponential_buckets(1e-3, 2.0, 20))) as fn() -> Histogram,
         );
         registry.register(
-            "freshness_seconds",
+            "publish_freshness_seconds",
             "Publish time minus the event's Kafka time, by kind (item, edge, user)",
             freshness.clone(),
         );
@@ -274,29 +305,70 @@ impl Metrics {
         );
         let lag = Family::<TopicPartition, Gauge>::default();
         registry.register(
-            "consumer_lag",
+            "ingest_consumer_lag_messages",
             "Messages behind the end of each assigned partition",
             lag.clone(),
         );
         let model = Family::<Version, Gauge>::default();
-        registry.register("model_info", "The model version served (1)", model.clone());
+        registry.register(
+            "serve_model_info",
+            "The model version served (1)",
+            model.clone(),
+        );
         let published = Family::<KindLabel, Counter>::default();
         registry.register(
-            "published",
+            "publish_keys",
             "Keys published, by kind (item, user, recs)",
             published.clone(),
         );
         let offsets = Counter::default();
         registry.register(
-            "offsets_stored",
+            "publish_offsets_stored",
             "Partition offsets stored for commit after publishing",
             offsets.clone(),
         );
+        let errors = Family::<StageKind, Counter>::default();
+        registry.register(
+            "serve_errors",
+            "Runtime errors by stage (start, ingest, text, core, publish) and kind (retryable, fatal)",
+            errors.clone(),
+        );
+        let quality_interactions = Counter::default();
+        registry.register(
+            "quality_interactions",
+            "Interactions with an item new to a user who had a published list (prequential evaluation)",
+            quality_interactions.clone(),
+        );
+        let quality_hits = Counter::default();
+        registry.register(
+            "quality_hits",
+            "Of them, interactions whose item was in the user's last published list (hit rate = hits / interactions)",
+            quality_hits.clone(),
+        );
+        let quality_rr = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "quality_reciprocal_rank",
+            "Sum of 1/rank of the item in the user's last published list, 0 when absent (MRR = this / interactions)",
+            quality_rr.clone(),
+        );
+        let quality_rank =
+            Histogram::new([1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0].into_iter());
+        registry.register(
+            "quality_hit_rank",
+            "Rank of a hit in the user's last published list",
+            quality_rank.clone(),
+        );
         Self {
             registry,
+            errors,
+            quality_interactions,
+            quality_hits,
+            quality_rr,
+            quality_rank,
             events,
             dlq,
             unknown_relations,
+            unknown_seen: Mutex::new(Default::default()),
             graph_items,
             graph_edges,
             propagation_edits,
@@ -349,11 +421,49 @@ impl Metrics {
 
     /// A relation event the model does not know.
     pub fn unknown_relation(&self, relation: &str) {
-        self.unknown_relations
-            .get_or_create(&Relation {
-                relation: relation.into(),
+        self.unknown_relations.inc();
+        // The name comes from input data: a counter label would be unbounded,
+        // so it goes to the log, once per name, for the first 100 names.
+        let mut seen = self
+            .unknown_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if seen.len() < 100 && seen.insert(relation.to_string()) {
+            tracing::warn!(relation = %relation.chars().take(64).collect::<String>(), "relation unknown to the model: its events are ignored");
+        }
+    }
+
+    /// One runtime error of `stage` (see `crate::serve::error`).
+    pub fn error(&self, stage: &str, kind: &str) {
+        self.errors
+            .get_or_create(&StageKind {
+                stage: stage.into(),
+                kind: kind.into(),
             })
             .inc();
+    }
+
+    /// One interaction of a user with an item new to them, the user having a
+    /// published list: the item's 0-based position in that list, if there.
+    pub fn prequential(&self, rank: Option<usize>) {
+        self.quality_interactions.inc();
+        if let Some(r) = rank {
+            self.quality_hits.inc();
+            self.quality_rr.inc_by(1.0 / (r + 1) as f64);
+            self.quality_rank.observe((r + 1) as f64);
+        }
+    }
+
+    /// The prequential quality so far.
+    pub fn prequential_summary(&self) -> Prequential {
+        let n = self.quality_interactions.get();
+        let d = n.max(1) as f64;
+        Prequential {
+            interactions: n,
+            hits: self.quality_hits.get(),
+            hit_rate: self.quality_hits.get() as f64 / d,
+            mrr: self.quality_rr.get() / d,
+        }
     }
 
     /// Graph size.
@@ -651,15 +761,54 @@ mod tests {
         m.inference("item_fusion", "cpu", 10, 0.002);
         m.set_model("v1");
         m.set_model("v2");
+        for n in 0..300 {
+            m.unknown_relation(&format!("made-up-{n}"));
+        }
         let t = m.encode();
         assert!(
-            t.contains("thaw_events_total{topic=\"items\",outcome=\"applied\"} 1"),
+            t.contains("thaw_ingest_events_total{topic=\"items\",outcome=\"applied\"} 1"),
             "{t}"
         );
-        assert!(t.contains("thaw_dlq_total{reason=\"json\"} 1"));
+        assert!(t.contains("thaw_ingest_dead_letters_total{reason=\"json\"} 1"));
         assert!(t.contains("model=\"item_fusion\",provider=\"cpu\""));
-        assert!(t.contains("thaw_model_info{version=\"v2\"} 1"));
+        assert!(t.contains("thaw_serve_model_info{version=\"v2\"} 1"));
         assert!(!t.contains("version=\"v1\""));
+        assert!(t.contains("thaw_core_unknown_relations_total 300"));
+        assert!(!t.contains("made-up"), "no label from input data");
+        m.prequential(Some(0));
+        m.prequential(Some(3));
+        m.prequential(None);
+        m.prequential(None);
+        let q = m.prequential_summary();
+        assert_eq!((q.interactions, q.hits), (4, 2));
+        assert!((q.hit_rate - 0.5).abs() < 1e-12);
+        assert!((q.mrr - (1.0 + 0.25) / 4.0).abs() < 1e-12);
+        assert!(m.encode().contains("thaw_quality_hits_total 2"));
+        assert_eq!(
+            m.unknown_seen.lock().unwrap().len(),
+            100,
+            "names logged are capped"
+        );
+    }
+
+    /// Every family is named `thaw_<stage>_<what>[_<unit>]`, the stage one of
+    /// the engine's.
+    #[test]
+    fn names_follow_the_stage_convention() {
+        let t = Metrics::new().encode();
+        let stages = [
+            "ingest", "infer", "graph", "core", "adapt", "publish", "serve", "quality",
+        ];
+        for line in t.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let name = line.split_whitespace().nth(2).unwrap();
+            let stage = name
+                .strip_prefix("thaw_")
+                .unwrap()
+                .split('_')
+                .next()
+                .unwrap();
+            assert!(stages.contains(&stage), "{name}: stage {stage:?}");
+        }
     }
 
     #[test]

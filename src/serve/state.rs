@@ -18,78 +18,19 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use ndarray::{Array1, Array2, Array3, ArrayView2};
 
-use super::adapt::{adapt_user, key, rank_users, AdaptConfig, Catalogue};
 use super::metrics::Metrics;
+use crate::adapt::{adapt_user, key, rank_users, AdaptConfig, Catalogue};
 use crate::graph::co::{CoGraph, EdgeChange};
 use crate::graph::{Batch, Pkg, Propagator, PropagatorConfig};
 use crate::infer::item::{ItemModels, ItemModelsConfig};
+use crate::infer::stage::embed_texts;
 use crate::infer::text::{TextEncoder, TextEncoderConfig};
+use crate::ingest::batch::Msg;
 use crate::ingest::Event;
+use crate::publish::{ItemOut, Publish, UserOut};
 use crate::train::features::category_bag;
 use crate::train::mpkg::BIAS_FEATURES;
 use crate::train::ModelCard;
-
-/// A decoded event and when it entered Kafka (the message timestamp, ms),
-/// from which freshness is measured.
-#[derive(Debug, Clone)]
-pub struct Msg {
-    /// The event.
-    pub event: Event,
-    /// Kafka message timestamp, ms since the epoch.
-    pub kafka_ms: Option<i64>,
-    /// For an item event, its text's embedding when the text stage computed
-    /// it already ([`embed_texts`]); else [`Core::apply`] does.
-    pub text: Option<Vec<f32>>,
-}
-
-impl Msg {
-    /// A message whose text is not embedded yet.
-    pub fn new(event: Event, kafka_ms: Option<i64>) -> Self {
-        Self {
-            event,
-            kafka_ms,
-            text: None,
-        }
-    }
-}
-
-/// The text of an item event the encoder embeds: `title. description`, or
-/// whichever of the two is there.
-pub fn item_text(e: &crate::ingest::ItemEvent) -> String {
-    match e.description.as_deref() {
-        Some(d) if !d.is_empty() && !e.title.is_empty() => format!("{}. {d}", e.title),
-        Some(d) if !d.is_empty() => d.to_string(),
-        _ => e.title.clone(),
-    }
-}
-
-/// Embeds the text of every item event in `msgs` that has none yet (the
-/// text stage, run ahead of [`Core::apply`] on its own thread). An empty
-/// text gets a zero vector. Returns the number of texts embedded.
-pub fn embed_texts(text: &TextEncoder, msgs: &mut [Msg]) -> Result<usize> {
-    let mut todo: Vec<(usize, String)> = Vec::new();
-    for (k, m) in msgs.iter().enumerate() {
-        if let (Event::Item(e), None) = (&m.event, &m.text) {
-            todo.push((k, item_text(e)));
-        }
-    }
-    let nonempty: Vec<&(usize, String)> = todo.iter().filter(|(_, t)| !t.is_empty()).collect();
-    let strs: Vec<&str> = nonempty.iter().map(|(_, t)| t.as_str()).collect();
-    let emb = if strs.is_empty() {
-        Array2::zeros((0, text.dim()))
-    } else {
-        text.embed(&strs)?
-    };
-    for (row, (k, _)) in nonempty.iter().enumerate() {
-        msgs[*k].text = Some(emb.row(row).to_vec());
-    }
-    for (k, t) in &todo {
-        if t.is_empty() {
-            msgs[*k].text = Some(vec![0.0; text.dim()]);
-        }
-    }
-    Ok(todo.len())
-}
 
 /// Whether a batch is live (its effects are published) or re-read from the
 /// log after a restart (state only: its effects were published before).
@@ -99,49 +40,6 @@ pub enum Mode {
     Live,
     /// Rebuild state only.
     Restore,
-}
-
-/// An item embedding to publish.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ItemOut {
-    /// Item id.
-    pub id: String,
-    /// Embedding.
-    pub emb: Vec<f32>,
-    /// Time of the item's latest item event, ms.
-    pub ts: u64,
-}
-
-/// A user embedding and list to publish.
-#[derive(Debug, Clone, PartialEq)]
-pub struct UserOut {
-    /// User id.
-    pub id: String,
-    /// Adapted embedding.
-    pub emb: Vec<f32>,
-    /// Time of the user's latest interaction, ms.
-    pub ts: u64,
-    /// Top-K item ids with scores, best first (the user's own items excluded).
-    pub recs: Vec<(String, f32)>,
-}
-
-/// What one batch changed, to publish.
-#[derive(Debug, Clone, Default)]
-pub struct Publish {
-    /// Item embeddings.
-    pub items: Vec<ItemOut>,
-    /// Users.
-    pub users: Vec<UserOut>,
-    /// `(kind, kafka timestamp ms)` of the events whose effects this carries
-    /// (kinds `item`, `edge`, `user`), for freshness.
-    pub sources: Vec<(&'static str, i64)>,
-}
-
-impl Publish {
-    /// Nothing to write.
-    pub fn is_empty(&self) -> bool {
-        self.items.is_empty() && self.users.is_empty()
-    }
 }
 
 /// Outcome counts of one batch, per topic name.
@@ -188,6 +86,9 @@ struct UserState {
     /// kept when the model has a `co_liked` relation).
     liked: Vec<u32>,
     ts: u64,
+    /// The slots of the user's last published list, best first: where the
+    /// next item they reach is looked up (prequential quality).
+    last: Vec<u32>,
 }
 
 /// The PKG's behavioural relations, learnt from the interactions as they are
@@ -566,6 +467,10 @@ impl Core {
                     user.ts = user.ts.max(e.ts);
                     let key = self.keys[s as usize];
                     if !user.items.contains(&s) {
+                        if mode == Mode::Live && !user.last.is_empty() {
+                            let rank = user.last.iter().position(|&x| x == s);
+                            self.metrics.prequential(rank);
+                        }
                         learn(&mut self.behavioural.co, &mut self.pkg, &user.items, s, key)?;
                         user.items.push(s);
                         let slot = &mut self.slots[s as usize];
@@ -715,7 +620,7 @@ impl Core {
         // Users with new interactions.
         let dirty: Vec<String> = std::mem::take(&mut self.dirty_users).into_iter().collect();
         let t_users = Instant::now();
-        out.users = self.user_outs(&dirty);
+        out.users = self.publish_users(&dirty);
         let users_s = t_users.elapsed().as_secs_f64();
         let published: BTreeSet<&str> = out.users.iter().map(|u| u.id.as_str()).collect();
         for (u, k) in user_sources {
@@ -760,7 +665,7 @@ impl Core {
         users.sort();
         Ok(Publish {
             items: items.iter().map(|&s| self.item_out(s)).collect(),
-            users: self.user_outs(&users),
+            users: self.publish_users(&users),
             sources: Vec::new(),
         })
     }
@@ -810,7 +715,7 @@ impl Core {
         users.sort();
         Ok(Publish {
             items,
-            users: self.user_outs(&users),
+            users: self.publish_users(&users),
             sources: Vec::new(),
         })
     }
@@ -973,9 +878,10 @@ impl Core {
         a
     }
 
-    fn user_outs(&self, users: &[String]) -> Vec<UserOut> {
+    /// The users' embeddings and lists, and each list's slots.
+    fn user_outs(&self, users: &[String]) -> (Vec<UserOut>, Vec<Vec<u32>>) {
         if users.is_empty() {
-            return Vec::new();
+            return Default::default();
         }
         let t0 = Instant::now();
         let bias = self.bias();
@@ -992,6 +898,14 @@ impl Core {
             fresh: fresh
                 .as_ref()
                 .map(|p| (p.view(), self.model.card.fresh_weight)),
+            pool: None,
+        };
+        // The negatives' pool, once for the whole batch of users.
+        let pool = (self.adapt.negative_pool > 0)
+            .then(|| crate::adapt::negative_pool(&cat, self.adapt.negative_pool));
+        let cat = Catalogue {
+            pool: pool.as_deref(),
+            ..cat
         };
         let mut adapted: Vec<(&String, &UserState, Array1<f32>)> = Vec::with_capacity(users.len());
         for id in users {
@@ -1007,6 +921,10 @@ impl Core {
             .map(|(_, u, v)| (v.view(), u.items.as_slice()))
             .collect();
         let lists = rank_users(&cat, &queries, self.top_k);
+        let slots = lists
+            .iter()
+            .map(|l| l.iter().map(|&(s, _)| s).collect())
+            .collect();
         let out: Vec<UserOut> = adapted
             .iter()
             .zip(lists)
@@ -1022,6 +940,18 @@ impl Core {
             .collect();
         self.metrics
             .adaptation(out.len(), t0.elapsed().as_secs_f64());
+        (out, slots)
+    }
+
+    /// [`Core::user_outs`], each user's list kept as their last published
+    /// one (for the prequential quality of their next interaction).
+    fn publish_users(&mut self, users: &[String]) -> Vec<UserOut> {
+        let (out, slots) = self.user_outs(users);
+        for (o, list) in out.iter().zip(slots) {
+            if let Some(u) = self.users.get_mut(&o.id) {
+                u.last = list;
+            }
+        }
         out
     }
 

@@ -3,7 +3,7 @@
 //! 2017) over MPKG's item embeddings, meta-trained on tasks chosen by an
 //! adaptive task scheduler (MetaKG eq. 18).
 //!
-//! The engine adapts a user from their items ([`crate::serve::adapt`]): a
+//! The engine adapts a user from their items ([`crate::adapt`]): a
 //! starting point from the mean of their items, then BPR steps against
 //! hashed negatives. Here that path is learned as MetaKG learns its local
 //! update (eqs. 19, 21): a *task* is a meta-training user whose items are
@@ -46,7 +46,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::{Result, TrainError};
-use crate::serve::adapt::{self, Catalogue, MetaAdapt};
+use crate::adapt::{self, Catalogue, MetaAdapt};
 
 /// The file in a model folder holding the meta-learned adaptation.
 pub const FILE: &str = "meta_adapt.json";
@@ -164,6 +164,7 @@ impl MetaCatalogue<'_> {
             keys: self.keys,
             graph: self.graph,
             fresh: None,
+            pool: None,
         }
     }
 }

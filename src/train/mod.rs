@@ -100,7 +100,7 @@ pub struct TrainConfig {
     /// The per-user adaptation the engine and `thaw eval` run (written to
     /// `model.json`'s `user_adapt`).
     #[serde(default)]
-    pub user_adapt: crate::serve::adapt::AdaptConfig,
+    pub user_adapt: crate::adapt::AdaptConfig,
     /// Meta-training of the adaptation ([`meta_adapt`]).
     #[serde(default)]
     pub meta_adapt: meta_adapt::MetaAdaptConfig,
@@ -150,7 +150,7 @@ impl Default for TrainConfig {
             aware_neighbour_weights: default_aware_neighbour_weights(),
             fresh_weight: 0.0,
             aware_fresh_weight: 0.0,
-            user_adapt: crate::serve::adapt::AdaptConfig::default(),
+            user_adapt: crate::adapt::AdaptConfig::default(),
             meta_adapt: meta_adapt::MetaAdaptConfig::default(),
         }
     }
@@ -199,11 +199,11 @@ pub struct ModelCard {
     /// The engine's per-user adaptation (`thaw serve`): steps and learning
     /// rate of BPR on a user's items from the mean of their embeddings.
     #[serde(default)]
-    pub user_adapt: crate::serve::adapt::AdaptConfig,
+    pub user_adapt: crate::adapt::AdaptConfig,
     /// The meta-learned adaptation (`meta_adapt.json` beside `model.json`),
     /// attached to `user_adapt` on load; `None` for a model without one.
     #[serde(skip)]
-    pub meta_adapt: Option<std::sync::Arc<crate::serve::adapt::MetaAdapt>>,
+    pub meta_adapt: Option<std::sync::Arc<crate::adapt::MetaAdapt>>,
     /// Wall times and loss curves.
     pub training: serde_json::Value,
 }
@@ -535,7 +535,7 @@ fn train_meta_adapt(
         per_user
     };
     let user_keys: Vec<u64> = (0..ds.users.len() as u32)
-        .map(|u| crate::serve::adapt::key(ds.users.id(u)))
+        .map(|u| crate::adapt::key(ds.users.id(u)))
         .collect();
     let tasks = meta_adapt::tasks(&ordered, &user_keys, &cfg.meta_adapt);
     // Every user's items without their task's query items.
@@ -564,7 +564,7 @@ fn train_meta_adapt(
     let bias = item_bias(&bias_sub, &model.bias_weights()?);
     let keys: Vec<u64> = items
         .iter()
-        .map(|&i| crate::serve::adapt::key(ds.items.id(i)))
+        .map(|&i| crate::adapt::key(ds.items.id(i)))
         .collect();
     let weights = weights_for(&cfg.neighbour_weights, pkg.relations());
     let to_slots = |v: &[u32]| v.iter().map(|i| slot[i]).collect::<Vec<u32>>();

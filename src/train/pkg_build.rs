@@ -298,7 +298,7 @@ pub fn build_pkg(
     let (co, liked) = behavioural(
         cfg,
         &stream,
-        |i| crate::serve::adapt::key(ds.items.id(i)),
+        |i| crate::adapt::key(ds.items.id(i)),
         with_likes.then_some(&is_liked as &dyn Fn(u32, u32) -> bool),
     );
     for (r, g) in std::iter::once(&co).chain(liked.as_ref()).enumerate() {

@@ -19,7 +19,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -32,8 +31,8 @@ use crate::graph::{Pkg, Propagator, PropagatorConfig};
 use crate::ingest::{Event, InteractionEvent, ItemEvent, Kind, Op, RelationEvent};
 use crate::kafka::{EmbeddedBroker, KafkaSettings};
 use crate::serve::config::Settings;
-use crate::serve::metrics::{Health, Metrics, Quantiles};
-use crate::serve::Progress;
+use crate::serve::metrics::Quantiles;
+use crate::serve::{Engine, EngineHandle, Progress};
 
 /// The relations of the synthetic catalogue and their edges per item.
 pub const RELATIONS: [(&str, usize); 3] = [
@@ -881,7 +880,7 @@ fn live_events(synth: &Synth, o: &BenchOptions, rate: f64, phase: usize, ts: u64
 /// Returns the time it took.
 async fn wait_idle(
     progress: &Progress,
-    engine: &tokio::task::JoinHandle<Result<()>>,
+    engine: &EngineHandle,
     target: usize,
     what: &str,
 ) -> Result<Duration> {
@@ -899,7 +898,7 @@ async fn wait_idle(
 /// stopped first. Returns the time the first new message was published.
 async fn wait_published(
     progress: &Progress,
-    engine: &tokio::task::JoinHandle<Result<()>>,
+    engine: &EngineHandle,
     target: usize,
     limit: Duration,
 ) -> Result<Option<Instant>> {
@@ -1001,7 +1000,7 @@ pub async fn run(o: &BenchOptions) -> Result<BenchReport> {
     let brokers = broker.bootstrap_servers().to_string();
     let kafka = KafkaSettings::with_brokers(&brokers);
     eprintln!("producing {total} events");
-    crate::replay::produce(&events, &kafka, None).await?;
+    crate::tools::replay::produce(&events, &kafka, None).await?;
     drop(events);
     eprintln!("bare consumer");
     let (bare, total) = bare_consumer(&brokers, total).await?;
@@ -1020,22 +1019,14 @@ pub async fn run(o: &BenchOptions) -> Result<BenchReport> {
     s.graph.tolerance = o.tolerance;
     s.users.refresh_all_when_idle = false;
     s.users.top_k = 20;
-    let metrics = Arc::new(Metrics::new());
-    let health = Arc::new(Health::default());
-    let progress = Arc::new(Progress::default());
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let engine = tokio::spawn(crate::serve::run(
-        s.clone(),
-        metrics.clone(),
-        health.clone(),
-        progress.clone(),
-        stop_rx,
-    ));
+    s.http.listen = "127.0.0.1:0".into();
+    let engine = Engine::start(s.clone()).await?;
+    let (metrics, progress) = (engine.metrics.clone(), engine.progress.clone());
     eprintln!("thaw: {total} events");
     // Clock from the first published message, as for the bare consumer.
     let limit = Duration::from_secs(1800);
     let Some(start) = wait_published(&progress, &engine, total, limit).await? else {
-        engine.await??;
+        engine.wait().await?;
         bail!("the engine stopped");
     };
     let thaw_rate = total as f64 / start.elapsed().as_secs_f64().max(1e-9);
@@ -1064,13 +1055,13 @@ pub async fn run(o: &BenchOptions) -> Result<BenchReport> {
             o.item_share * 100.0
         );
         let t_live = Instant::now();
-        crate::replay::produce(&live, &kafka, Some(rate)).await?;
+        crate::tools::replay::produce(&live, &kafka, Some(rate)).await?;
         published += live_n;
         if wait_published(&progress, &engine, published, Duration::from_secs(600))
             .await?
             .is_none()
         {
-            engine.await??;
+            engine.wait().await?;
             bail!("the engine stopped");
         }
         let applied = live_n as f64 / t_live.elapsed().as_secs_f64().max(1e-9);
@@ -1099,14 +1090,13 @@ pub async fn run(o: &BenchOptions) -> Result<BenchReport> {
         });
         wait_idle(&progress, &engine, published, "after a freshness phase").await?;
     }
-    let _ = stop_tx.send(true);
-    engine.await??;
+    engine.shutdown().await?;
     // Clean up Redis keys of the run.
     if let Ok(mut c) = redis::Client::open(o.redis_url.as_str())?
         .get_multiplexed_async_connection()
         .await
     {
-        let _ = crate::serve::publish::clear_prefix(&mut c, &s.redis.prefix).await;
+        let _ = crate::publish::clear_prefix(&mut c, &s.redis.prefix).await;
     }
     let _ = std::fs::remove_dir_all(&model_dir);
     eprintln!("redis-benchmark");

@@ -39,6 +39,11 @@ pub struct AdaptConfig {
     /// is within a few per cent of the one over a whole catalogue, at a fixed
     /// cost whatever the catalogue's size.
     pub negatives: usize,
+    /// Size of the negatives' pool ([`negative_pool`]): a user's negatives
+    /// are drawn among these many active items, picked once per batch of
+    /// users, rather than by a pass over the whole catalogue per user.
+    /// Default 4096; 0: no pool.
+    pub negative_pool: usize,
     /// Run the model's meta-learned adaptation ([`MetaAdapt`], the model
     /// folder's `meta_adapt.json`) when it has one: its starting point, step
     /// count and per-dimension learning rates replace `steps`, `lr` and `l2`.
@@ -117,6 +122,7 @@ impl Default for AdaptConfig {
             l2: 0.1,
             max_positives: 64,
             negatives: 256,
+            negative_pool: 4096,
             meta_learned: true,
             meta: None,
         }
@@ -157,6 +163,9 @@ pub struct Catalogue<'a> {
     /// adds [`crate::train::fresh::add_fresh_scores`] of the user's items, as
     /// `thaw eval` does. `None` for no term.
     pub fresh: Option<(ArrayView1<'a, f32>, f32)>,
+    /// The slots negatives are drawn among ([`negative_pool`]); `None`: every
+    /// active slot.
+    pub pool: Option<&'a [u32]>,
 }
 
 impl Catalogue<'_> {
@@ -211,9 +220,44 @@ fn positives(cat: &Catalogue<'_>, items: &[u32], cfg: &AdaptConfig) -> Vec<u32> 
     pos
 }
 
+/// A salt of the pool's hash, so the pool is not the set of slots every
+/// user's draw would favour.
+const POOL_SALT: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// The negatives' pool of a catalogue: the `size` active slots with the
+/// smallest `mix(keys[s] ^ POOL_SALT)`, a uniform sample of the active items
+/// that depends on their ids only (not on slot order), sorted by slot. All of
+/// them when there are fewer. One pass over the catalogue, done once for a
+/// batch of users (the engine) or an evaluation, instead of once per user.
+pub fn negative_pool(cat: &Catalogue<'_>, size: usize) -> Vec<u32> {
+    let all = 0..cat.emb.nrows().min(cat.keys.len()) as u32;
+    let mut pool = smallest(cat, all, &[], POOL_SALT, size);
+    pool.sort_unstable();
+    pool
+}
+
 /// The user's negatives: the `n` active slots outside `items` with the
-/// smallest `mix(keys[s] ^ user)`, in that order (see the module docs).
+/// smallest `mix(keys[s] ^ user)`, in that order (see the module docs),
+/// among the catalogue's [`Catalogue::pool`] when it has one.
 pub fn negatives(cat: &Catalogue<'_>, items: &[u32], user: u64, n: usize) -> Vec<u32> {
+    match cat.pool {
+        Some(pool) => smallest(cat, pool.iter().copied(), items, user, n),
+        None => {
+            let all = 0..cat.emb.nrows().min(cat.keys.len()) as u32;
+            smallest(cat, all, items, user, n)
+        }
+    }
+}
+
+/// The `n` active slots of `candidates` outside `items` with the smallest
+/// `(mix(keys[s] ^ salt), keys[s])`, in that order.
+fn smallest(
+    cat: &Catalogue<'_>,
+    candidates: impl Iterator<Item = u32>,
+    items: &[u32],
+    salt: u64,
+    n: usize,
+) -> Vec<u32> {
     if n == 0 {
         return Vec::new();
     }
@@ -221,11 +265,14 @@ pub fn negatives(cat: &Catalogue<'_>, items: &[u32], user: u64, n: usize) -> Vec
     sorted.sort_unstable();
     // A max-heap of the n smallest (hash, key) pairs seen so far.
     let mut heap: BinaryHeap<(u64, u64, u32)> = BinaryHeap::with_capacity(n + 1);
-    for (s, &k) in cat.keys.iter().enumerate().take(cat.emb.nrows()) {
-        if !cat.is_active(s) {
+    for s in candidates {
+        if !cat.is_active(s as usize) {
             continue;
         }
-        let h = mix(k ^ user);
+        let Some(&k) = cat.keys.get(s as usize) else {
+            continue;
+        };
+        let h = mix(k ^ salt);
         if heap.len() == n {
             if let Some(&(top, tk, _)) = heap.peek() {
                 if (h, k) >= (top, tk) {
@@ -233,10 +280,10 @@ pub fn negatives(cat: &Catalogue<'_>, items: &[u32], user: u64, n: usize) -> Vec
                 }
             }
         }
-        if sorted.binary_search(&(s as u32)).is_ok() {
+        if sorted.binary_search(&s).is_ok() {
             continue;
         }
-        heap.push((h, k, s as u32));
+        heap.push((h, k, s));
         if heap.len() > n {
             heap.pop();
         }
@@ -488,6 +535,7 @@ mod tests {
                 keys: &self.keys,
                 graph: self.graph.as_ref().map(|(g, w)| (g, w.as_slice())),
                 fresh: self.fresh.as_ref().map(|(p, w)| (p.view(), *w)),
+                pool: None,
             }
         }
     }
@@ -548,6 +596,51 @@ mod tests {
         // Another user, another draw; fewer candidates than asked, all of them.
         assert_ne!(negatives(&c.cat(), &items, key("bob"), 50), negs);
         assert_eq!(negatives(&c.cat(), &items, user, 1000).len(), 496);
+    }
+
+    #[test]
+    fn the_pool_is_a_draw_of_ids_and_negatives_come_from_it() {
+        let mut c = random(2000, 4, 5);
+        c.active[7] = false;
+        let pool = negative_pool(&c.cat(), 300);
+        assert_eq!(pool.len(), 300);
+        assert!(pool.windows(2).all(|w| w[0] < w[1]), "sorted, distinct");
+        assert!(!pool.contains(&7), "active slots only");
+        // The same ids in other slots: the same items pooled.
+        let perm: Vec<usize> = (0..2000).rev().collect();
+        let moved = Owned {
+            e: c.e.select(Axis(0), &perm),
+            b: c.b.select(Axis(0), &perm),
+            active: perm.iter().map(|&i| c.active[i]).collect(),
+            keys: perm.iter().map(|&i| c.keys[i]).collect(),
+            graph: None,
+            fresh: None,
+        };
+        let mut back: Vec<u32> = negative_pool(&moved.cat(), 300)
+            .iter()
+            .map(|&j| 1999 - j)
+            .collect();
+        back.sort_unstable();
+        assert_eq!(back, pool);
+        // A user's negatives: within the pool, outside their items, the
+        // user's own draw among the pooled ones.
+        let items = [pool[0], pool[5], 11];
+        let cat = Catalogue {
+            pool: Some(&pool),
+            ..c.cat()
+        };
+        let negs = negatives(&cat, &items, key("alice"), 50);
+        assert_eq!(negs.len(), 50);
+        assert!(negs.iter().all(|j| pool.contains(j) && !items.contains(j)));
+        assert_ne!(negatives(&cat, &items, key("bob"), 50), negs);
+        // Asking for more than the pool holds gives the pool less the items.
+        assert_eq!(negatives(&cat, &items, key("alice"), 1000).len(), 298);
+        // adapt_user runs with a pool as without: a vector of the right size.
+        let cfg = AdaptConfig::default();
+        assert_eq!(
+            adapt_user(&cat, &items, key("alice"), &cfg).unwrap().len(),
+            4
+        );
     }
 
     #[test]

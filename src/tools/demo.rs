@@ -7,20 +7,18 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use serde::Serialize;
-use tokio::sync::watch;
-
-use super::config::Settings;
-use super::metrics::{Health, Metrics, Quantiles};
-use super::{publish, Progress};
 use crate::dataset::Dataset;
 use crate::eval::metrics::{user_metrics, ScenarioMetrics};
 use crate::eval::split::Split;
 use crate::kafka::{EmbeddedBroker, KafkaSettings};
+use crate::publish;
+use crate::serve::config::Settings;
+use crate::serve::metrics::Quantiles;
+use crate::serve::{Engine, EngineHandle, Progress};
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
 
 /// Settings of `thaw demo`.
 #[derive(Debug, Clone)]
@@ -106,6 +104,10 @@ pub struct DemoReport {
     pub model: String,
     /// Execution provider.
     pub provider: String,
+    /// Prequential quality of the live phase: each support interaction of
+    /// the scenario users scored against the list Redis held for the user
+    /// just before it (HitRate@K, MRR@K over the engine's top K).
+    pub online_quality: crate::serve::metrics::Prequential,
 }
 
 async fn redis_connection(
@@ -164,11 +166,7 @@ async fn redis_connection(
 
 /// Waits until `n` messages are published and an idle refresh ran after
 /// them (so the lists reflect the final catalogue).
-async fn wait_published(
-    progress: &Progress,
-    n: u64,
-    engine: &tokio::task::JoinHandle<Result<()>>,
-) -> Result<()> {
+async fn wait_published(progress: &Progress, n: u64, engine: &EngineHandle) -> Result<()> {
     let mut last = 0;
     let mut last_change = Instant::now();
     loop {
@@ -225,29 +223,11 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport> {
     settings.users.top_k = settings.users.top_k.max(args.k);
     settings.model.reload_check_secs = 0;
 
-    let metrics = Arc::new(Metrics::new());
-    let health = Arc::new(Health::default());
-    let progress = Arc::new(Progress::default());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let listener = tokio::net::TcpListener::bind(&settings.http.listen)
-        .await
-        .with_context(|| format!("binding {}", settings.http.listen))?;
-    eprintln!("metrics: http://{}/metrics", listener.local_addr()?);
-    let http = {
-        let (m, h, mut s) = (metrics.clone(), health.clone(), stop_rx.clone());
-        tokio::spawn(super::metrics::serve_http(listener, m, h, async move {
-            let _ = s.changed().await;
-        }))
-    };
-    let engine = tokio::spawn(super::run(
-        settings.clone(),
-        metrics.clone(),
-        health.clone(),
-        progress.clone(),
-        stop_rx.clone(),
-    ));
+    let engine = Engine::start(settings.clone()).await?;
+    eprintln!("metrics: http://{}/metrics", engine.http_addr());
+    let (metrics, progress) = (engine.metrics.clone(), engine.progress.clone());
 
-    let events = crate::replay::dataset_events(&ds, Some(&split), &card.config.pkg)?;
+    let events = crate::tools::replay::dataset_events(&ds, Some(&split), &card.config.pkg)?;
     let total = events.len() as u64;
     // Phase 1, the history (items, edges, meta-training interactions), as
     // fast as the engine takes it: throughput. Phase 2, the scenario users'
@@ -264,7 +244,7 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport> {
         args.rate.map_or("an unthrottled rate".to_string(), |r| format!("{r:.0}"))
     );
     let t0 = Instant::now();
-    let s1 = crate::replay::produce(&events[..history], &settings.kafka, None).await?;
+    let s1 = crate::tools::replay::produce(&events[..history], &settings.kafka, None).await?;
     wait_published(&progress, history as u64, &engine).await?;
     let elapsed = t0.elapsed().as_secs_f64();
     eprintln!(
@@ -272,7 +252,8 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport> {
         s1.events, s1.seconds, elapsed
     );
     metrics.reset_freshness();
-    let s2 = crate::replay::produce(&events[history..], &settings.kafka, args.rate).await?;
+    let before = metrics.prequential_summary();
+    let s2 = crate::tools::replay::produce(&events[history..], &settings.kafka, args.rate).await?;
     wait_published(&progress, total, &engine).await?;
     eprintln!("live: {} events produced in {:.1} s", s2.events, s2.seconds);
 
@@ -414,11 +395,21 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport> {
         lists_overlap: overlap / compared.max(1) as f64,
         model: card.version.clone(),
         provider: metrics.provider_name(),
+        online_quality: {
+            let after = metrics.prequential_summary();
+            let n = after.interactions - before.interactions;
+            let d = n.max(1) as f64;
+            crate::serve::metrics::Prequential {
+                interactions: n,
+                hits: after.hits - before.hits,
+                hit_rate: (after.hits - before.hits) as f64 / d,
+                mrr: (after.mrr * after.interactions as f64
+                    - before.mrr * before.interactions as f64)
+                    / d,
+            }
+        },
     };
-    let _ = stop_tx.send(true);
-    let r = engine.await?;
-    let _ = http.await;
-    r?;
+    engine.shutdown().await?;
     drop(broker);
     if let Some(mut c) = redis_child {
         let _ = c.kill();
@@ -469,6 +460,11 @@ pub fn render(r: &DemoReport) -> String {
         r.lists_identical,
         r.lists_compared,
         100.0 * r.lists_overlap
+    );
+    let q = &r.online_quality;
+    s += &format!(
+        "online quality of the live phase (prequential: each interaction against the user's list just before it): HitRate@{} {:.3}, MRR@{} {:.3} over {} interactions\n",
+        r.k, q.hit_rate, r.k, q.mrr, q.interactions
     );
     s
 }

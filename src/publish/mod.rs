@@ -24,9 +24,53 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use redis::aio::MultiplexedConnection;
 
-use super::config::RedisSettings;
-use super::metrics::{Health, Metrics};
-use super::state::{Publish, UserOut};
+use crate::serve::config::RedisSettings;
+use crate::serve::metrics::{Health, Metrics};
+
+pub mod stage;
+
+/// An item embedding to publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemOut {
+    /// Item id.
+    pub id: String,
+    /// Embedding.
+    pub emb: Vec<f32>,
+    /// Time of the item's latest item event, ms.
+    pub ts: u64,
+}
+
+/// A user embedding and list to publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserOut {
+    /// User id.
+    pub id: String,
+    /// Adapted embedding.
+    pub emb: Vec<f32>,
+    /// Time of the user's latest interaction, ms.
+    pub ts: u64,
+    /// Top-K item ids with scores, best first (the user's own items excluded).
+    pub recs: Vec<(String, f32)>,
+}
+
+/// What one batch changed, to publish.
+#[derive(Debug, Clone, Default)]
+pub struct Publish {
+    /// Item embeddings.
+    pub items: Vec<ItemOut>,
+    /// Users.
+    pub users: Vec<UserOut>,
+    /// `(kind, kafka timestamp ms)` of the events whose effects this carries
+    /// (kinds `item`, `edge`, `user`), for freshness.
+    pub sources: Vec<(&'static str, i64)>,
+}
+
+impl Publish {
+    /// Nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty() && self.users.is_empty()
+    }
+}
 
 /// Little-endian bytes of an embedding.
 pub fn emb_bytes(v: &[f32]) -> Vec<u8> {
@@ -146,7 +190,16 @@ impl Publisher {
                         .redis_ok
                         .store(false, std::sync::atomic::Ordering::SeqCst);
                     self.conn = None;
-                    tracing::warn!(error = %e, retry_ms = delay.as_millis() as u64, pipelines = pending.len(), "Redis write failed; retrying");
+                    tracing::debug!(
+                        retry_ms = delay.as_millis() as u64,
+                        pipelines = pending.len(),
+                        "Redis write retry"
+                    );
+                    crate::serve::error::EngineError::retryable(
+                        crate::serve::error::Stage::Publish,
+                        anyhow::anyhow!("Redis write failed: {e}"),
+                    )
+                    .report(&self.metrics);
                     if *stop.borrow() {
                         anyhow::bail!("stopping with an unpublished batch: {e}");
                     }

@@ -1,0 +1,261 @@
+//! What flows between the engine's stages: decoded messages ([`Msg`]) in
+//! batches ([`Batch`]) with the offsets they complete, and the other work
+//! ingest sends down the same ordered channel ([`Work`]).
+//!
+//! [`Batcher`] is the ingest stage's open batch: messages are added as the
+//! consumer hands them over and the batch closes on its window or its size.
+//! [`coalesce`] is the core stage's side: under load, the batches queued
+//! behind the one it takes are applied with it.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use super::{Event, Topic};
+
+/// A decoded event and when it entered Kafka (the message timestamp, ms),
+/// from which freshness is measured.
+#[derive(Debug, Clone)]
+pub struct Msg {
+    /// The event.
+    pub event: Event,
+    /// Kafka message timestamp, ms since the epoch.
+    pub kafka_ms: Option<i64>,
+    /// For an item event, its text's embedding when the text stage computed
+    /// it already; else the core computes it.
+    pub text: Option<Vec<f32>>,
+}
+
+impl Msg {
+    /// A message whose text is not embedded yet.
+    pub fn new(event: Event, kafka_ms: Option<i64>) -> Self {
+        Self {
+            event,
+            kafka_ms,
+            text: None,
+        }
+    }
+}
+
+/// Offset of the last message read, per (topic, partition): storing it
+/// (`rd_kafka_offset_store`) commits the offset after it.
+pub type Offsets = BTreeMap<(String, i32), i64>;
+
+/// Decoded messages with the offsets they complete.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// The accepted messages, in the order read.
+    pub msgs: Vec<Msg>,
+    /// Last offset per partition, stored once the batch is published.
+    pub offsets: Offsets,
+    /// Messages in the batch (dead-lettered and ignored ones included).
+    pub messages: u64,
+    /// Of them, messages of the item-relations topic.
+    pub relation_messages: u64,
+    /// When ingest closed the batch.
+    pub closed: Instant,
+}
+
+impl Batch {
+    /// Appends `later` (read after this batch): its messages follow, its
+    /// offsets win (offsets only grow within a partition).
+    pub fn absorb(&mut self, later: Batch) {
+        self.msgs.extend(later.msgs);
+        self.offsets.extend(later.offsets);
+        self.messages += later.messages;
+        self.relation_messages += later.relation_messages;
+    }
+
+    /// Whether any message is an item event (whose text needs embedding).
+    pub fn has_items(&self) -> bool {
+        self.msgs.iter().any(|m| matches!(m.event, Event::Item(_)))
+    }
+}
+
+/// What ingest sends down the pipeline, in order.
+#[derive(Debug)]
+pub enum Work {
+    /// Events to apply and publish.
+    Batch(Batch),
+    /// The input went quiet: refresh and reconcile.
+    Idle,
+    /// The model folder holds a new version: load and swap it.
+    Reload,
+}
+
+/// `w` merged with the batches queued behind it in `rx`, in order, while
+/// they hold at most `max` messages together; the first work that is no
+/// batch (or would pass `max`) is left in `held`.
+pub fn coalesce(
+    w: Work,
+    rx: &mut mpsc::Receiver<Work>,
+    held: &mut Option<Work>,
+    max: usize,
+) -> Work {
+    let Work::Batch(mut batch) = w else {
+        return w;
+    };
+    while let Ok(next) = rx.try_recv() {
+        match next {
+            Work::Batch(b) if batch.msgs.len() + b.msgs.len() <= max => batch.absorb(b),
+            other => {
+                *held = Some(other);
+                break;
+            }
+        }
+    }
+    Work::Batch(batch)
+}
+
+/// The ingest stage's open batch.
+#[derive(Debug, Default)]
+pub struct Batcher {
+    msgs: Vec<Msg>,
+    offsets: Offsets,
+    messages: u64,
+    relation_messages: u64,
+    /// Seconds each accepted message spent between Kafka and ingest.
+    delays: Vec<f64>,
+    opened: Option<Instant>,
+}
+
+impl Batcher {
+    /// Records one message read at `(topic, partition, offset)`: `msg` when
+    /// it was accepted (`None` when dead-lettered or ignored), with its
+    /// ingest delay in seconds when known. Opens the batch if none is open.
+    pub fn push(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        msg: Option<(Msg, Option<f64>)>,
+    ) {
+        self.opened.get_or_insert_with(Instant::now);
+        self.messages += 1;
+        if Topic::from_name(topic) == Some(Topic::ItemRelations) {
+            self.relation_messages += 1;
+        }
+        if let Some((m, delay)) = msg {
+            self.msgs.push(m);
+            self.delays.extend(delay);
+        }
+        self.offsets.insert((topic.to_string(), partition), offset);
+    }
+
+    /// When the open batch got its first message (`None`: no batch open).
+    pub fn opened(&self) -> Option<Instant> {
+        self.opened
+    }
+
+    /// Whether the batch holds `max` messages.
+    pub fn is_full(&self, max: usize) -> bool {
+        self.messages >= max.max(1) as u64
+    }
+
+    /// Closes the open batch: it and its messages' ingest delays, or `None`
+    /// when no batch is open.
+    pub fn close(&mut self) -> Option<(Batch, Vec<f64>)> {
+        self.opened.take()?;
+        let batch = Batch {
+            msgs: std::mem::take(&mut self.msgs),
+            offsets: std::mem::take(&mut self.offsets),
+            messages: std::mem::take(&mut self.messages),
+            relation_messages: std::mem::take(&mut self.relation_messages),
+            closed: Instant::now(),
+        };
+        Some((batch, std::mem::take(&mut self.delays)))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::ingest::{InteractionEvent, ItemEvent, Kind, Op, RelationEvent};
+
+    pub(crate) fn item(id: &str) -> Msg {
+        Msg::new(
+            Event::Item(ItemEvent {
+                item_id: id.into(),
+                title: format!("title of {id}"),
+                description: None,
+                categories: vec![],
+                features: None,
+                ts: 1,
+            }),
+            Some(1),
+        )
+    }
+
+    pub(crate) fn edge(a: &str, b: &str) -> Msg {
+        Msg::new(
+            Event::Relation(RelationEvent {
+                src: a.into(),
+                dst: b.into(),
+                relation: "also_bought".into(),
+                op: Op::Add,
+                ts: 1,
+            }),
+            Some(1),
+        )
+    }
+
+    pub(crate) fn click(u: &str, i: &str) -> Msg {
+        Msg::new(
+            Event::Interaction(InteractionEvent {
+                user_id: u.into(),
+                item_id: i.into(),
+                kind: Kind::Click,
+                value: None,
+                ts: 1,
+            }),
+            Some(1),
+        )
+    }
+
+    pub(crate) fn batch(msgs: Vec<Msg>) -> Batch {
+        let mut b = Batcher::default();
+        for (n, m) in msgs.into_iter().enumerate() {
+            let topic = m.event.topic().name();
+            b.push(topic, 0, n as i64, Some((m, None)));
+        }
+        b.close().expect("an open batch").0
+    }
+
+    #[test]
+    fn a_batch_keeps_its_last_offset_per_partition_and_counts_rejects() {
+        let mut b = Batcher::default();
+        assert!(b.close().is_none(), "nothing open");
+        b.push("items", 0, 5, Some((item("a"), Some(0.5))));
+        b.push("items", 0, 6, None);
+        b.push("item-relations", 2, 9, Some((edge("a", "b"), None)));
+        assert!(b.opened().is_some());
+        assert!(b.is_full(3) && !b.is_full(4));
+        let (batch, delays) = b.close().unwrap();
+        assert_eq!(batch.msgs.len(), 2);
+        assert_eq!((batch.messages, batch.relation_messages), (3, 1));
+        assert_eq!(batch.offsets[&("items".to_string(), 0)], 6);
+        assert_eq!(batch.offsets[&("item-relations".to_string(), 2)], 9);
+        assert_eq!(delays, vec![0.5]);
+        assert!(b.opened().is_none() && b.close().is_none());
+    }
+
+    #[test]
+    fn coalesce_merges_queued_batches_up_to_the_cap_and_holds_the_rest() {
+        let (tx, mut rx) = mpsc::channel(8);
+        tx.try_send(Work::Batch(batch(vec![item("b"), item("c")])))
+            .unwrap();
+        tx.try_send(Work::Batch(batch(vec![item("d"), item("e")])))
+            .unwrap();
+        tx.try_send(Work::Idle).unwrap();
+        let mut held = None;
+        let w = coalesce(Work::Batch(batch(vec![item("a")])), &mut rx, &mut held, 3);
+        let Work::Batch(b) = w else { panic!("a batch") };
+        assert_eq!(b.msgs.len(), 3, "a + b, c; d, e would pass the cap");
+        assert!(matches!(held, Some(Work::Batch(ref h)) if h.msgs.len() == 2));
+        let mut held2 = None;
+        let w = coalesce(held.take().unwrap(), &mut rx, &mut held2, 10);
+        assert!(matches!(w, Work::Batch(ref b) if b.msgs.len() == 2));
+        assert!(matches!(held2, Some(Work::Idle)), "idle is never merged");
+    }
+}

@@ -1,0 +1,348 @@
+//! The ingest stage: one consumer group on the three input topics. Each
+//! message is decoded and validated ([`decode`]); a rejected one goes to
+//! `thaw-dlq` with its reason and source offset (delivery awaited) and the
+//! stream goes on. Messages are batched over a short window ([`Batcher`]).
+//! When the input goes quiet the stage sends [`Work::Idle`], and, every
+//! `reload_check_secs`, [`Work::Reload`] if the model folder holds a new
+//! version.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::Offset;
+use tokio::sync::{mpsc, watch};
+
+use super::batch::{Batcher, Msg, Work};
+use super::{decode, DeadLetter, Limits, Topic, DLQ_TOPIC};
+use crate::serve::config::Settings;
+use crate::serve::error::{EngineError, Stage};
+use crate::serve::metrics::Metrics;
+use crate::serve::Progress;
+
+/// The three input topics.
+pub const INPUT_TOPICS: [Topic; 3] = [Topic::Items, Topic::ItemRelations, Topic::Interactions];
+
+/// Settings of the ingest stage.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    /// Validation limits of [`decode`].
+    pub limits: Limits,
+    /// A batch closes this long after its first message.
+    pub window: Duration,
+    /// ... or when it holds this many messages.
+    pub max_batch: usize,
+    /// Quiet this long: [`Work::Idle`].
+    pub idle_after: Duration,
+    /// Every this long while quiet, look for a new model version (`None`:
+    /// never).
+    pub reload_every: Option<Duration>,
+    /// The model folder whose `model.json` names the version.
+    pub model_dir: std::path::PathBuf,
+}
+
+impl IngestConfig {
+    /// The ingest settings of the engine's `settings`.
+    pub fn from_settings(s: &Settings) -> Self {
+        Self {
+            limits: s.ingest.limits.clone(),
+            window: Duration::from_millis(s.ingest.window_ms),
+            max_batch: s.ingest.max_batch.max(1),
+            idle_after: Duration::from_millis(s.ingest.idle_ms.max(1)),
+            reload_every: (s.model.reload_check_secs > 0)
+                .then(|| Duration::from_secs(s.model.reload_check_secs)),
+            model_dir: s.model.dir.clone(),
+        }
+    }
+}
+
+/// The model version named in `dir/model.json`.
+pub fn model_version(dir: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("model.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("version")?.as_str().map(str::to_string)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The ingest stage.
+pub struct Ingest {
+    cfg: IngestConfig,
+    consumer: Arc<StreamConsumer>,
+    dlq: FutureProducer,
+    metrics: Arc<Metrics>,
+    progress: Arc<Progress>,
+    /// The model version last seen in the model folder.
+    version: String,
+}
+
+impl Ingest {
+    /// Creates the group consumer (not subscribed yet: the state is restored
+    /// first) and the dead-letter producer. `version` is the model running.
+    pub fn build(
+        s: &Settings,
+        version: String,
+        metrics: Arc<Metrics>,
+        progress: Arc<Progress>,
+    ) -> Result<Self> {
+        let kafka = &s.kafka;
+        let consumer = kafka
+            .client_config(&[
+                ("group.id", kafka.group_id.as_str()),
+                ("enable.auto.commit", "true"),
+                ("enable.auto.offset.store", "false"),
+                ("auto.commit.interval.ms", "1000"),
+                ("auto.offset.reset", "earliest"),
+                // librdkafka's default is 500 ms; a broker that answers a fetch
+                // only when this runs out (librdkafka's mock cluster does) would
+                // add up to that much to every event's freshness. A real broker
+                // answers as soon as data arrives, so this only costs more
+                // empty fetches on an idle topic. Override in kafka.properties.
+                ("fetch.wait.max.ms", "10"),
+            ])
+            .create()
+            .context("creating the Kafka consumer")?;
+        let dlq = kafka
+            .producer_config()
+            .create()
+            .context("creating the DLQ producer")?;
+        Ok(Self {
+            cfg: IngestConfig::from_settings(s),
+            consumer: Arc::new(consumer),
+            dlq,
+            metrics,
+            progress,
+            version,
+        })
+    }
+
+    /// The group consumer (for the restore, the offsets and the lag).
+    pub fn consumer(&self) -> Arc<StreamConsumer> {
+        self.consumer.clone()
+    }
+
+    /// Subscribes to the input topics.
+    pub fn subscribe(&self) -> Result<()> {
+        let topics: Vec<&str> = INPUT_TOPICS.iter().map(|t| t.name()).collect();
+        self.consumer.subscribe(&topics).context("subscribing")
+    }
+
+    /// Reads until `shutdown` turns true (or `tx` closes), then sends the
+    /// open batch. An error is a dead letter that could not be delivered
+    /// while stopping.
+    pub async fn run(
+        mut self,
+        tx: mpsc::Sender<Work>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<()> {
+        let mut batch = Batcher::default();
+        let mut idle_sent = false;
+        let mut last_reload_check = Instant::now();
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let wait = match batch.opened() {
+                Some(t) => self.cfg.window.saturating_sub(t.elapsed()),
+                None => self.cfg.idle_after,
+            };
+            let msg = tokio::select! {
+                _ = shutdown.changed() => break,
+                r = tokio::time::timeout(wait, self.consumer.recv()) => r,
+            };
+            let mut close = false;
+            match msg {
+                Err(_quiet) if batch.opened().is_some() => close = true,
+                Err(_quiet) => {
+                    let work = self.quiet(&mut idle_sent, &mut last_reload_check).await;
+                    if let Some(w) = work {
+                        if tx.send(w).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                Ok(Err(e)) => {
+                    EngineError::retryable(Stage::Ingest, anyhow::anyhow!("Kafka consumer: {e}"))
+                        .report(&self.metrics)
+                }
+                Ok(Ok(m)) => {
+                    idle_sent = false;
+                    self.take(&m, &mut batch, &shutdown).await?;
+                    close = batch.is_full(self.cfg.max_batch);
+                }
+            }
+            if close && !self.send(&mut batch, &tx).await {
+                break;
+            }
+        }
+        self.send(&mut batch, &tx).await;
+        Ok(())
+    }
+
+    /// Closes the open batch and sends it; false when `tx` is closed.
+    async fn send(&self, batch: &mut Batcher, tx: &mpsc::Sender<Work>) -> bool {
+        let Some((b, delays)) = batch.close() else {
+            return true;
+        };
+        self.metrics.ingest_delays(&delays);
+        tx.send(Work::Batch(b)).await.is_ok()
+    }
+
+    /// Decodes one message into `batch`, or dead-letters it.
+    async fn take(
+        &self,
+        m: &BorrowedMessage<'_>,
+        batch: &mut Batcher,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<()> {
+        let (topic_name, partition, offset) = (m.topic(), m.partition(), m.offset());
+        let Some(topic) = Topic::from_name(topic_name) else {
+            self.metrics.event(topic_name, "ignored");
+            batch.push(topic_name, partition, offset, None);
+            return Ok(());
+        };
+        let payload = m.payload().unwrap_or(&[]);
+        match decode(topic, m.key(), payload, &self.cfg.limits) {
+            Ok(event) => {
+                let kafka_ms = m.timestamp().to_millis();
+                let delay = kafka_ms.map(|ts| (now_ms() - ts).max(0) as f64 / 1000.0);
+                batch.push(
+                    topic_name,
+                    partition,
+                    offset,
+                    Some((Msg::new(event, kafka_ms), delay)),
+                );
+            }
+            Err(rejection) => {
+                let dl = DeadLetter::new(
+                    topic_name,
+                    partition,
+                    offset,
+                    m.key(),
+                    payload,
+                    &rejection,
+                    now_ms() as u64,
+                );
+                send_dead_letter(&self.dlq, m.key(), &dl, shutdown, &self.metrics).await?;
+                self.metrics.event(topic_name, "dead_lettered");
+                self.metrics.dead_letter(rejection.reason_code().as_str());
+                self.progress.dead_lettered.fetch_add(1, Ordering::SeqCst);
+                tracing::debug!(topic = %topic_name, partition, offset, reason = %dl.reason, "dead-lettered");
+                batch.push(topic_name, partition, offset, None);
+            }
+        }
+        Ok(())
+    }
+
+    /// What to send when the input is quiet and no batch is open: one
+    /// [`Work::Idle`] per quiet spell, and [`Work::Reload`] when the model
+    /// folder names a new version.
+    async fn quiet(&mut self, idle_sent: &mut bool, last_check: &mut Instant) -> Option<Work> {
+        if !*idle_sent {
+            *idle_sent = true;
+            return Some(Work::Idle);
+        }
+        let every = self.cfg.reload_every?;
+        if last_check.elapsed() < every {
+            return None;
+        }
+        *last_check = Instant::now();
+        let dir = self.cfg.model_dir.clone();
+        let v = tokio::task::spawn_blocking(move || model_version(&dir))
+            .await
+            .ok()
+            .flatten()?;
+        if v == self.version {
+            return None;
+        }
+        tracing::info!(version = %v, "new model version found");
+        self.version = v;
+        Some(Work::Reload)
+    }
+}
+
+/// Writes one dead letter, retrying until it is delivered; an error only
+/// when `stop` is set with the letter still undelivered.
+async fn send_dead_letter(
+    dlq: &FutureProducer,
+    key: Option<&[u8]>,
+    dl: &DeadLetter,
+    stop: &watch::Receiver<bool>,
+    metrics: &Metrics,
+) -> Result<()> {
+    let payload = dl.encode()?;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let mut rec = FutureRecord::<[u8], [u8]>::to(DLQ_TOPIC).payload(&payload);
+        if let Some(k) = key {
+            rec = rec.key(k);
+        }
+        match dlq.send(rec, Duration::from_secs(10)).await {
+            Ok(_) => return Ok(()),
+            Err((e, _)) => {
+                EngineError::retryable(Stage::Ingest, anyhow::anyhow!("dead-letter write: {e}"))
+                    .report(metrics);
+                if *stop.borrow() {
+                    anyhow::bail!("stopping with an undelivered dead letter: {e}");
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Reports the consumer lag per assigned partition every `every` until
+/// `stop` turns true. A weak handle: a report still running at shutdown
+/// must not keep the consumer (and its group membership) alive.
+pub async fn report_lag_every(
+    consumer: std::sync::Weak<StreamConsumer>,
+    metrics: Arc<Metrics>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tick.tick() => {}
+        }
+        let (c, m) = (consumer.clone(), metrics.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(c) = c.upgrade() {
+                report_lag(&c, &m)
+            }
+        })
+        .await;
+    }
+}
+
+fn report_lag(consumer: &StreamConsumer, metrics: &Metrics) {
+    let (Ok(assignment), Ok(positions)) = (consumer.assignment(), consumer.position()) else {
+        return;
+    };
+    for e in assignment.elements() {
+        let Ok((_, high)) =
+            consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(2))
+        else {
+            continue;
+        };
+        let pos = positions
+            .find_partition(e.topic(), e.partition())
+            .and_then(|p| match p.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            });
+        if let Some(pos) = pos {
+            metrics.set_lag(e.topic(), e.partition(), (high - pos).max(0));
+        }
+    }
+}

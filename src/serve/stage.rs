@@ -1,0 +1,130 @@
+//! The core stage: one blocking thread owns the engine's state ([`Core`]) and
+//! turns each unit of work into what to publish ([`Out`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Result;
+use tokio::sync::mpsc;
+
+use super::config::ModelSettings;
+use super::error::{EngineError, Stage};
+use super::metrics::Metrics;
+use super::state::{Applied, Core, LoadedModel, Mode};
+use crate::ingest::batch::{coalesce, Batch, Work};
+use crate::publish::stage::Out;
+
+/// Loads the model folder named by `s`.
+pub fn load_model(s: &ModelSettings) -> Result<LoadedModel> {
+    LoadedModel::load(&s.dir, &s.text_dir, s.ort_dylib.as_deref())
+}
+
+/// The core stage.
+pub struct CoreStage {
+    core: Core,
+    /// Most messages applied in one go when batches queue up.
+    max_coalesced: usize,
+    /// Where a new model version is loaded from on [`Work::Reload`].
+    model: ModelSettings,
+    metrics: Arc<Metrics>,
+}
+
+impl CoreStage {
+    /// The stage around `core`.
+    pub fn build(
+        core: Core,
+        max_coalesced: usize,
+        model: ModelSettings,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            core,
+            max_coalesced: max_coalesced.max(1),
+            model,
+            metrics,
+        }
+    }
+
+    /// Runs until `rx` closes (the shutdown: the stages before it drained)
+    /// or `tx` does; blocking, on a thread of its own. Under load, the
+    /// batches waiting behind one are applied with it: one propagation and
+    /// one publish for all of them.
+    pub fn run(mut self, mut rx: mpsc::Receiver<Work>, tx: mpsc::Sender<Out>) -> Result<()> {
+        let mut held: Option<Work> = None;
+        while let Some(w) = held.take().or_else(|| rx.blocking_recv()) {
+            let w = coalesce(w, &mut rx, &mut held, self.max_coalesced);
+            let out = match w {
+                Work::Batch(b) => self.batch(b)?,
+                Work::Idle => Out {
+                    publish: self.core.idle()?,
+                    version: self.core.card().version.clone(),
+                    idle: true,
+                    ..Default::default()
+                },
+                Work::Reload => match self.reload() {
+                    Some(out) => out,
+                    None => continue,
+                },
+            };
+            if tx.blocking_send(out).is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn batch(&mut self, b: Batch) -> Result<Out> {
+        let started = Instant::now();
+        let (publish, applied) = self.core.apply(&b.msgs, Mode::Live)?;
+        self.count(&applied);
+        Ok(Out {
+            publish,
+            version: self.core.card().version.clone(),
+            offsets: b.offsets,
+            messages: b.messages,
+            trace: Some((b.closed, started, Instant::now())),
+            ..Default::default()
+        })
+    }
+
+    /// `thaw_events_total{outcome="applied"|"ignored"}` of one batch.
+    fn count(&self, applied: &Applied) {
+        for (topic, n) in &applied.applied {
+            self.metrics.events(topic, "applied", *n);
+        }
+        for (topic, n) in &applied.ignored {
+            self.metrics.events(topic, "ignored", *n);
+        }
+    }
+
+    /// Loads the model folder's version and swaps it in; `None` (the running
+    /// model kept, one error line) when that fails.
+    fn reload(&mut self) -> Option<Out> {
+        let failed = |e: anyhow::Error, what: &str| {
+            EngineError::retryable(
+                Stage::Core,
+                e.context(format!("{what}; keeping the running model")),
+            )
+            .report(&self.metrics)
+        };
+        let model = load_model(&self.model)
+            .map_err(|e| failed(e, "new model not loaded"))
+            .ok()?;
+        let v = model.card.version.clone();
+        let publish = self
+            .core
+            .swap_model(model)
+            .map_err(|e| failed(e, "model swap failed"))
+            .ok()?;
+        tracing::info!(version = %v, "switching model");
+        let card = self.core.card();
+        Some(Out {
+            publish,
+            version: v.clone(),
+            flip: Some((v, card.dim, card.relations.clone())),
+            offsets: BTreeMap::new(),
+            ..Default::default()
+        })
+    }
+}
