@@ -15,10 +15,6 @@
 //!
 //! Neighbourhood sizes of the kNN models are chosen on `valid/` too.
 
-use std::fmt;
-use std::path::Path;
-use std::str::FromStr;
-
 use ndarray::{Array1, Array2, ArrayViewMut2, Axis};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -27,185 +23,10 @@ use serde_json::json;
 
 use super::{valid_ndcg, EvalError, FitContext, Recommender, Result, TrainSet};
 
-/// The models `thaw eval --model` knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ModelName {
-    /// Popularity.
-    Pop,
-    /// Item-item collaborative kNN.
-    ItemKnn,
-    /// BPR matrix factorisation.
-    Bpr,
-    /// Item-item kNN over the knowledge graph.
-    KgKnn,
-    /// Item-item kNN over text-encoder vectors.
-    ContentKnn,
-    /// Popularity within the user's scenario (aware mode only).
-    ScenarioPop,
-    /// The MPKG item model (needs `--model-dir` from `thaw train`).
-    Mpkg,
-    /// MetaKG (meta-learning on the collaborative knowledge graph), trained
-    /// inside `fit`; ablations through `THAW_METAKG_WITHOUT`.
-    MetaKg,
-}
-
-impl ModelName {
-    /// Every model, in report order.
-    pub const ALL: [ModelName; 8] = [
-        ModelName::Pop,
-        ModelName::ItemKnn,
-        ModelName::Bpr,
-        ModelName::KgKnn,
-        ModelName::ContentKnn,
-        ModelName::ScenarioPop,
-        ModelName::Mpkg,
-        ModelName::MetaKg,
-    ];
-
-    /// The CLI and report name.
-    pub fn name(self) -> &'static str {
-        match self {
-            ModelName::Pop => "pop",
-            ModelName::ItemKnn => "itemknn",
-            ModelName::Bpr => "bpr",
-            ModelName::KgKnn => "kgknn",
-            ModelName::ContentKnn => "contentknn",
-            ModelName::ScenarioPop => "scenariopop",
-            ModelName::Mpkg => "mpkg",
-            ModelName::MetaKg => "metakg",
-        }
-    }
-
-    /// Whether the model exists only in the scenario-aware mode.
-    pub fn aware_only(self) -> bool {
-        self == ModelName::ScenarioPop
-    }
-
-    /// Whether the model fits differently per scenario in the aware mode.
-    pub fn uses_scenario(self) -> bool {
-        matches!(
-            self,
-            ModelName::ScenarioPop | ModelName::Mpkg | ModelName::MetaKg
-        )
-    }
-}
-
-impl fmt::Display for ModelName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for ModelName {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        Self::ALL
-            .iter()
-            .copied()
-            .find(|m| m.name() == s)
-            .ok_or_else(|| {
-                format!(
-                    "unknown model `{s}` (known: {})",
-                    Self::ALL.map(|m| m.name()).join(", ")
-                )
-            })
-    }
-}
-
-/// A fitted model and the hyper-parameters it ended with.
-pub struct Fitted {
-    /// The scorer.
-    pub rec: Box<dyn Recommender>,
-    /// Chosen hyper-parameters, for the report.
-    pub params: serde_json::Value,
-}
-
-/// Fits `model` on `ctx`.
-pub fn fit(model: ModelName, ctx: &FitContext<'_>) -> Result<Fitted> {
-    match model {
-        ModelName::Pop => Ok(Fitted {
-            rec: Box::new(ItemScores(ctx.train.item_counts())),
-            params: json!({}),
-        }),
-        ModelName::ScenarioPop => {
-            let (_, tasks) = ctx.scenario.ok_or_else(|| EvalError::Model {
-                model: model.name().into(),
-                reason: "exists only in the scenario-aware mode (--scenario-aware)".into(),
-            })?;
-            let mut c = vec![0f32; ctx.train.n_items];
-            for t in tasks {
-                for &i in &t.support {
-                    c[i as usize] += 1.0;
-                }
-            }
-            Ok(Fitted {
-                rec: Box::new(ItemScores(c)),
-                params: json!({}),
-            })
-        }
-        ModelName::ItemKnn => fit_knn(ctx, model, |train, _, k| {
-            Ok(neighbours(&interaction_features(train), k))
-        }),
-        ModelName::KgKnn => {
-            if ctx.dataset.triples.is_empty() {
-                return Err(EvalError::Model {
-                    model: model.name().into(),
-                    reason: "the dataset has no .kg/.link files".into(),
-                });
-            }
-            fit_knn(ctx, model, |_, ds, k| Ok(neighbours(&kg_features(ds), k)))
-        }
-        ModelName::ContentKnn => {
-            // --model-dir names the text encoder's folder (default models/text).
-            let dir = ctx.model_dir.unwrap_or(Path::new("models/text"));
-            let text = crate::train::text_vectors(ctx.dataset, dir, Some(&dir.join("cache")))
-                .map_err(|e| EvalError::Model {
-                    model: model.name().into(),
-                    reason: format!("needs the text encoder's item vectors: {e}"),
-                })?;
-            fit_knn(ctx, model, |_, _, k| Ok(dense_neighbours(&text, k)))
-        }
-        ModelName::Bpr => fit_bpr(ctx),
-        ModelName::Mpkg => super::mpkg_eval::fit(ctx),
-        ModelName::MetaKg => fit_metakg(ctx),
-    }
-}
-
-// ---------------------------------------------------------------- MetaKG
-
-/// Meta-trains MetaKG (once per process for the same data and settings; its
-/// epoch count chosen on `valid/`) and, in the aware mode, co-adapts it to the
-/// scenario's support sets (eq. 26).
-fn fit_metakg(ctx: &FitContext<'_>) -> Result<Fitted> {
-    use crate::train::metakg;
-    let err = |reason: String| EvalError::Model {
-        model: "metakg".into(),
-        reason,
-    };
-    let cfg = metakg::MetaKgConfig::from_env().map_err(|e| err(e.to_string()))?;
-    let valid = ctx.valid.ok_or_else(|| {
-        err("chooses its epoch count on the split's valid/ folder, which is missing".into())
-    })?;
-    let (trainer, params) = metakg::meta_train(
-        ctx.dataset,
-        ctx.train,
-        ctx.stream,
-        valid,
-        ctx.k,
-        ctx.seed,
-        &cfg,
-    )
-    .map_err(|e| err(e.to_string()))?;
-    let rec = metakg::fitted(&trainer, ctx.scenario.map(|(_, t)| t), ctx.seed)
-        .map_err(|e| err(e.to_string()))?;
-    Ok(Fitted {
-        rec: Box::new(rec),
-        params,
-    })
-}
+pub use super::registry::{fit, Fitted, ModelName};
 
 /// Scores that do not depend on the user (popularity).
-struct ItemScores(Vec<f32>);
+pub(super) struct ItemScores(pub(super) Vec<f32>);
 
 impl Recommender for ItemScores {
     fn score(&self, _users: &[u32], mut out: ArrayViewMut2<'_, f32>) {
@@ -222,7 +43,7 @@ impl Recommender for ItemScores {
 type Features = Vec<Vec<(u32, f32)>>;
 
 /// Item features = the users who interacted with it (binary).
-fn interaction_features(train: &TrainSet) -> Features {
+pub(super) fn interaction_features(train: &TrainSet) -> Features {
     let mut f = vec![Vec::new(); train.n_items];
     for (u, its) in train.user_items.iter().enumerate() {
         for &i in its {
@@ -235,7 +56,7 @@ fn interaction_features(train: &TrainSet) -> Features {
 /// Item features = (relation, other entity) pairs of its linked KG entity, in
 /// both directions, weighted by IDF over items. A pair shared by one item
 /// only says nothing about similarity and is dropped.
-fn kg_features(ds: &crate::dataset::Dataset) -> Features {
+pub(super) fn kg_features(ds: &crate::dataset::Dataset) -> Features {
     use std::collections::HashMap;
     let n_rel = ds.relations.len() as u64;
     // entity -> items linked to it
@@ -295,7 +116,7 @@ fn keep_top(row: &mut Vec<(u32, f32)>, k: usize) {
 }
 
 /// Each item's `k` most similar items by cosine over sparse features.
-fn neighbours(features: &Features, k: usize) -> Vec<Vec<(u32, f32)>> {
+pub(super) fn neighbours(features: &Features, k: usize) -> Vec<Vec<(u32, f32)>> {
     let n = features.len();
     let n_feat = features
         .iter()
@@ -342,7 +163,7 @@ fn neighbours(features: &Features, k: usize) -> Vec<Vec<(u32, f32)>> {
 /// Each item's `k` most similar items by cosine of dense vectors (rows of
 /// `v`; zero rows have no neighbours). Blocked matrix products, a partial
 /// selection per row.
-fn dense_neighbours(v: &Array2<f32>, k: usize) -> Vec<Vec<(u32, f32)>> {
+pub(super) fn dense_neighbours(v: &Array2<f32>, k: usize) -> Vec<Vec<(u32, f32)>> {
     let mut unit = v.clone();
     for mut r in unit.rows_mut() {
         let n = r.dot(&r).sqrt();
@@ -393,7 +214,7 @@ const KNN_SIZES: [usize; 5] = [10, 25, 50, 100, 400];
 
 /// Fits a kNN model whose neighbour lists come from `nbrs(train, dataset, k)`,
 /// choosing k on `valid/`.
-fn fit_knn(
+pub(super) fn fit_knn(
     ctx: &FitContext<'_>,
     model: ModelName,
     nbrs: impl Fn(&TrainSet, &crate::dataset::Dataset, usize) -> Result<Vec<Vec<(u32, f32)>>>,
@@ -552,7 +373,7 @@ fn train_bpr(train: &TrainSet, epochs: usize, cfg: &BprConfig, seed: u64) -> Mf 
     mf
 }
 
-fn fit_bpr(ctx: &FitContext<'_>) -> Result<Fitted> {
+pub(super) fn fit_bpr(ctx: &FitContext<'_>) -> Result<Fitted> {
     let cfg = BprConfig::default();
     let valid = ctx.valid.ok_or_else(|| EvalError::Model {
         model: "bpr".into(),

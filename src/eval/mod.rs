@@ -16,6 +16,7 @@ pub mod baselines;
 pub mod knowledge;
 pub mod metrics;
 mod mpkg_eval;
+pub mod registry;
 pub mod report;
 pub mod split;
 

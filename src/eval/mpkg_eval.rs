@@ -11,7 +11,7 @@
 use ndarray::{Array1, Array2, ArrayViewMut2, Axis};
 use serde_json::json;
 
-use super::baselines::Fitted;
+use super::registry::Fitted;
 use super::{EvalError, FitContext, Recommender, Result};
 use crate::adapt::{adapt_user, key, score_users, AdaptConfig, Catalogue};
 use crate::train::{self, mpkg, TrainedModel};

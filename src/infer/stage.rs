@@ -15,7 +15,7 @@ use ndarray::Array2;
 use tokio::sync::mpsc;
 
 use super::text::TextEncoder;
-use crate::ingest::batch::{Batch, Msg, Work};
+use crate::ingest::batch::{coalesce, Batch, Msg, Work};
 use crate::ingest::{Event, ItemEvent, Topic};
 use crate::serve::metrics::Metrics;
 
@@ -52,6 +52,15 @@ impl EmbedTexts for Arc<TextEncoder> {
 /// Embeds the text of every item event in `msgs` that has none yet. An
 /// empty text gets a zero vector. Returns the number of texts embedded.
 pub fn embed_texts(text: &TextEncoder, msgs: &mut [Msg]) -> Result<usize> {
+    embed_with(msgs, text.dim(), |strs| Ok(text.embed(strs)?))
+}
+
+/// [`embed_texts`] with `embed` turning the non-empty texts into rows.
+fn embed_with(
+    msgs: &mut [Msg],
+    dim: usize,
+    embed: impl FnOnce(&[&str]) -> Result<Array2<f32>>,
+) -> Result<usize> {
     let mut todo: Vec<(usize, String)> = Vec::new();
     for (k, m) in msgs.iter().enumerate() {
         if let (Event::Item(e), None) = (&m.event, &m.text) {
@@ -61,19 +70,91 @@ pub fn embed_texts(text: &TextEncoder, msgs: &mut [Msg]) -> Result<usize> {
     let nonempty: Vec<&(usize, String)> = todo.iter().filter(|(_, t)| !t.is_empty()).collect();
     let strs: Vec<&str> = nonempty.iter().map(|(_, t)| t.as_str()).collect();
     let emb = if strs.is_empty() {
-        Array2::zeros((0, text.dim()))
+        Array2::zeros((0, dim))
     } else {
-        text.embed(&strs)?
+        embed(&strs)?
     };
     for (row, (k, _)) in nonempty.iter().enumerate() {
         msgs[*k].text = Some(emb.row(row).to_vec());
     }
     for (k, t) in &todo {
         if t.is_empty() {
-            msgs[*k].text = Some(vec![0.0; text.dim()]);
+            msgs[*k].text = Some(vec![0.0; dim]);
         }
     }
     Ok(todo.len())
+}
+
+/// Texts below which a batch is not split among the pool's encoders.
+const MIN_PER_ENCODER: usize = 16;
+
+/// Text encoders, one ONNX Runtime session each, run side by side on the
+/// texts of a batch: each takes a contiguous share of them on a thread of
+/// its own (ONNX Runtime with one intra-op thread per session is fastest on
+/// few cores, so parallelism comes from sessions, not from intra-op threads).
+pub struct TextPool {
+    encoders: Vec<Arc<TextEncoder>>,
+}
+
+impl TextPool {
+    /// `first` (the core's encoder) and `threads − 1` more loaded with `cfg`.
+    pub fn new(
+        first: Arc<TextEncoder>,
+        cfg: &super::text::TextEncoderConfig,
+        threads: usize,
+    ) -> Result<Self> {
+        let mut encoders = vec![first];
+        for _ in 1..threads.max(1) {
+            encoders.push(Arc::new(TextEncoder::load(cfg)?));
+        }
+        Ok(Self { encoders })
+    }
+
+    /// Sessions in the pool.
+    pub fn threads(&self) -> usize {
+        self.encoders.len()
+    }
+
+    /// Row `i` the embedding of `texts[i]`, the texts shared among the
+    /// encoders when there are enough of them.
+    pub fn embed(&self, texts: &[&str]) -> Result<Array2<f32>> {
+        let parts = self
+            .encoders
+            .len()
+            .min(texts.len() / MIN_PER_ENCODER)
+            .max(1);
+        if parts == 1 {
+            return Ok(self.encoders[0].embed(texts)?);
+        }
+        let chunk = texts.len().div_ceil(parts);
+        let rows: Vec<Result<Array2<f32>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = texts
+                .chunks(chunk)
+                .zip(&self.encoders)
+                .map(|(part, enc)| scope.spawn(move || Ok(enc.embed(part)?)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a text encoder thread panicked")))
+                })
+                .collect()
+        });
+        let rows = rows.into_iter().collect::<Result<Vec<_>>>()?;
+        let views: Vec<_> = rows.iter().map(|r| r.view()).collect();
+        Ok(ndarray::concatenate(ndarray::Axis(0), &views)?)
+    }
+}
+
+impl EmbedTexts for TextPool {
+    fn embed_texts(&self, msgs: &mut [Msg]) -> Result<usize> {
+        embed_with(msgs, self.encoders[0].dim(), |strs| self.embed(strs))
+    }
+
+    fn provider(&self) -> &'static str {
+        self.encoders[0].provider()
+    }
 }
 
 /// Splits a batch into its relation events, which can go ahead while the
@@ -114,6 +195,9 @@ pub fn split_items(b: Batch) -> (Option<Batch>, Option<Batch>) {
     (Some(now), Some(later))
 }
 
+/// Most messages the text stage merges from queued batches.
+const MAX_COALESCED: usize = 20_000;
+
 /// The text stage.
 pub struct TextStage<E> {
     encoder: E,
@@ -130,7 +214,11 @@ impl<E: EmbedTexts> TextStage<E> {
     /// Runs until `rx` closes (the shutdown: ingest stopped and drained) or
     /// `tx` does (the core stopped); blocking, on a thread of its own.
     pub fn run(self, mut rx: mpsc::Receiver<Work>, tx: mpsc::Sender<Work>) -> Result<()> {
-        while let Some(w) = rx.blocking_recv() {
+        let mut held: Option<Work> = None;
+        while let Some(w) = held.take().or_else(|| rx.blocking_recv()) {
+            // Dynamic batches: the batches queued behind this one go with
+            // it, so the encoders get full batches under load.
+            let w = coalesce(w, &mut rx, &mut held, MAX_COALESCED);
             let Work::Batch(b) = w else {
                 if tx.blocking_send(w).is_err() {
                     break;
@@ -242,10 +330,43 @@ mod tests {
     fn batches_without_items_or_without_relations_stay_whole() {
         let edges = batch(vec![edge("a", "b"), click("u", "a")]);
         let items = batch(vec![item("a"), click("u", "a")]);
-        let out = run_stage(vec![Work::Batch(edges), Work::Batch(items), Work::Reload]);
+        let out = run_stage(vec![Work::Batch(edges), Work::Idle, Work::Batch(items)]);
         assert_eq!(out.len(), 3);
         assert!(matches!(&out[0], Work::Batch(b) if b.msgs.len() == 2 && b.messages == 2));
-        assert!(matches!(&out[1], Work::Batch(b) if b.msgs.len() == 2 && b.msgs[0].text.is_some()));
+        assert!(matches!(out[1], Work::Idle));
+        assert!(matches!(&out[2], Work::Batch(b) if b.msgs.len() == 2 && b.msgs[0].text.is_some()));
+    }
+
+    #[test]
+    fn queued_batches_are_embedded_together_in_order() {
+        let first = batch(vec![item("a"), edge("a", "b")]);
+        let second = batch(vec![click("u", "a"), item("b")]);
+        let out = run_stage(vec![Work::Batch(first), Work::Batch(second), Work::Reload]);
+        assert_eq!(out.len(), 3, "one merged batch, split, then the reload");
+        let Work::Batch(now) = &out[0] else { panic!() };
+        assert_eq!((now.msgs.len(), now.messages), (1, 1));
+        let Work::Batch(later) = &out[1] else {
+            panic!()
+        };
+        let order: Vec<&str> = later
+            .msgs
+            .iter()
+            .map(|m| match &m.event {
+                Event::Item(e) => e.item_id.as_str(),
+                Event::Interaction(e) => e.user_id.as_str(),
+                Event::Relation(_) => "edge",
+            })
+            .collect();
+        assert_eq!(order, ["a", "u", "b"], "order kept");
+        assert_eq!(later.messages, 3);
+        assert!(
+            later
+                .msgs
+                .iter()
+                .filter(|m| matches!(m.event, Event::Item(_)))
+                .all(|m| m.text.as_deref() == Some(&[1.0][..])),
+            "both batches' items in one call"
+        );
         assert!(matches!(out[2], Work::Reload));
     }
 

@@ -114,6 +114,19 @@ pub struct ModelSettings {
     /// Every this many seconds, check `model.json` for a new version and
     /// switch to it (0: never).
     pub reload_check_secs: u64,
+    /// Text encoder sessions run side by side by the text stage (0: one per
+    /// core, at most 4).
+    pub text_threads: usize,
+}
+
+impl ModelSettings {
+    /// [`ModelSettings::text_threads`], 0 resolved.
+    pub fn text_threads(&self) -> usize {
+        match self.text_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+            n => n,
+        }
+    }
 }
 
 impl Default for ModelSettings {
@@ -123,6 +136,7 @@ impl Default for ModelSettings {
             text_dir: "models/text".into(),
             ort_dylib: None,
             reload_check_secs: 10,
+            text_threads: 0,
         }
     }
 }

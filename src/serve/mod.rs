@@ -41,7 +41,7 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::infer::stage::TextStage;
+use crate::infer::stage::{TextPool, TextStage};
 use crate::ingest::stage::{report_lag_every, Ingest};
 use crate::publish::stage::PublishStage;
 use crate::publish::Publisher;
@@ -201,7 +201,7 @@ async fn run(
     let (tx_text, rx_text) = mpsc::channel(q);
     let (tx_core, rx_core) = mpsc::channel(q);
     let (tx_pub, rx_pub) = mpsc::channel(q);
-    let text = TextStage::build(core.text_encoder(), metrics.clone());
+    let text = text_stage(&settings, &core, &metrics)?;
     let text_task = tokio::task::spawn_blocking(move || text.run(rx_text, tx_core));
     let core = CoreStage::build(
         core,
@@ -247,6 +247,29 @@ fn fatal(metrics: &Metrics, stage: Stage, e: anyhow::Error) -> anyhow::Error {
     let e = EngineError::fatal(stage, e);
     e.report(metrics);
     e.into()
+}
+
+/// The text stage: the core's encoder and more sessions beside it.
+fn text_stage(
+    settings: &Settings,
+    core: &Core,
+    metrics: &Arc<Metrics>,
+) -> Result<TextStage<TextPool>> {
+    let cfg = crate::infer::text::TextEncoderConfig {
+        model_dir: settings.model.text_dir.clone(),
+        ort_dylib: settings.model.ort_dylib.clone(),
+        ..Default::default()
+    };
+    let pool =
+        TextPool::new(core.text_encoder(), &cfg, settings.model.text_threads()).map_err(|e| {
+            fatal(
+                metrics,
+                Stage::Start,
+                e.context("loading the text encoders"),
+            )
+        })?;
+    tracing::info!(sessions = pool.threads(), "text stage");
+    Ok(TextStage::build(pool, metrics.clone()))
 }
 
 /// Everything before the stages run: the model loaded, the core built, Redis

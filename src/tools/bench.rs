@@ -28,7 +28,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use serde::Serialize;
 
 use crate::graph::{Pkg, Propagator, PropagatorConfig};
-use crate::ingest::{Event, InteractionEvent, ItemEvent, Kind, Op, RelationEvent};
+use crate::ingest::{Event, InteractionEvent, ItemEvent, Kind, Op, RelationEvent, Topic};
 use crate::kafka::{EmbeddedBroker, KafkaSettings};
 use crate::serve::config::Settings;
 use crate::serve::metrics::Quantiles;
@@ -586,16 +586,10 @@ pub struct FreshnessPhase {
 pub struct BenchReport {
     /// Catalogue size.
     pub size: Size,
-    /// Input messages of the throughput phase.
-    pub events: usize,
-    /// A bare rdkafka consumer's messages per second on the same topics.
-    pub bare_consumer_per_second: f64,
-    /// thaw's events per second through ingest, graph, inference, publish.
-    pub thaw_events_per_second: f64,
-    /// thaw / bare consumer.
-    pub ratio_vs_bare_consumer: f64,
-    /// Titles per second through the text stage in the throughput phase.
-    pub text_encoder_items_per_second: f64,
+    /// The catalogue phase: every item with its title, alone.
+    pub items_with_text: ItemsPhase,
+    /// The stream phase: every edge and interaction, the catalogue in place.
+    pub edges_and_interactions: StreamPhase,
     /// Freshness at the offered rate, ms, by kind (`edge`, `new_item`), and
     /// `ingest_delay`: Kafka time to the engine receiving the message.
     pub freshness_ms: BTreeMap<String, Quantiles>,
@@ -633,6 +627,41 @@ pub struct BenchReport {
     pub scratch: Option<ScratchFigures>,
     /// Wall time of the whole benchmark.
     pub seconds: f64,
+}
+
+/// The catalogue phase: new items with a title, against the raw text
+/// encoder on the same titles and the same number of sessions.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ItemsPhase {
+    /// Item events.
+    pub items: usize,
+    /// thaw's items per second (ingest, text stage, projection,
+    /// propagation, fusion, publish), from the first published to the last.
+    pub thaw_per_second: f64,
+    /// The text stage's sessions.
+    pub sessions: usize,
+    /// The same sessions called directly on a sample of the same titles, in
+    /// batches of 32, side by side ([`crate::infer::stage::TextPool`]): the
+    /// limit.
+    pub raw_encoder_per_second: f64,
+    /// One session alone on the same sample.
+    pub raw_one_session_per_second: f64,
+    /// thaw / the raw encoder with the same sessions.
+    pub ratio_vs_raw_encoder: f64,
+}
+
+/// The stream phase: edges and interactions against a bare consumer of the
+/// same messages.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StreamPhase {
+    /// Messages (edges and interactions).
+    pub events: usize,
+    /// A bare rdkafka consumer's messages per second on the same topics.
+    pub bare_consumer_per_second: f64,
+    /// thaw's events per second through ingest, graph, adaptation, publish.
+    pub thaw_per_second: f64,
+    /// thaw / bare consumer.
+    pub ratio_vs_bare_consumer: f64,
 }
 
 /// Requests per second of one `redis-benchmark -P 64 -n 500000 -q` run
@@ -692,7 +721,7 @@ fn redis_baselines(url: &str) -> Result<(f64, f64)> {
 
 /// Reads every input message once with a bare consumer; returns the rate and
 /// the number of messages the broker holds (the target of both consumers).
-async fn bare_consumer(brokers: &str, total: usize) -> Result<(f64, usize)> {
+async fn bare_consumer(brokers: &str, topics: &[Topic], total: usize) -> Result<(f64, usize)> {
     let c: StreamConsumer = KafkaSettings::with_brokers(brokers)
         .client_config(&[
             ("group.id", &format!("bench-bare-{}", std::process::id())),
@@ -701,10 +730,7 @@ async fn bare_consumer(brokers: &str, total: usize) -> Result<(f64, usize)> {
             ("fetch.wait.max.ms", "10"),
         ])
         .create()?;
-    let topics: Vec<&str> = crate::serve::INPUT_TOPICS
-        .iter()
-        .map(|t| t.name())
-        .collect();
+    let topics: Vec<&str> = topics.iter().map(|t| t.name()).collect();
     let mut stored = 0i64;
     for t in &topics {
         let meta = c.fetch_metadata(Some(t), Duration::from_secs(10))?;
@@ -756,6 +782,28 @@ fn bench_model(text_dir: &std::path::Path) -> Result<std::path::PathBuf> {
 }
 
 /// Every embedding of `synth` from nothing (see [`ScratchFigures`]).
+/// Titles per second of the text stage's `sessions` called directly on a
+/// sample of 2,000 titles, side by side, and of one session alone.
+fn raw_encoder(synth: &Synth, text_dir: &std::path::Path, sessions: usize) -> Result<(f64, f64)> {
+    use crate::infer::text::{TextEncoder, TextEncoderConfig};
+    let cfg = TextEncoderConfig {
+        model_dir: text_dir.to_path_buf(),
+        ..Default::default()
+    };
+    let first = std::sync::Arc::new(TextEncoder::load(&cfg)?);
+    let pool = crate::infer::stage::TextPool::new(first.clone(), &cfg, sessions)?;
+    let sample: Vec<&str> = synth.titles.iter().take(2000).map(String::as_str).collect();
+    // Warm-up: the first runs of a session allocate.
+    pool.embed(&sample[..256.min(sample.len())])?;
+    let t = Instant::now();
+    pool.embed(&sample)?;
+    let pooled = sample.len() as f64 / t.elapsed().as_secs_f64().max(1e-9);
+    let t = Instant::now();
+    first.embed(&sample)?;
+    let one = sample.len() as f64 / t.elapsed().as_secs_f64().max(1e-9);
+    Ok((pooled, one))
+}
+
 fn scratch_figures(
     synth: &Synth,
     model_dir: &std::path::Path,
@@ -923,6 +971,18 @@ async fn wait_published(
     }
 }
 
+/// Produces `events` on a task of its own.
+fn produce_in_background(
+    events: Vec<Event>,
+    kafka: &KafkaSettings,
+) -> tokio::task::JoinHandle<Result<()>> {
+    let kafka = kafka.clone();
+    tokio::spawn(async move {
+        crate::tools::replay::produce(&events, &kafka, None).await?;
+        Ok(())
+    })
+}
+
 /// Runs the end-to-end benchmark.
 pub async fn run(o: &BenchOptions) -> Result<BenchReport> {
     let t_all = Instant::now();
@@ -938,11 +998,8 @@ pub async fn run(o: &BenchOptions) -> Result<BenchReport> {
     let model_dir = bench_model(&o.text_dir)?;
     let mut report = BenchReport {
         size: o.size,
-        events: 0,
-        bare_consumer_per_second: 0.0,
-        thaw_events_per_second: 0.0,
-        ratio_vs_bare_consumer: 0.0,
-        text_encoder_items_per_second: 0.0,
+        items_with_text: ItemsPhase::default(),
+        edges_and_interactions: StreamPhase::default(),
         freshness_ms: BTreeMap::new(),
         offered_events_per_second: 0.0,
         freshness_phase_events_per_second: 0.0,
@@ -996,14 +1053,12 @@ pub async fn run(o: &BenchOptions) -> Result<BenchReport> {
             )
         })
         .collect();
+    let (items, stream): (Vec<Event>, Vec<Event>) = events
+        .into_iter()
+        .partition(|e| matches!(e, Event::Item(_)));
     let broker = EmbeddedBroker::start_with_partitions(None, &partitions).await?;
     let brokers = broker.bootstrap_servers().to_string();
     let kafka = KafkaSettings::with_brokers(&brokers);
-    eprintln!("producing {total} events");
-    crate::tools::replay::produce(&events, &kafka, None).await?;
-    drop(events);
-    eprintln!("bare consumer");
-    let (bare, total) = bare_consumer(&brokers, total).await?;
 
     let mut s = Settings {
         kafka: kafka.clone(),
@@ -1020,28 +1075,72 @@ pub async fn run(o: &BenchOptions) -> Result<BenchReport> {
     s.users.refresh_all_when_idle = false;
     s.users.top_k = 20;
     s.http.listen = "127.0.0.1:0".into();
+
+    // The limit of the catalogue phase, measured first on an idle machine:
+    // the text stage's sessions called directly on a sample of the titles.
+    let sessions = s.model.text_threads();
+    let (raw_pool, raw_one) =
+        tokio::task::block_in_place(|| raw_encoder(&synth, &o.text_dir, sessions))?;
+    eprintln!(
+        "raw text encoder: {raw_pool:.0} titles/s with {sessions} sessions side by side, {raw_one:.0} with one"
+    );
+
     let engine = Engine::start(s.clone()).await?;
     let (metrics, progress) = (engine.metrics.clone(), engine.progress.clone());
-    eprintln!("thaw: {total} events");
-    // Clock from the first published message, as for the bare consumer.
-    let limit = Duration::from_secs(1800);
+    // Phase 1, the catalogue: every item with its title, alone.
+    let n_items = items.len();
+    eprintln!("catalogue phase: {n_items} items with a title");
+    // Produced while the engine reads: the clock starts at its first publish.
+    let producing = produce_in_background(items, &kafka);
+    let limit = Duration::from_secs(3600);
+    let Some(start) = wait_published(&progress, &engine, n_items, limit).await? else {
+        engine.wait().await?;
+        bail!("the engine stopped");
+    };
+    let items_rate = n_items as f64 / start.elapsed().as_secs_f64().max(1e-9);
+    eprintln!(
+        "thaw: {items_rate:.0} items/s (raw encoder {raw_pool:.0}: {:.2}x)",
+        items_rate / raw_pool
+    );
+    wait_idle(&progress, &engine, n_items, "after the catalogue").await?;
+    // Phase 2, the stream: every edge and interaction.
+    let n_stream = stream.len();
+    eprintln!("stream phase: {n_stream} edges and interactions");
+    producing.await??;
+    let producing = produce_in_background(stream, &kafka);
     let Some(start) = wait_published(&progress, &engine, total, limit).await? else {
         engine.wait().await?;
         bail!("the engine stopped");
     };
-    let thaw_rate = total as f64 / start.elapsed().as_secs_f64().max(1e-9);
+    let stream_rate = n_stream as f64 / start.elapsed().as_secs_f64().max(1e-9);
+    producing.await??;
     let (commands, seconds) = metrics.redis_totals();
-    let (titles, text_seconds) = metrics.inference_totals("text_encoder");
-    eprintln!(
-        "thaw: {thaw_rate:.0} events/s (bare consumer {bare:.0}); text encoder {:.0} titles/s",
-        titles as f64 / text_seconds.max(1e-9)
-    );
-
     // The engine goes idle after the load: it reconciles the propagation
     // and publishes what that moved. The freshness phase starts after, as
     // steady traffic would find it.
     let idle = wait_idle(&progress, &engine, total, "after the load").await?;
     eprintln!("idle after the load: {:.1} s", idle.as_secs_f64());
+    eprintln!("bare consumer on the same edges and interactions");
+    let stream_topics = [Topic::ItemRelations, Topic::Interactions];
+    let (bare, n_bare) = bare_consumer(&brokers, &stream_topics, n_stream).await?;
+    eprintln!(
+        "thaw: {stream_rate:.0} events/s (bare consumer {bare:.0} over {n_bare}: {:.3}x)",
+        stream_rate / bare
+    );
+    report.items_with_text = ItemsPhase {
+        items: n_items,
+        thaw_per_second: items_rate,
+        sessions,
+        raw_encoder_per_second: raw_pool,
+        raw_one_session_per_second: raw_one,
+        ratio_vs_raw_encoder: items_rate / raw_pool,
+    };
+    report.edges_and_interactions = StreamPhase {
+        events: n_stream,
+        bare_consumer_per_second: bare,
+        thaw_per_second: stream_rate,
+        ratio_vs_bare_consumer: stream_rate / bare,
+    };
     // Freshness at each offered rate, one phase after the other, each
     // started once the engine is idle again.
     let mut published = total;
@@ -1102,11 +1201,6 @@ pub async fn run(o: &BenchOptions) -> Result<BenchReport> {
     eprintln!("redis-benchmark");
     let (rb, rb_hset) = redis_baselines(&o.redis_url)?;
     let writes = commands as f64 / seconds.max(1e-9);
-    report.events = total;
-    report.bare_consumer_per_second = bare;
-    report.thaw_events_per_second = thaw_rate;
-    report.ratio_vs_bare_consumer = thaw_rate / bare;
-    report.text_encoder_items_per_second = titles as f64 / text_seconds.max(1e-9);
     report.freshness_ms = phases[0].freshness_ms.clone();
     report.offered_events_per_second = o.rate;
     report.freshness_phase_events_per_second = phases[0].applied_events_per_second;
