@@ -16,7 +16,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -310,11 +309,7 @@ async fn serve_end_to_end() {
     let first = (events.len() + bad.len()) as u64;
 
     let engine = Engine::start(s.clone()).await.expect("engine started");
-    let (metrics, health, progress) = (
-        engine.metrics.clone(),
-        engine.health.clone(),
-        engine.progress.clone(),
-    );
+    let (metrics, progress) = (engine.metrics.clone(), engine.progress.clone());
     wait_for(&progress, first, "first batch").await;
     let mut c = redis().await;
     for i in 0..30 {
@@ -372,8 +367,13 @@ async fn serve_end_to_end() {
     assert_eq!(keys(&mut c, &format!("{prefix}:recs:*")).await.len(), 2);
     let text = metrics.encode();
     assert!(
-        text.contains("not_a_model_relation"),
-        "unknown relation counted"
+        text.contains("thaw_core_unknown_relations_total 1"),
+        "unknown relation counted, without its name as a label"
+    );
+    assert!(!text.contains("not_a_model_relation"));
+    assert!(
+        text.contains("thaw_ingest_events_total{topic=\"item-relations\",outcome=\"ignored\"} 1"),
+        "an unknown relation's event counts as ignored, not applied: {text}"
     );
 
     // A new model version in the folder: every item is recomputed and
@@ -410,7 +410,7 @@ async fn serve_end_to_end() {
     }
     let swapped_m0 = emb(&mut c, &format!("{prefix}:item:m0")).await.unwrap();
     assert_ne!(swapped_m0, after_m0, "new weights, new embedding");
-    assert!(text.contains("thaw_inference_provider"));
+    assert!(text.contains("thaw_infer_provider_info"));
 
     engine.shutdown().await.expect("clean shutdown");
     for k in keys(&mut c, &format!("{prefix}:*")).await {
@@ -744,7 +744,12 @@ async fn redis_outage_applies_backpressure() {
         "nothing counted as published while Redis is down"
     );
     assert!(!health.is_ready(), "not ready while Redis is down");
-    assert!(metrics.encode().contains("thaw_redis_errors_total"));
+    let text = metrics.encode();
+    assert!(text.contains("thaw_publish_redis_errors_total"));
+    assert!(
+        text.contains("thaw_serve_errors_total{stage=\"publish\",kind=\"retryable\"}"),
+        "{text}"
+    );
 
     let _redis_back = start_redis(port);
     wait_for(&progress, 15, "after the outage").await;

@@ -204,6 +204,7 @@ impl Ingest {
         shutdown: &watch::Receiver<bool>,
     ) -> Result<()> {
         let (topic_name, partition, offset) = (m.topic(), m.partition(), m.offset());
+        self.progress.received.fetch_add(1, Ordering::Relaxed);
         let Some(topic) = Topic::from_name(topic_name) else {
             self.metrics.event(topic_name, "ignored");
             batch.push(topic_name, partition, offset, None);

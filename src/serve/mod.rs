@@ -56,6 +56,8 @@ pub use crate::ingest::stage::INPUT_TOPICS;
 /// Counters an embedding process (the demo, tests) can watch.
 #[derive(Debug, Default)]
 pub struct Progress {
+    /// Input messages read by ingest (live, not restored).
+    pub received: AtomicU64,
     /// Input messages whose effects are published and whose offsets are
     /// stored (dead-lettered ones included).
     pub messages: AtomicU64,

@@ -943,14 +943,15 @@ async fn wait_idle(
 }
 
 /// Waits until the engine has published `target` messages; `None` if it
-/// stopped first. Returns the time the first new message was published.
+/// stopped first. Returns the time ingest received the first new message
+/// (so a group join is not counted, as for the bare consumer).
 async fn wait_published(
     progress: &Progress,
     engine: &EngineHandle,
     target: usize,
     limit: Duration,
 ) -> Result<Option<Instant>> {
-    let start = progress.messages.load(Ordering::SeqCst) as usize;
+    let start = progress.received.load(Ordering::SeqCst) as usize;
     let t_wait = Instant::now();
     let mut first = None;
     loop {
@@ -958,7 +959,8 @@ async fn wait_published(
             return Ok(None);
         }
         let m = progress.messages.load(Ordering::SeqCst) as usize;
-        if m > start && first.is_none() {
+        let r = progress.received.load(Ordering::SeqCst) as usize;
+        if r > start && first.is_none() {
             first = Some(Instant::now());
         }
         if m >= target {
