@@ -177,33 +177,6 @@ fn resolve_dylib(dylib: Option<&Path>, env_value: Option<OsString>) -> Result<Pa
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_library_path_comes_from_the_argument_then_the_environment() {
-        let file = tempfile::NamedTempFile::new().unwrap();
-        let named = resolve_dylib(Some(file.path()), Some("/elsewhere".into())).unwrap();
-        assert_eq!(named, file.path());
-        let from_env = resolve_dylib(None, Some(file.path().as_os_str().to_owned())).unwrap();
-        assert_eq!(from_env, file.path());
-    }
-
-    #[test]
-    fn a_missing_library_is_a_clear_error() {
-        let err = resolve_dylib(None, None).unwrap_err();
-        assert!(matches!(err, Error::OrtLibraryUnset), "{err}");
-        assert!(err.to_string().contains("onnx/setup.sh"), "{err}");
-        let err = resolve_dylib(None, Some("".into())).unwrap_err();
-        assert!(matches!(err, Error::OrtLibraryUnset), "{err}");
-        let err =
-            resolve_dylib(Some(Path::new("/nonexistent/libonnxruntime.so")), None).unwrap_err();
-        assert!(matches!(err, Error::OrtLibraryMissing { .. }), "{err}");
-        assert!(err.to_string().contains("onnx/setup.sh"), "{err}");
-    }
-}
-
 /// A session builder with this crate's threading and optimisation settings.
 fn builder(
     env: &Environment,
@@ -249,4 +222,31 @@ pub(crate) fn session(
     let _ = try_cuda;
     let session = builder(env, intra_threads)?.commit_from_file(path)?;
     Ok((session, item::CPU_PROVIDER))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_library_path_comes_from_the_argument_then_the_environment() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let named = resolve_dylib(Some(file.path()), Some("/elsewhere".into())).unwrap();
+        assert_eq!(named, file.path());
+        let from_env = resolve_dylib(None, Some(file.path().as_os_str().to_owned())).unwrap();
+        assert_eq!(from_env, file.path());
+    }
+
+    #[test]
+    fn a_missing_library_is_a_clear_error() {
+        let err = resolve_dylib(None, None).unwrap_err();
+        assert!(matches!(err, Error::OrtLibraryUnset), "{err}");
+        assert!(err.to_string().contains("onnx/setup.sh"), "{err}");
+        let err = resolve_dylib(None, Some("".into())).unwrap_err();
+        assert!(matches!(err, Error::OrtLibraryUnset), "{err}");
+        let err =
+            resolve_dylib(Some(Path::new("/nonexistent/libonnxruntime.so")), None).unwrap_err();
+        assert!(matches!(err, Error::OrtLibraryMissing { .. }), "{err}");
+        assert!(err.to_string().contains("onnx/setup.sh"), "{err}");
+    }
 }

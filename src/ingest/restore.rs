@@ -18,11 +18,12 @@ use crate::serve::config::Settings;
 /// Events handed to `apply` at a time.
 const CHUNK: usize = 50_000;
 
+/// The committed offset of each partition to re-read: where the re-read ends.
+type Ends = BTreeMap<(String, i32), i64>;
+
 /// Per input partition with committed messages: the committed offset (the
 /// end of the re-read) and the assignment that reads it from the beginning.
-fn committed_ends(
-    group: &StreamConsumer,
-) -> Result<(BTreeMap<(String, i32), i64>, TopicPartitionList)> {
+fn committed_ends(group: &StreamConsumer) -> Result<(Ends, TopicPartitionList)> {
     let timeout = Duration::from_secs(30);
     let meta = group
         .fetch_metadata(None, timeout)

@@ -351,8 +351,7 @@ impl Metrics {
             "Sum of 1/rank of the item in the user's last published list, 0 when absent (MRR = this / interactions)",
             quality_rr.clone(),
         );
-        let quality_rank =
-            Histogram::new([1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0].into_iter());
+        let quality_rank = Histogram::new([1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0]);
         registry.register(
             "quality_hit_rank",
             "Rank of a hit in the user's last published list",
