@@ -177,7 +177,7 @@ pub fn split_items(b: Batch) -> (Option<Batch>, Option<Batch>) {
     let (rel_offsets, item_offsets) = b
         .offsets
         .into_iter()
-        .partition(|((t, _), _)| t == relations);
+        .partition(|((t, _), _)| *t == relations);
     let now = Batch {
         msgs: rel_msgs,
         offsets: rel_offsets,
@@ -313,7 +313,7 @@ mod tests {
             .all(|m| matches!(m.event, Event::Relation(_))));
         assert_eq!((now.messages, now.relation_messages), (2, 2));
         assert_eq!(
-            now.offsets.keys().map(|k| k.0.as_str()).collect::<Vec<_>>(),
+            now.offsets.keys().map(|k| k.0).collect::<Vec<_>>(),
             ["item-relations"]
         );
         let Work::Batch(later) = &out[1] else {

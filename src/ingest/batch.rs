@@ -39,8 +39,9 @@ impl Msg {
 }
 
 /// Offset of the last message read, per (topic, partition): storing it
-/// (`rd_kafka_offset_store`) commits the offset after it.
-pub type Offsets = BTreeMap<(String, i32), i64>;
+/// (`rd_kafka_offset_store`) commits the offset after it. Topics are the
+/// input topics' static names (no allocation per message).
+pub type Offsets = BTreeMap<(&'static str, i32), i64>;
 
 /// Decoded messages with the offsets they complete.
 #[derive(Debug, Clone)]
@@ -133,14 +134,19 @@ impl Batcher {
     ) {
         self.opened.get_or_insert_with(Instant::now);
         self.messages += 1;
-        if Topic::from_name(topic) == Some(Topic::ItemRelations) {
+        let topic = Topic::from_name(topic);
+        if topic == Some(Topic::ItemRelations) {
             self.relation_messages += 1;
         }
         if let Some((m, delay)) = msg {
             self.msgs.push(m);
             self.delays.extend(delay);
         }
-        self.offsets.insert((topic.to_string(), partition), offset);
+        // Only the input topics are subscribed: another one has no offset to
+        // commit here.
+        if let Some(t) = topic {
+            self.offsets.insert((t.name(), partition), offset);
+        }
     }
 
     /// When the open batch got its first message (`None`: no batch open).
@@ -234,8 +240,8 @@ pub(crate) mod tests {
         let (batch, delays) = b.close().unwrap();
         assert_eq!(batch.msgs.len(), 2);
         assert_eq!((batch.messages, batch.relation_messages), (3, 1));
-        assert_eq!(batch.offsets[&("items".to_string(), 0)], 6);
-        assert_eq!(batch.offsets[&("item-relations".to_string(), 2)], 9);
+        assert_eq!(batch.offsets[&("items", 0)], 6);
+        assert_eq!(batch.offsets[&("item-relations", 2)], 9);
         assert_eq!(delays, vec![0.5]);
         assert!(b.opened().is_none() && b.close().is_none());
     }

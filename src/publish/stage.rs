@@ -195,7 +195,7 @@ mod tests {
             recs: vec![("m1".into(), 2.0), ("m2".into(), 1.0)],
         });
         out.publish.sources.push(("user", now_ms()));
-        out.offsets.insert(("interactions".into(), 1), 41);
+        out.offsets.insert(("interactions", 1), 41);
         tx.send(out).await.unwrap();
         tx.send(Out {
             idle: true,

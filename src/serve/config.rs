@@ -58,6 +58,14 @@ pub struct GraphSettings {
     /// Default 1000: a hub that gains edges every batch would otherwise
     /// republish its whole neighbourhood with every batch. 0: every batch.
     pub ripple_ms: u64,
+    /// While the engine is behind its input (batches queue up in front of
+    /// the core, as when it starts on a backlog), propagation, fusion,
+    /// adaptation and publishing are held back for up to this many ms and
+    /// then done once for everything that arrived meanwhile: far less work
+    /// per event, the same state, and every offset still committed only
+    /// after its effects are in Redis. Default 2000. 0: every batch is
+    /// propagated and published as it comes.
+    pub catch_up_ms: u64,
 }
 
 impl Default for GraphSettings {
@@ -65,6 +73,7 @@ impl Default for GraphSettings {
         Self {
             tolerance: 1e-2,
             ripple_ms: 1000,
+            catch_up_ms: 2000,
         }
     }
 }

@@ -208,6 +208,7 @@ async fn run(
     let core = CoreStage::build(
         core,
         settings.ingest.max_batch,
+        Duration::from_millis(settings.graph.catch_up_ms),
         settings.model.clone(),
         metrics.clone(),
     );

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use tokio::sync::mpsc;
@@ -25,22 +25,31 @@ pub struct CoreStage {
     core: Core,
     /// Most messages applied in one go when batches queue up.
     max_coalesced: usize,
+    /// Longest a backlog may hold back propagation and publishing
+    /// ([`Mode::CatchUp`]); zero: never held back.
+    catch_up: Duration,
+    /// The batches held back: their offsets and messages go out with the
+    /// next live batch's publish, never before (at-least-once).
+    held: Option<(Batch, Instant)>,
     /// Where a new model version is loaded from on [`Work::Reload`].
     model: ModelSettings,
     metrics: Arc<Metrics>,
 }
 
 impl CoreStage {
-    /// The stage around `core`.
+    /// The stage around `core`; `catch_up` as [`CoreStage::catch_up`].
     pub fn build(
         core: Core,
         max_coalesced: usize,
+        catch_up: Duration,
         model: ModelSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             core,
             max_coalesced: max_coalesced.max(1),
+            catch_up,
+            held: None,
             model,
             metrics,
         }
@@ -49,13 +58,25 @@ impl CoreStage {
     /// Runs until `rx` closes (the shutdown: the stages before it drained)
     /// or `tx` does; blocking, on a thread of its own. Under load, the
     /// batches waiting behind one are applied with it: one propagation and
-    /// one publish for all of them.
+    /// one publish for all of them; and while more keep waiting (a backlog),
+    /// propagation and publishing are held back for up to `catch_up`.
     pub fn run(mut self, mut rx: mpsc::Receiver<Work>, tx: mpsc::Sender<Out>) -> Result<()> {
         let mut held: Option<Work> = None;
         while let Some(w) = held.take().or_else(|| rx.blocking_recv()) {
             let w = coalesce(w, &mut rx, &mut held, self.max_coalesced);
+            let behind = held.is_some() || !rx.is_empty();
+            if !matches!(w, Work::Batch(_)) && self.held.is_some() {
+                // Idle or a reload: what a backlog held back goes out first.
+                let out = self.batch(None, false)?;
+                if tx.blocking_send(out).is_err() {
+                    break;
+                }
+            }
             let out = match w {
-                Work::Batch(b) => self.batch(b)?,
+                Work::Batch(b) => match self.batch(Some(b), behind)? {
+                    out if out.messages == 0 && out.offsets.is_empty() => continue,
+                    out => out,
+                },
                 Work::Idle => Out {
                     publish: self.core.idle()?,
                     version: self.core.card().version.clone(),
@@ -71,13 +92,49 @@ impl CoreStage {
                 break;
             }
         }
+        if self.held.is_some() {
+            let out = self.batch(None, false)?;
+            let _ = tx.blocking_send(out);
+        }
         Ok(())
     }
 
-    fn batch(&mut self, b: Batch) -> Result<Out> {
+    /// Applies `b` (none: only flush what was held back): held back while
+    /// `behind` and within the catch-up window, else live with everything
+    /// held back before it. An output with no messages and no offsets
+    /// means held back.
+    fn batch(&mut self, b: Option<Batch>, behind: bool) -> Result<Out> {
         let started = Instant::now();
-        let (publish, applied) = self.core.apply(&b.msgs, Mode::Live)?;
+        let hold = behind
+            && !self.catch_up.is_zero()
+            && self
+                .held
+                .as_ref()
+                .is_none_or(|(_, since)| since.elapsed() < self.catch_up);
+        let msgs = b.as_ref().map_or(&[][..], |b| &b.msgs[..]);
+        let mode = if hold { Mode::CatchUp } else { Mode::Live };
+        let (publish, applied) = self.core.apply(msgs, mode)?;
         self.count(&applied);
+        // The batches held back and this one, as one (their messages are
+        // applied: only the offsets and counts are kept).
+        let b = b.map(|mut b| {
+            b.msgs = Vec::new();
+            b
+        });
+        let all = match (self.held.take(), b) {
+            (Some((mut h, since)), Some(b)) => {
+                h.absorb(b);
+                (h, since)
+            }
+            (Some(h), None) => h,
+            (None, Some(b)) => (b, Instant::now()),
+            (None, None) => return Ok(Out::default()),
+        };
+        if hold {
+            self.held = Some(all);
+            return Ok(Out::default());
+        }
+        let (b, _) = all;
         Ok(Out {
             publish,
             version: self.core.card().version.clone(),

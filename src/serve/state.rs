@@ -36,10 +36,29 @@ use crate::train::ModelCard;
 /// log after a restart (state only: its effects were published before).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// Publish what changed.
+    /// Publish what changed (and whatever earlier [`Mode::CatchUp`] batches
+    /// held back).
     Live,
     /// Rebuild state only.
     Restore,
+    /// The engine is behind its input: apply the graph edits and the users'
+    /// interactions, and hold back propagation, fusion, adaptation and
+    /// publishing until the next [`Mode::Live`] batch, which does them once
+    /// for all the batches held back.
+    CatchUp,
+}
+
+/// What [`Mode::CatchUp`] batches held back for the next live batch.
+#[derive(Debug, Default)]
+struct Pending {
+    /// Slots needing a new input row.
+    inputs: BTreeSet<u32>,
+    /// Freshness sources, as in [`Core::apply`].
+    items: Vec<(u32, i64)>,
+    edges: Vec<(u32, i64)>,
+    users: Vec<(String, i64)>,
+    /// Batches held back.
+    batches: usize,
 }
 
 /// Outcome counts of one batch, per topic name.
@@ -281,6 +300,8 @@ pub struct Core {
     refresh_all: bool,
     /// Users with interactions since the last refresh of all users.
     dirty_users: BTreeSet<String>,
+    /// What catch-up batches held back.
+    pending: Pending,
     /// Something changed since the last idle refresh.
     changed_since_idle: bool,
     /// `graph::PropagatorConfig::tolerance`.
@@ -333,6 +354,7 @@ impl Core {
             top_k,
             refresh_all,
             dirty_users: BTreeSet::new(),
+            pending: Pending::default(),
             changed_since_idle: false,
             tolerance: graph.tolerance,
             ripple: Ripple::default(),
@@ -350,6 +372,11 @@ impl Core {
     /// The execution provider of the item models (`cpu`, `cuda`).
     pub fn provider(&self) -> &'static str {
         self.model.items.provider()
+    }
+
+    /// Catch-up batches held back, not yet published.
+    pub fn pending_batches(&self) -> usize {
+        self.pending.batches
     }
 
     /// The model's card.
@@ -399,18 +426,22 @@ impl Core {
 
     /// Applies a batch of events. In [`Mode::Live`] returns what to publish;
     /// in [`Mode::Restore`] only the state changes (call [`Core::finish_restore`]
-    /// after the last restored batch).
+    /// after the last restored batch); in [`Mode::CatchUp`] the state changes
+    /// and the rest waits for the next live batch (an empty one flushes).
     pub fn apply(&mut self, msgs: &[Msg], mode: Mode) -> Result<(Publish, Applied)> {
         let t_batch = Instant::now();
         let mut out = Publish::default();
         let mut counts = Applied::default();
         // Slots that need a new input row (new placeholders: zeros; described
         // items: their projected features), and texts to encode.
-        let mut new_inputs: BTreeSet<u32> = BTreeSet::new();
+        // What catch-up batches held back comes first.
+        let held_back = std::mem::take(&mut self.pending);
+        let had_pending = held_back.batches > 0;
+        let mut new_inputs: BTreeSet<u32> = held_back.inputs;
         let mut texts: BTreeMap<u32, usize> = BTreeMap::new();
-        let mut item_sources: Vec<(u32, i64)> = Vec::new();
-        let mut edge_sources: Vec<(u32, i64)> = Vec::new();
-        let mut user_sources: Vec<(String, i64)> = Vec::new();
+        let mut item_sources: Vec<(u32, i64)> = held_back.items;
+        let mut edge_sources: Vec<(u32, i64)> = held_back.edges;
+        let mut user_sources: Vec<(String, i64)> = held_back.users;
         for (k, m) in msgs.iter().enumerate() {
             let topic = m.event.topic().name();
             self.now_ms = self.now_ms.max(m.event.ts());
@@ -467,7 +498,7 @@ impl Core {
                     user.ts = user.ts.max(e.ts);
                     let key = self.keys[s as usize];
                     if !user.items.contains(&s) {
-                        if mode == Mode::Live && !user.last.is_empty() {
+                        if mode != Mode::Restore && !user.last.is_empty() {
                             let rank = user.last.iter().position(|&x| x == s);
                             self.metrics.prequential(rank);
                         }
@@ -498,7 +529,7 @@ impl Core {
             }
             *counts.applied.entry(topic).or_default() += 1;
         }
-        if msgs.is_empty() {
+        if msgs.is_empty() && !had_pending {
             return Ok((out, counts));
         }
         self.changed_since_idle = true;
@@ -535,6 +566,17 @@ impl Core {
                 self.slots[s as usize].x = x;
                 new_inputs.insert(s);
             }
+        }
+
+        if mode == Mode::CatchUp {
+            self.pending = Pending {
+                inputs: new_inputs,
+                items: item_sources,
+                edges: edge_sources,
+                users: user_sources,
+                batches: held_back.batches + 1,
+            };
+            return Ok((out, counts));
         }
 
         // Input rows H_0 = X W_r of every new or changed slot.
