@@ -13,7 +13,8 @@
 //! atomic by themselves, and go without a transaction. Every write sets a
 //! value (HSET, DEL+ZADD), so writing the same batch twice leaves the same
 //! state: replays after a crash are safe.
-//! A batch's pipelines are sent concurrently on one multiplexed connection.
+//! A batch's pipelines go out `redis.pipelines_in_flight` at a time on one
+//! multiplexed connection.
 //! A failed write is retried with exponential backoff until it succeeds or
 //! the engine stops; meanwhile the pipeline stages block (backpressure) and
 //! no offset is stored.
@@ -130,7 +131,13 @@ impl Publisher {
         if let Some(c) = &self.conn {
             return Ok(c.clone());
         }
-        let c = self.client.get_multiplexed_async_connection().await?;
+        let cfg = redis::AsyncConnectionConfig::new().set_response_timeout(Some(
+            Duration::from_millis(self.cfg.response_timeout_ms.max(1)),
+        ));
+        let c = self
+            .client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await?;
         self.conn = Some(c.clone());
         Ok(c)
     }
@@ -152,15 +159,22 @@ impl Publisher {
             let conn = self.conn().await;
             let (failed, error) = match conn {
                 Ok(c) => {
-                    let results = futures::future::join_all(pending.iter().map(|p| {
-                        let mut c = c.clone();
-                        async move { p.query_async::<()>(&mut c).await }
-                    }))
-                    .await;
+                    use futures::stream::StreamExt;
+                    let results: Vec<(redis::Pipeline, redis::RedisResult<()>)> =
+                        futures::stream::iter(pending.into_iter().map(move |p| {
+                            let mut c = c.clone();
+                            async move {
+                                let r = p.query_async::<()>(&mut c).await;
+                                (p, r)
+                            }
+                        }))
+                        .buffered(self.cfg.pipelines_in_flight.max(1))
+                        .collect()
+                        .await;
                     let mut failed = Vec::new();
                     let mut error = None;
                     let mut written = 0;
-                    for (p, r) in pending.into_iter().zip(results) {
+                    for (p, r) in results {
                         match r {
                             Ok(()) => written += data_commands(&p),
                             Err(e) => {

@@ -94,6 +94,14 @@ pub struct RedisSettings {
     pub updates_maxlen: usize,
     /// Most commands per pipeline (one MULTI/EXEC each).
     pub pipeline_commands: usize,
+    /// Pipelines in flight at once on the connection. Default 4: enough to
+    /// keep Redis busy while the next pipeline is sent, few enough that the
+    /// last one's reply does not wait behind a whole batch's.
+    pub pipelines_in_flight: usize,
+    /// Longest wait for a reply, ms, before the write counts as failed and
+    /// is retried. Default 10000 (the client library's own default, 500 ms,
+    /// timed out pipelines that were only queued behind others).
+    pub response_timeout_ms: u64,
 }
 
 impl Default for RedisSettings {
@@ -105,6 +113,8 @@ impl Default for RedisSettings {
             retry_max_ms: 5000,
             updates_maxlen: 100_000,
             pipeline_commands: 4096,
+            pipelines_in_flight: 4,
+            response_timeout_ms: 10_000,
         }
     }
 }

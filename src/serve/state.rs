@@ -21,7 +21,7 @@ use ndarray::{Array1, Array2, Array3, ArrayView2};
 use super::metrics::Metrics;
 use crate::adapt::{adapt_user, key, rank_users, AdaptConfig, Catalogue};
 use crate::graph::co::{CoGraph, EdgeChange};
-use crate::graph::{Batch, Pkg, Propagator, PropagatorConfig};
+use crate::graph::{ApplyStats, Batch, Pkg, Propagator, PropagatorConfig};
 use crate::infer::item::{ItemModels, ItemModelsConfig};
 use crate::infer::stage::embed_texts;
 use crate::infer::text::{TextEncoder, TextEncoderConfig};
@@ -48,12 +48,15 @@ pub enum Mode {
     CatchUp,
 }
 
-/// What [`Mode::CatchUp`] batches held back for the next live batch.
+/// What applied events leave to propagate and publish: one batch's, plus
+/// what [`Mode::CatchUp`] batches held back for the next live batch.
 #[derive(Debug, Default)]
 struct Pending {
-    /// Slots needing a new input row.
+    /// Slots needing a new input row (new placeholders: zeros; described
+    /// items: their projected features).
     inputs: BTreeSet<u32>,
-    /// Freshness sources, as in [`Core::apply`].
+    /// Freshness sources `(slot or user, Kafka time ms)` of item events,
+    /// edges that changed the graph, and interactions.
     items: Vec<(u32, i64)>,
     edges: Vec<(u32, i64)>,
     users: Vec<(String, i64)>,
@@ -430,165 +433,215 @@ impl Core {
     /// and the rest waits for the next live batch (an empty one flushes).
     pub fn apply(&mut self, msgs: &[Msg], mode: Mode) -> Result<(Publish, Applied)> {
         let t_batch = Instant::now();
-        let mut out = Publish::default();
-        let mut counts = Applied::default();
-        // Slots that need a new input row (new placeholders: zeros; described
-        // items: their projected features), and texts to encode.
         // What catch-up batches held back comes first.
-        let held_back = std::mem::take(&mut self.pending);
-        let had_pending = held_back.batches > 0;
-        let mut new_inputs: BTreeSet<u32> = held_back.inputs;
+        let mut work = std::mem::take(&mut self.pending);
+        let had_pending = work.batches > 0;
+        let mut counts = Applied::default();
+        // The latest item event of each slot in the batch (its text wins).
         let mut texts: BTreeMap<u32, usize> = BTreeMap::new();
-        let mut item_sources: Vec<(u32, i64)> = held_back.items;
-        let mut edge_sources: Vec<(u32, i64)> = held_back.edges;
-        let mut user_sources: Vec<(String, i64)> = held_back.users;
         for (k, m) in msgs.iter().enumerate() {
             let topic = m.event.topic().name();
             self.now_ms = self.now_ms.max(m.event.ts());
-            match &m.event {
+            let applied = match &m.event {
                 Event::Item(e) => {
-                    let (s, new) = self.slot(&e.item_id);
-                    if new {
-                        new_inputs.insert(s);
-                    }
-                    // The latest item event of the slot in the batch wins.
+                    let s = self.apply_item(e, m.kafka_ms, &mut work);
                     texts.insert(s, k);
-                    let slot = &mut self.slots[s as usize];
-                    slot.described = true;
-                    slot.ts = slot.ts.max(e.ts);
-                    if let Some(k) = m.kafka_ms {
-                        item_sources.push((s, k));
-                    }
+                    true
                 }
-                Event::Relation(e) => {
-                    let Some(r) = self.pkg.relation_index(&e.relation) else {
-                        self.metrics.unknown_relation(&e.relation);
-                        *counts.ignored.entry(topic).or_default() += 1;
-                        continue;
-                    };
-                    if self.behavioural.derives(r) {
-                        // Learnt from the interactions here, never taken
-                        // precomputed (DESIGN.md, "Events").
-                        *counts.ignored.entry(topic).or_default() += 1;
-                        continue;
-                    }
-                    let (u, nu) = self.slot(&e.src);
-                    let (v, nv) = self.slot(&e.dst);
-                    for (s, new) in [(u, nu), (v, nv)] {
-                        if new {
-                            new_inputs.insert(s);
-                        }
-                    }
-                    let changed = match e.op {
-                        crate::ingest::Op::Add => self.pkg.add_edge(r, u, v)?,
-                        crate::ingest::Op::Remove => self.pkg.remove_edge(r, u, v)?,
-                    };
-                    if changed {
-                        if let Some(k) = m.kafka_ms {
-                            edge_sources.push((u, k));
-                        }
-                    }
-                }
+                Event::Relation(e) => self.apply_relation(e, m.kafka_ms, &mut work)?,
                 Event::Interaction(e) => {
-                    let (s, new) = self.slot(&e.item_id);
-                    if new {
-                        new_inputs.insert(s);
-                    }
-                    let user = self.users.entry(e.user_id.clone()).or_default();
-                    user.ts = user.ts.max(e.ts);
-                    let key = self.keys[s as usize];
-                    if !user.items.contains(&s) {
-                        if mode != Mode::Restore && !user.last.is_empty() {
-                            let rank = user.last.iter().position(|&x| x == s);
-                            self.metrics.prequential(rank);
-                        }
-                        learn(&mut self.behavioural.co, &mut self.pkg, &user.items, s, key)?;
-                        user.items.push(s);
-                        let slot = &mut self.slots[s as usize];
-                        slot.count += 1;
-                        slot.first_ms = slot.first_ms.min(e.ts);
-                    }
-                    let liked = e.kind == crate::ingest::Kind::Rating
-                        && e.value
-                            .is_some_and(|v| v >= self.behavioural.like_threshold);
-                    if liked && self.behavioural.liked.is_some() && !user.liked.contains(&s) {
-                        learn(
-                            &mut self.behavioural.liked,
-                            &mut self.pkg,
-                            &user.liked,
-                            s,
-                            key,
-                        )?;
-                        user.liked.push(s);
-                    }
-                    self.dirty_users.insert(e.user_id.clone());
-                    if let Some(k) = m.kafka_ms {
-                        user_sources.push((e.user_id.clone(), k));
-                    }
+                    self.apply_interaction(e, m.kafka_ms, mode, &mut work)?;
+                    true
                 }
-            }
-            *counts.applied.entry(topic).or_default() += 1;
+            };
+            let outcome = if applied {
+                &mut counts.applied
+            } else {
+                &mut counts.ignored
+            };
+            *outcome.entry(topic).or_default() += 1;
         }
         if msgs.is_empty() && !had_pending {
-            return Ok((out, counts));
+            return Ok((Publish::default(), counts));
         }
         self.changed_since_idle = true;
-
-        // Features of described items: text embedding (from the text stage,
-        // or computed here) ⊕ hashed categories.
-        if !texts.is_empty() {
-            let mut own: Vec<Msg> = texts
-                .values()
-                .filter(|&&k| msgs[k].text.is_none())
-                .map(|&k| msgs[k].clone())
-                .collect();
-            if !own.is_empty() {
-                let t0 = Instant::now();
-                let n = embed_texts(&self.model.text, &mut own)?;
-                self.metrics.inference(
-                    "text_encoder",
-                    self.model.items.provider(),
-                    n,
-                    t0.elapsed().as_secs_f64(),
-                );
-            }
-            let mut own = own.into_iter();
-            let kg = self.model.card.config.kg_dim;
-            for (&s, &k) in &texts {
-                let m = &msgs[k];
-                let text = match &m.text {
-                    Some(t) => t.clone(),
-                    None => own.next().and_then(|o| o.text).unwrap_or_default(),
-                };
-                let Event::Item(e) = &m.event else { continue };
-                let mut x = text;
-                x.extend(category_bag(&e.categories, kg));
-                self.slots[s as usize].x = x;
-                new_inputs.insert(s);
-            }
-        }
-
+        self.set_features(msgs, &texts, &mut work.inputs)?;
         if mode == Mode::CatchUp {
-            self.pending = Pending {
-                inputs: new_inputs,
-                items: item_sources,
-                edges: edge_sources,
-                users: user_sources,
-                batches: held_back.batches + 1,
-            };
-            return Ok((out, counts));
+            work.batches += 1;
+            self.pending = work;
+            return Ok((Publish::default(), counts));
         }
+        let (batch, stats) = self.propagate(&work.inputs)?;
+        if mode == Mode::Restore {
+            return Ok((Publish::default(), counts));
+        }
+        let out = self.publish_changes(work, &batch, &stats)?;
+        tracing::debug!(
+            events = msgs.len(),
+            items = out.items.len(),
+            users = out.users.len(),
+            total_ms = t_batch.elapsed().as_secs_f64() * 1e3,
+            "batch applied"
+        );
+        Ok((out, counts))
+    }
 
-        // Input rows H_0 = X W_r of every new or changed slot.
+    /// An item event: its slot (a new one needs an input row), described
+    /// from now on. Returns the slot.
+    fn apply_item(
+        &mut self,
+        e: &crate::ingest::ItemEvent,
+        kafka_ms: Option<i64>,
+        work: &mut Pending,
+    ) -> u32 {
+        let (s, new) = self.slot(&e.item_id);
+        if new {
+            work.inputs.insert(s);
+        }
+        let slot = &mut self.slots[s as usize];
+        slot.described = true;
+        slot.ts = slot.ts.max(e.ts);
+        if let Some(k) = kafka_ms {
+            work.items.push((s, k));
+        }
+        s
+    }
+
+    /// A relation event: the edge added or removed. False when ignored (a
+    /// relation the model does not know, or one learnt from interactions).
+    fn apply_relation(
+        &mut self,
+        e: &crate::ingest::RelationEvent,
+        kafka_ms: Option<i64>,
+        work: &mut Pending,
+    ) -> Result<bool> {
+        let Some(r) = self.pkg.relation_index(&e.relation) else {
+            self.metrics.unknown_relation(&e.relation);
+            return Ok(false);
+        };
+        if self.behavioural.derives(r) {
+            // Learnt from the interactions here, never taken precomputed
+            // (DESIGN.md, "Events").
+            return Ok(false);
+        }
+        let (u, nu) = self.slot(&e.src);
+        let (v, nv) = self.slot(&e.dst);
+        for (s, new) in [(u, nu), (v, nv)] {
+            if new {
+                work.inputs.insert(s);
+            }
+        }
+        let changed = match e.op {
+            crate::ingest::Op::Add => self.pkg.add_edge(r, u, v)?,
+            crate::ingest::Op::Remove => self.pkg.remove_edge(r, u, v)?,
+        };
+        if let (true, Some(k)) = (changed, kafka_ms) {
+            work.edges.push((u, k));
+        }
+        Ok(true)
+    }
+
+    /// An interaction: the user's items, the item's counts, the behavioural
+    /// relations learnt from it, and (live) its prequential score against
+    /// the user's last published list.
+    fn apply_interaction(
+        &mut self,
+        e: &crate::ingest::InteractionEvent,
+        kafka_ms: Option<i64>,
+        mode: Mode,
+        work: &mut Pending,
+    ) -> Result<()> {
+        let (s, new) = self.slot(&e.item_id);
+        if new {
+            work.inputs.insert(s);
+        }
+        let user = self.users.entry(e.user_id.clone()).or_default();
+        user.ts = user.ts.max(e.ts);
+        let key = self.keys[s as usize];
+        if !user.items.contains(&s) {
+            if mode != Mode::Restore && !user.last.is_empty() {
+                let rank = user.last.iter().position(|&x| x == s);
+                self.metrics.prequential(rank);
+            }
+            learn(&mut self.behavioural.co, &mut self.pkg, &user.items, s, key)?;
+            user.items.push(s);
+            let slot = &mut self.slots[s as usize];
+            slot.count += 1;
+            slot.first_ms = slot.first_ms.min(e.ts);
+        }
+        let liked = e.kind == crate::ingest::Kind::Rating
+            && e.value
+                .is_some_and(|v| v >= self.behavioural.like_threshold);
+        if liked && self.behavioural.liked.is_some() && !user.liked.contains(&s) {
+            learn(
+                &mut self.behavioural.liked,
+                &mut self.pkg,
+                &user.liked,
+                s,
+                key,
+            )?;
+            user.liked.push(s);
+        }
+        self.dirty_users.insert(e.user_id.clone());
+        if let Some(k) = kafka_ms {
+            work.users.push((e.user_id.clone(), k));
+        }
+        Ok(())
+    }
+
+    /// Features of the described items of `texts` (slot → message index):
+    /// text embedding (from the text stage, or computed here) ⊕ hashed
+    /// categories; each needs a new input row.
+    fn set_features(
+        &mut self,
+        msgs: &[Msg],
+        texts: &BTreeMap<u32, usize>,
+        inputs: &mut BTreeSet<u32>,
+    ) -> Result<()> {
+        if texts.is_empty() {
+            return Ok(());
+        }
+        let mut own: Vec<Msg> = texts
+            .values()
+            .filter(|&&k| msgs[k].text.is_none())
+            .map(|&k| msgs[k].clone())
+            .collect();
+        if !own.is_empty() {
+            let t0 = Instant::now();
+            let n = embed_texts(&self.model.text, &mut own)?;
+            let provider = self.model.text.provider();
+            self.metrics
+                .inference("text_encoder", provider, n, t0.elapsed().as_secs_f64());
+        }
+        let mut own = own.into_iter();
+        let kg = self.model.card.config.kg_dim;
+        for (&s, &k) in texts {
+            let m = &msgs[k];
+            let text = match &m.text {
+                Some(t) => t.clone(),
+                None => own.next().and_then(|o| o.text).unwrap_or_default(),
+            };
+            let Event::Item(e) = &m.event else { continue };
+            let mut x = text;
+            x.extend(category_bag(&e.categories, kg));
+            self.slots[s as usize].x = x;
+            inputs.insert(s);
+        }
+        Ok(())
+    }
+
+    /// The graph's edits since the last propagation and the input rows
+    /// `H_0 = X W_r` of `inputs` (zeros for placeholders), propagated.
+    fn propagate(&mut self, inputs: &BTreeSet<u32>) -> Result<(Batch, ApplyStats)> {
         let mut batch: Batch = self.pkg.take_changes();
         let (r_n, d) = (self.model.card.relations.len(), self.model.card.dim);
-        let described: Vec<u32> = new_inputs
+        let described: Vec<u32> = inputs
             .iter()
             .copied()
             .filter(|&s| !self.slots[s as usize].x.is_empty())
             .collect();
         let zero = Array2::<f32>::zeros((r_n, d));
-        for &s in &new_inputs {
+        for &s in inputs {
             if self.slots[s as usize].x.is_empty() && self.pkg.contains_item(s) {
                 batch.set_inputs(s, zero.view());
             }
@@ -602,14 +655,21 @@ impl Core {
         let t0 = Instant::now();
         let edits = batch.edits().map_or(0, |r| (r.end - r.start) as usize) + batch.num_inputs();
         let stats = self.prop.apply(&self.pkg, &batch)?;
-        let prop_s = t0.elapsed().as_secs_f64();
-        self.metrics.propagation(edits, prop_s);
+        self.metrics.propagation(edits, t0.elapsed().as_secs_f64());
         self.report_graph();
+        Ok((batch, stats))
+    }
 
-        if mode == Mode::Restore {
-            return Ok((out, counts));
-        }
-
+    /// What a propagated batch publishes: the items whose rows changed (the
+    /// batch's own slots now, the ripple every `graph.ripple_ms`), the users
+    /// with new interactions, and the freshness sources of `work`.
+    fn publish_changes(
+        &mut self,
+        work: Pending,
+        batch: &Batch,
+        stats: &ApplyStats,
+    ) -> Result<Publish> {
+        let mut out = Publish::default();
         // Rows whose output changed in some relation (exact, or beyond the
         // tolerance's held-back changes): the batch's own slots (edge
         // endpoints, new or changed items) are re-fused and published now;
@@ -621,7 +681,7 @@ impl Core {
             .flat_map(|r| batch.touched(r).iter().copied())
             .chain(batch.items().iter().copied())
             .collect();
-        let mut changed: BTreeSet<u32> = new_inputs.clone();
+        let mut changed: BTreeSet<u32> = work.inputs;
         for &s in &stats.changed {
             if own.contains(&s) {
                 changed.insert(s);
@@ -645,42 +705,25 @@ impl Core {
                 self.pkg.contains_item(s) && self.slots.get(s as usize).is_some_and(|x| x.described)
             })
             .collect();
-        let t_fuse = Instant::now();
         self.fuse(&to_fuse)?;
-        let fuse_s = t_fuse.elapsed().as_secs_f64();
-        for &s in &to_fuse {
-            out.items.push(self.item_out(s));
-        }
-        for (s, k) in item_sources {
+        out.items = to_fuse.iter().map(|&s| self.item_out(s)).collect();
+        for (s, k) in work.items {
             if self.slots[s as usize].described {
                 out.sources.push(("item", k));
             }
         }
         out.sources
-            .extend(edge_sources.into_iter().map(|(_, k)| ("edge", k)));
-
+            .extend(work.edges.into_iter().map(|(_, k)| ("edge", k)));
         // Users with new interactions.
         let dirty: Vec<String> = std::mem::take(&mut self.dirty_users).into_iter().collect();
-        let t_users = Instant::now();
         out.users = self.publish_users(&dirty);
-        let users_s = t_users.elapsed().as_secs_f64();
         let published: BTreeSet<&str> = out.users.iter().map(|u| u.id.as_str()).collect();
-        for (u, k) in user_sources {
+        for (u, k) in work.users {
             if published.contains(u.as_str()) {
                 out.sources.push(("user", k));
             }
         }
-        tracing::debug!(
-            events = msgs.len(),
-            propagation_ms = prop_s * 1e3,
-            fused = to_fuse.len(),
-            fusion_ms = fuse_s * 1e3,
-            users = out.users.len(),
-            users_ms = users_s * 1e3,
-            total_ms = t_batch.elapsed().as_secs_f64() * 1e3,
-            "batch applied"
-        );
-        Ok((out, counts))
+        Ok(out)
     }
 
     /// After the last restored batch: fuses every item (nothing is published:
