@@ -566,6 +566,19 @@ mod tests {
         assert!(adapt_user(&c.cat(), &[3], 7, &cfg).is_none());
     }
 
+    /// `c` with its slots in reverse order (the same ids in other slots).
+    fn reversed(c: &Owned) -> Owned {
+        let perm: Vec<usize> = (0..c.keys.len()).rev().collect();
+        Owned {
+            e: c.e.select(Axis(0), &perm),
+            b: c.b.select(Axis(0), &perm),
+            active: perm.iter().map(|&i| c.active[i]).collect(),
+            keys: perm.iter().map(|&i| c.keys[i]).collect(),
+            graph: None,
+            fresh: None,
+        }
+    }
+
     #[test]
     fn negatives_are_a_fixed_draw_of_ids_not_slots() {
         let mut c = random(500, 4, 9);
@@ -580,15 +593,7 @@ mod tests {
         distinct.dedup();
         assert_eq!(distinct.len(), 50);
         // The same ids in other slots: the same items are drawn.
-        let perm: Vec<usize> = (0..500).rev().collect();
-        let moved = Owned {
-            e: c.e.select(Axis(0), &perm),
-            b: c.b.select(Axis(0), &perm),
-            active: perm.iter().map(|&i| c.active[i]).collect(),
-            keys: perm.iter().map(|&i| c.keys[i]).collect(),
-            graph: None,
-            fresh: None,
-        };
+        let moved = reversed(&c);
         let moved_items: Vec<u32> = items.iter().map(|&i| 499 - i).collect();
         let again = negatives(&moved.cat(), &moved_items, user, 50);
         let back: Vec<u32> = again.iter().map(|&j| 499 - j).collect();
@@ -607,15 +612,7 @@ mod tests {
         assert!(pool.windows(2).all(|w| w[0] < w[1]), "sorted, distinct");
         assert!(!pool.contains(&7), "active slots only");
         // The same ids in other slots: the same items pooled.
-        let perm: Vec<usize> = (0..2000).rev().collect();
-        let moved = Owned {
-            e: c.e.select(Axis(0), &perm),
-            b: c.b.select(Axis(0), &perm),
-            active: perm.iter().map(|&i| c.active[i]).collect(),
-            keys: perm.iter().map(|&i| c.keys[i]).collect(),
-            graph: None,
-            fresh: None,
-        };
+        let moved = reversed(&c);
         let mut back: Vec<u32> = negative_pool(&moved.cat(), 300)
             .iter()
             .map(|&j| 1999 - j)

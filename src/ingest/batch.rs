@@ -38,6 +38,14 @@ impl Msg {
     }
 }
 
+/// Wall-clock time in ms since the epoch, the clock of Kafka timestamps
+/// (ingest delays, freshness, dead letters).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// Offset of the last message read, per (topic, partition): storing it
 /// (`rd_kafka_offset_store`) commits the offset after it. Topics are the
 /// input topics' static names (no allocation per message).
@@ -122,19 +130,19 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// Records one message read at `(topic, partition, offset)`: `msg` when
+    /// Records one message read at `(topic, partition, offset)` (`topic`
+    /// `None`: not an input topic): `msg` when
     /// it was accepted (`None` when dead-lettered or ignored), with its
     /// ingest delay in seconds when known. Opens the batch if none is open.
     pub fn push(
         &mut self,
-        topic: &str,
+        topic: Option<Topic>,
         partition: i32,
         offset: i64,
         msg: Option<(Msg, Option<f64>)>,
     ) {
         self.opened.get_or_insert_with(Instant::now);
         self.messages += 1;
-        let topic = Topic::from_name(topic);
         if topic == Some(Topic::ItemRelations) {
             self.relation_messages += 1;
         }
@@ -222,8 +230,8 @@ pub(crate) mod tests {
     pub(crate) fn batch(msgs: Vec<Msg>) -> Batch {
         let mut b = Batcher::default();
         for (n, m) in msgs.into_iter().enumerate() {
-            let topic = m.event.topic().name();
-            b.push(topic, 0, n as i64, Some((m, None)));
+            let topic = m.event.topic();
+            b.push(Some(topic), 0, n as i64, Some((m, None)));
         }
         b.close().expect("an open batch").0
     }
@@ -232,9 +240,14 @@ pub(crate) mod tests {
     fn a_batch_keeps_its_last_offset_per_partition_and_counts_rejects() {
         let mut b = Batcher::default();
         assert!(b.close().is_none(), "nothing open");
-        b.push("items", 0, 5, Some((item("a"), Some(0.5))));
-        b.push("items", 0, 6, None);
-        b.push("item-relations", 2, 9, Some((edge("a", "b"), None)));
+        b.push(Some(Topic::Items), 0, 5, Some((item("a"), Some(0.5))));
+        b.push(Some(Topic::Items), 0, 6, None);
+        b.push(
+            Some(Topic::ItemRelations),
+            2,
+            9,
+            Some((edge("a", "b"), None)),
+        );
         assert!(b.opened().is_some());
         assert!(b.is_full(3) && !b.is_full(4));
         let (batch, delays) = b.close().unwrap();

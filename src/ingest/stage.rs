@@ -17,7 +17,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Offset;
 use tokio::sync::{mpsc, watch};
 
-use super::batch::{Batcher, Msg, Work};
+use super::batch::{now_ms, Batcher, Msg, Work};
 use super::{decode, DeadLetter, Limits, Topic, DLQ_TOPIC};
 use crate::serve::config::Settings;
 use crate::serve::error::{EngineError, Stage};
@@ -65,12 +65,6 @@ pub fn model_version(dir: &std::path::Path) -> Option<String> {
     let text = std::fs::read_to_string(dir.join("model.json")).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v.get("version")?.as_str().map(str::to_string)
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// The ingest stage.
@@ -207,7 +201,7 @@ impl Ingest {
         self.progress.received.fetch_add(1, Ordering::Relaxed);
         let Some(topic) = Topic::from_name(topic_name) else {
             self.metrics.event(topic_name, "ignored");
-            batch.push(topic_name, partition, offset, None);
+            batch.push(None, partition, offset, None);
             return Ok(());
         };
         let payload = m.payload().unwrap_or(&[]);
@@ -216,7 +210,7 @@ impl Ingest {
                 let kafka_ms = m.timestamp().to_millis();
                 let delay = kafka_ms.map(|ts| (now_ms() - ts).max(0) as f64 / 1000.0);
                 batch.push(
-                    topic_name,
+                    Some(topic),
                     partition,
                     offset,
                     Some((Msg::new(event, kafka_ms), delay)),
@@ -237,7 +231,7 @@ impl Ingest {
                 self.metrics.dead_letter(rejection.reason_code().as_str());
                 self.progress.dead_lettered.fetch_add(1, Ordering::SeqCst);
                 tracing::debug!(topic = %topic_name, partition, offset, reason = %dl.reason, "dead-lettered");
-                batch.push(topic_name, partition, offset, None);
+                batch.push(Some(topic), partition, offset, None);
             }
         }
         Ok(())

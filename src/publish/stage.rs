@@ -12,7 +12,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use tokio::sync::{mpsc, watch};
 
 use super::{Publish, Publisher};
-use crate::ingest::batch::Offsets;
+use crate::ingest::batch::{now_ms, Offsets};
 use crate::serve::metrics::Metrics;
 use crate::serve::Progress;
 
@@ -48,12 +48,6 @@ impl OffsetStore for StreamConsumer {
         self.store_offset(topic, partition, offset)
             .map_err(|e| e.to_string())
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// The publish stage.

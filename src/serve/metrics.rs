@@ -154,6 +154,22 @@ pub struct Prequential {
     pub mrr: f64,
 }
 
+impl Prequential {
+    /// The figures of the interactions since `before` (an earlier summary).
+    pub fn since(&self, before: &Prequential) -> Prequential {
+        let n = self.interactions - before.interactions;
+        let d = n.max(1) as f64;
+        let hits = self.hits - before.hits;
+        let rr = |p: &Prequential| p.mrr * p.interactions as f64;
+        Prequential {
+            interactions: n,
+            hits,
+            hit_rate: hits as f64 / d,
+            mrr: (rr(self) - rr(before)) / d,
+        }
+    }
+}
+
 /// The engine's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -783,6 +799,10 @@ mod tests {
         assert!((q.hit_rate - 0.5).abs() < 1e-12);
         assert!((q.mrr - (1.0 + 0.25) / 4.0).abs() < 1e-12);
         assert!(m.encode().contains("thaw_quality_hits_total 2"));
+        m.prequential(Some(1));
+        let later = m.prequential_summary().since(&q);
+        assert_eq!((later.interactions, later.hits), (1, 1));
+        assert!((later.mrr - 0.5).abs() < 1e-12);
         assert_eq!(
             m.unknown_seen.lock().unwrap().len(),
             100,

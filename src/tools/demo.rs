@@ -395,19 +395,7 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport> {
         lists_overlap: overlap / compared.max(1) as f64,
         model: card.version.clone(),
         provider: metrics.provider_name(),
-        online_quality: {
-            let after = metrics.prequential_summary();
-            let n = after.interactions - before.interactions;
-            let d = n.max(1) as f64;
-            crate::serve::metrics::Prequential {
-                interactions: n,
-                hits: after.hits - before.hits,
-                hit_rate: (after.hits - before.hits) as f64 / d,
-                mrr: (after.mrr * after.interactions as f64
-                    - before.mrr * before.interactions as f64)
-                    / d,
-            }
-        },
+        online_quality: metrics.prequential_summary().since(&before),
     };
     engine.shutdown().await?;
     drop(broker);
