@@ -1,6 +1,7 @@
 # thaw — one entry point for people and CI.
 #   make demo   set up and run the demo on embedded defaults
 #   make test   set up and run every check CI runs
+#   make image  the container image (Dockerfile); make helm-check: the chart
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 CARGO ?= cargo
@@ -45,7 +46,7 @@ TRAIN_FLAGS ?= --kg-relations 4 --without fr --fresh-weight 256 --aware-fresh-we
 endif
 
 
-.PHONY: demo offline offline-all redis test data models build split train eval-baselines eval-mpkg compare lint unit bench bench-small bench-large bench-micro
+.PHONY: demo offline offline-all redis test data models build split train eval-baselines eval-mpkg compare lint unit bench bench-small bench-large bench-micro image image-test helm-check
 
 ## demo: sets up (data, ONNX Runtime, text encoder), trains MPKG if no model
 ## exists, then runs the streaming demo: embedded Kafka broker + thaw serve +
@@ -137,4 +138,26 @@ lint:
 unit:
 	$(CARGO) test --locked
 
-test: data models redis lint unit
+## image: the container image $(IMAGE) (Dockerfile: FROM scratch with the
+## release binary, its shared libraries, ONNX Runtime and the text encoder);
+## installs and starts Docker if needed (scripts/ensure-docker.sh).
+IMAGE ?= thaw:$(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+image: models build
+	IMAGE=$(IMAGE) ./scripts/image.sh
+
+## image-test: the image built from the debug binary (`make unit` has compiled
+## it already: the same recipe without a second, release, build in CI), run
+## as the chart runs it against the embedded broker and Redis
+## (scripts/test-image.sh).
+TEST_IMAGE ?= thaw:test
+image-test: data models redis helm-check
+	$(CARGO) build --locked --bin thaw
+	IMAGE=$(TEST_IMAGE) THAW_BIN=$(or $(CARGO_TARGET_DIR),target)/debug/thaw ./scripts/image.sh
+	IMAGE=$(TEST_IMAGE) SPLIT=$(SPLIT) DATA=$(DATA) ./scripts/test-image.sh
+
+## helm-check: the Helm chart (helm/thaw) linted strictly, rendered with its
+## default and example values, every manifest validated offline.
+helm-check: models
+	./scripts/helm-check.sh
+
+test: data models redis lint unit helm-check image-test
