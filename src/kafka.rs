@@ -24,8 +24,8 @@ use rdkafka::producer::DefaultProducerContext;
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 
-/// How to reach a Kafka cluster.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// How to reach a Kafka cluster. `Debug` masks secret properties.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KafkaSettings {
     /// `bootstrap.servers`: comma-separated `host:port`.
@@ -35,6 +35,16 @@ pub struct KafkaSettings {
     /// librdkafka properties passed through verbatim to every client
     /// (SASL/SSL, timeouts, ...). They override thaw's own settings.
     pub properties: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSettings")
+            .field("brokers", &self.brokers)
+            .field("group_id", &self.group_id)
+            .field("properties", &crate::redact::properties(&self.properties))
+            .finish()
+    }
 }
 
 impl Default for KafkaSettings {
@@ -104,6 +114,18 @@ pub fn topics() -> Vec<TopicSpec> {
     let file: TopicsFile = serde_json::from_str(include_str!("../streams/topics.json"))
         .expect("streams/topics.json is valid (tested)");
     file.topics
+}
+
+/// A topic's `config` value in `streams/topics.json` (compiled in).
+pub fn topic_config(topic: &str, key: &str) -> Option<String> {
+    let file: serde_json::Value = serde_json::from_str(include_str!("../streams/topics.json"))
+        .expect("streams/topics.json is valid (tested)");
+    file["topics"]
+        .as_array()?
+        .iter()
+        .find(|t| t["name"] == topic)?["config"][key]
+        .as_str()
+        .map(str::to_string)
 }
 
 /// Most message bytes librdkafka's mock cluster keeps per partition

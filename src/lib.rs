@@ -35,6 +35,7 @@ pub mod infer;
 pub mod ingest;
 pub mod kafka;
 pub mod publish;
+pub mod redact;
 pub mod serve;
 pub mod tools;
 pub mod train;

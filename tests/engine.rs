@@ -13,243 +13,19 @@
 //!    SIGKILL mid-stream and restarted, ends with the Redis state of an
 //!    uninterrupted run.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
-use thaw::ingest::{DeadLetter, Event, InteractionEvent, ItemEvent, Kind, Op, RelationEvent};
+use common::*;
+use rdkafka::producer::FutureProducer;
+use thaw::ingest::Event;
 use thaw::kafka::{EmbeddedBroker, KafkaSettings};
-use thaw::publish::emb_from_bytes;
 use thaw::serve::config::Settings;
-use thaw::serve::{Engine, Progress};
-
-const TEXT_DIR: &str = "models/text";
-
-fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-/// The text encoder from `make models`: a test that needs it fails with
-/// what to run when it is missing (CI builds it first: `make test`).
-fn require_text_encoder() {
-    let p = Path::new(TEXT_DIR).join("text_encoder.onnx");
-    assert!(
-        p.is_file(),
-        "no text encoder at {}: run `make models` first",
-        p.display()
-    );
-}
-
-fn untrained_model(dir: &Path) {
-    untrained_model_version(dir, "test-1", 7);
-}
-
-fn untrained_model_version(dir: &Path, version: &str, seed: u64) {
-    let mut cfg = thaw::train::TrainConfig {
-        text_model_dir: PathBuf::from(TEXT_DIR),
-        ..Default::default()
-    };
-    cfg.mpkg.seed = seed;
-    thaw::train::write_untrained_model(
-        dir,
-        vec![
-            "co_interacted".into(),
-            "also_bought".into(),
-            "also_viewed".into(),
-        ],
-        384 + cfg.kg_dim,
-        &cfg,
-        version,
-    )
-    .expect("model folder");
-}
-
-fn unique(tag: &str) -> String {
-    let n = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("thaw-test-{tag}-{}-{n}", std::process::id())
-}
-
-fn item(id: &str, title: &str, ts: u64) -> Event {
-    Event::Item(ItemEvent {
-        item_id: id.into(),
-        title: title.into(),
-        description: Some(format!("{title}, a film")),
-        categories: vec![format!("+genre={}", ts % 3)],
-        features: None,
-        ts,
-    })
-}
-
-fn edge(a: &str, b: &str, relation: &str, ts: u64) -> Event {
-    Event::Relation(RelationEvent {
-        src: a.into(),
-        dst: b.into(),
-        relation: relation.into(),
-        op: Op::Add,
-        ts,
-    })
-}
-
-fn click(user: &str, item: &str, ts: u64) -> Event {
-    Event::Interaction(InteractionEvent {
-        user_id: user.into(),
-        item_id: item.into(),
-        kind: Kind::Click,
-        value: None,
-        ts,
-    })
-}
-
-async fn produce_raw(p: &FutureProducer, topic: &str, key: Option<&[u8]>, payload: &[u8]) {
-    let mut rec = FutureRecord::<[u8], [u8]>::to(topic).payload(payload);
-    if let Some(k) = key {
-        rec = rec.key(k);
-    }
-    p.send(rec, Duration::from_secs(10))
-        .await
-        .expect("delivered");
-}
-
-async fn produce(p: &FutureProducer, events: &[Event]) {
-    for e in events {
-        let key = e.key();
-        produce_raw(
-            p,
-            e.topic().name(),
-            Some(key.as_bytes()),
-            &e.encode().unwrap(),
-        )
-        .await;
-    }
-}
-
-fn settings(brokers: &str, model_dir: &Path, tag: &str) -> Settings {
-    let mut s = Settings {
-        kafka: KafkaSettings {
-            brokers: brokers.into(),
-            group_id: unique(tag),
-            properties: Default::default(),
-        },
-        ..Default::default()
-    };
-    s.redis.url = redis_url();
-    s.redis.prefix = unique(tag);
-    s.model.dir = model_dir.to_path_buf();
-    s.model.text_dir = PathBuf::from(TEXT_DIR);
-    s.model.reload_check_secs = 0;
-    s.ingest.idle_ms = 300;
-    s.ingest.window_ms = 10;
-    s.users.top_k = 10;
-    s.http.listen = "127.0.0.1:0".into();
-    s
-}
-
-async fn redis() -> redis::aio::MultiplexedConnection {
-    redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .expect("Redis at REDIS_URL (default 127.0.0.1:6379)")
-}
-
-async fn keys(c: &mut redis::aio::MultiplexedConnection, pattern: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cursor = 0u64;
-    loop {
-        let (next, ks): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(c)
-            .await
-            .unwrap();
-        out.extend(ks);
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
-    out.sort();
-    out
-}
-
-async fn emb(c: &mut redis::aio::MultiplexedConnection, key: &str) -> Option<Vec<f32>> {
-    let b: Option<Vec<u8>> = redis::cmd("HGET")
-        .arg(key)
-        .arg("emb")
-        .query_async(c)
-        .await
-        .unwrap();
-    b.and_then(|b| emb_from_bytes(&b))
-}
-
-async fn recs(c: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<(String, f64)> {
-    redis::cmd("ZRANGE")
-        .arg(key)
-        .arg(0)
-        .arg(-1)
-        .arg("REV")
-        .arg("WITHSCORES")
-        .query_async(c)
-        .await
-        .unwrap()
-}
-
-async fn wait_for(progress: &Progress, messages: u64, what: &str) {
-    let t0 = Instant::now();
-    while progress.messages.load(Ordering::SeqCst) < messages {
-        assert!(
-            t0.elapsed() < Duration::from_secs(90),
-            "{what}: {} of {messages} messages published after 90 s",
-            progress.messages.load(Ordering::SeqCst)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn dead_letters(brokers: &str) -> Vec<DeadLetter> {
-    let c: BaseConsumer = KafkaSettings::with_brokers(brokers)
-        .client_config(&[
-            ("group.id", &unique("dlq-reader")),
-            ("enable.auto.commit", "false"),
-        ])
-        .create()
-        .unwrap();
-    let parts = thaw::kafka::topics()
-        .into_iter()
-        .find(|t| t.name == "thaw-dlq")
-        .unwrap()
-        .partitions;
-    let mut tpl = TopicPartitionList::new();
-    let mut total = 0;
-    for p in 0..parts {
-        let (lo, hi) = c
-            .fetch_watermarks("thaw-dlq", p, Duration::from_secs(5))
-            .unwrap();
-        total += hi - lo;
-        tpl.add_partition_offset("thaw-dlq", p, Offset::Beginning)
-            .unwrap();
-    }
-    c.assign(&tpl).unwrap();
-    let mut out = Vec::new();
-    let t0 = Instant::now();
-    while (out.len() as i64) < total && t0.elapsed() < Duration::from_secs(20) {
-        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
-            out.push(serde_json::from_slice::<DeadLetter>(m.payload().unwrap()).unwrap());
-        }
-    }
-    out
-}
+use thaw::serve::Engine;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_end_to_end() {
@@ -668,35 +444,6 @@ async fn kill_and_restart_converges() {
     }
 }
 
-fn producer_flush(p: &FutureProducer) {
-    use rdkafka::producer::Producer;
-    p.flush(Duration::from_secs(10)).unwrap();
-}
-
-fn start_redis(port: u16) -> std::process::Child {
-    let child = std::process::Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("redis-server runs");
-    let t0 = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "redis-server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child
-}
-
 /// Redis goes away mid-stream: the engine keeps the batch, stops reading and
 /// committing (backpressure), reports not-ready, and publishes the batch once
 /// Redis is back.
@@ -715,6 +462,7 @@ async fn redis_outage_applies_backpressure() {
     let mut s = settings(broker.bootstrap_servers(), tmp.path(), "outage");
     s.redis.url = format!("redis://127.0.0.1:{port}");
     s.redis.retry_max_ms = 200;
+    s.redis.repair_check_ms = 300;
     let prefix = s.redis.prefix.clone();
     let producer: FutureProducer = s.kafka.producer_config().create().unwrap();
     let first: Vec<Event> = (0..10)
@@ -765,6 +513,34 @@ async fn redis_outage_applies_backpressure() {
             "b{i} published after the outage"
         );
     }
+    // The restarted Redis kept nothing (no persistence): the engine sees the
+    // model marker gone and publishes everything again, the items from
+    // before the outage and the marker included (it used to leave them
+    // missing until its own restart).
+    let t0 = Instant::now();
+    loop {
+        let mut missing = Vec::new();
+        for i in 0..10 {
+            if emb(&mut c, &format!("{prefix}:item:a{i}")).await.is_none() {
+                missing.push(format!("a{i}"));
+            }
+        }
+        let version: Option<String> = redis::cmd("HGET")
+            .arg(format!("{prefix}:model"))
+            .arg("version")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        if missing.is_empty() && version.as_deref() == Some("test-1") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "not repaired after 30 s: missing {missing:?}, model {version:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(metrics.encode().contains("thaw_publish_repairs_total 1"));
     assert!(health.is_ready());
     engine.shutdown().await.expect("clean shutdown");
     let mut back = _redis_back;

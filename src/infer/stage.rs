@@ -184,6 +184,8 @@ pub fn split_items(b: Batch) -> (Option<Batch>, Option<Batch>) {
         messages: b.relation_messages,
         relation_messages: b.relation_messages,
         closed: b.closed,
+        // Both halves store offsets: both wait for the dead letters.
+        deliveries: b.deliveries.clone(),
     };
     let later = Batch {
         msgs: item_msgs,
@@ -191,6 +193,7 @@ pub fn split_items(b: Batch) -> (Option<Batch>, Option<Batch>) {
         messages: b.messages - b.relation_messages,
         relation_messages: 0,
         closed: b.closed,
+        deliveries: b.deliveries,
     };
     (Some(now), Some(later))
 }

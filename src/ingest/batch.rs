@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
+use super::dlq::{Delivery, Letter};
 use super::{Event, Topic};
 
 /// A decoded event and when it entered Kafka (the message timestamp, ms),
@@ -46,6 +47,18 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// Caps `event`'s time at its Kafka timestamp (never later than now) plus
+/// `tolerance_ms`; whether it was capped. Event time drives the engine's
+/// clock, which only moves forward, and the popularity bias: one event from
+/// the far future would otherwise change every ranking for good. The
+/// reference is the message's own timestamp, so a restore re-reading it
+/// later caps it the same way.
+pub fn cap_future(event: &mut Event, kafka_ms: Option<i64>, tolerance_ms: u64) -> bool {
+    let now = now_ms();
+    let reference = kafka_ms.map_or(now, |k| k.min(now)).max(0) as u64;
+    event.cap_ts(reference.saturating_add(tolerance_ms))
+}
+
 /// Offset of the last message read, per (topic, partition): storing it
 /// (`rd_kafka_offset_store`) commits the offset after it. Topics are the
 /// input topics' static names (no allocation per message).
@@ -64,6 +77,8 @@ pub struct Batch {
     pub relation_messages: u64,
     /// When ingest closed the batch.
     pub closed: Instant,
+    /// The batch's dead letters on their way: the offsets wait for them.
+    pub deliveries: Vec<Delivery>,
 }
 
 impl Batch {
@@ -74,6 +89,7 @@ impl Batch {
         self.offsets.extend(later.offsets);
         self.messages += later.messages;
         self.relation_messages += later.relation_messages;
+        self.deliveries.extend(later.deliveries);
     }
 
     /// Whether any message is an item event (whose text needs embedding).
@@ -91,6 +107,9 @@ pub enum Work {
     Idle,
     /// The model folder holds a new version: load and swap it.
     Reload,
+    /// Redis lost what was published (a restart without persistence, a
+    /// flush): publish everything again.
+    Repair,
 }
 
 /// `w` merged with the batches queued behind it in `rx`, in order, while
@@ -117,6 +136,17 @@ pub fn coalesce(
     Work::Batch(batch)
 }
 
+/// A batch as [`Batcher::close`] hands it over.
+#[derive(Debug)]
+pub struct Closed {
+    /// The batch (no deliveries yet).
+    pub batch: Batch,
+    /// Seconds each accepted message spent between Kafka and ingest.
+    pub delays: Vec<f64>,
+    /// Its dead letters, to send.
+    pub letters: Vec<Letter>,
+}
+
 /// The ingest stage's open batch.
 #[derive(Debug, Default)]
 pub struct Batcher {
@@ -126,8 +156,15 @@ pub struct Batcher {
     relation_messages: u64,
     /// Seconds each accepted message spent between Kafka and ingest.
     delays: Vec<f64>,
+    /// Dead letters to send when the batch closes, and their bytes.
+    letters: Vec<Letter>,
+    letter_bytes: usize,
     opened: Option<Instant>,
 }
+
+/// A batch closes when its dead letters hold this many bytes (a backlog of
+/// large rejected messages stays bounded in memory).
+pub const MAX_LETTER_BYTES: usize = 16 << 20;
 
 impl Batcher {
     /// Records one message read at `(topic, partition, offset)` (`topic`
@@ -157,19 +194,34 @@ impl Batcher {
         }
     }
 
+    /// Records a rejected message's dead letter (its offset is recorded by
+    /// [`Batcher::push`]).
+    pub fn push_letter(&mut self, letter: Letter) {
+        self.letter_bytes += letter.bytes();
+        self.letters.push(letter);
+    }
+
     /// When the open batch got its first message (`None`: no batch open).
     pub fn opened(&self) -> Option<Instant> {
         self.opened
     }
 
-    /// Whether the batch holds `max` messages.
+    /// Whether the batch holds `max` messages, or [`MAX_LETTER_BYTES`] of
+    /// dead letters.
     pub fn is_full(&self, max: usize) -> bool {
-        self.messages >= max.max(1) as u64
+        self.messages >= max.max(1) as u64 || self.letter_bytes >= MAX_LETTER_BYTES
     }
 
-    /// Closes the open batch: it and its messages' ingest delays, or `None`
-    /// when no batch is open.
-    pub fn close(&mut self) -> Option<(Batch, Vec<f64>)> {
+    /// Whether the open batch is due: open for `window` or longer. Checked
+    /// before each read, so that a steady stream (where a read never waits)
+    /// still closes batches on time.
+    pub fn is_due(&self, window: std::time::Duration) -> bool {
+        self.opened.is_some_and(|t| t.elapsed() >= window)
+    }
+
+    /// Closes the open batch: it, its messages' ingest delays and its dead
+    /// letters, or `None` when no batch is open.
+    pub fn close(&mut self) -> Option<Closed> {
         self.opened.take()?;
         let batch = Batch {
             msgs: std::mem::take(&mut self.msgs),
@@ -177,8 +229,14 @@ impl Batcher {
             messages: std::mem::take(&mut self.messages),
             relation_messages: std::mem::take(&mut self.relation_messages),
             closed: Instant::now(),
+            deliveries: Vec::new(),
         };
-        Some((batch, std::mem::take(&mut self.delays)))
+        self.letter_bytes = 0;
+        Some(Closed {
+            batch,
+            delays: std::mem::take(&mut self.delays),
+            letters: std::mem::take(&mut self.letters),
+        })
     }
 }
 
@@ -233,7 +291,7 @@ pub(crate) mod tests {
             let topic = m.event.topic();
             b.push(Some(topic), 0, n as i64, Some((m, None)));
         }
-        b.close().expect("an open batch").0
+        b.close().expect("an open batch").batch
     }
 
     #[test]
@@ -250,13 +308,53 @@ pub(crate) mod tests {
         );
         assert!(b.opened().is_some());
         assert!(b.is_full(3) && !b.is_full(4));
-        let (batch, delays) = b.close().unwrap();
+        let Closed { batch, delays, .. } = b.close().unwrap();
         assert_eq!(batch.msgs.len(), 2);
         assert_eq!((batch.messages, batch.relation_messages), (3, 1));
         assert_eq!(batch.offsets[&("items", 0)], 6);
         assert_eq!(batch.offsets[&("item-relations", 2)], 9);
         assert_eq!(delays, vec![0.5]);
         assert!(b.opened().is_none() && b.close().is_none());
+    }
+
+    /// Defect: one valid event with `ts` = 2^53 − 1 moved the engine's clock
+    /// to the year 287396 and changed every user's list for good.
+    #[test]
+    fn far_future_times_are_capped_to_the_kafka_time_plus_tolerance() {
+        let mut far = click("u", "i");
+        if let Event::Interaction(e) = &mut far.event {
+            e.ts = crate::ingest::events::MAX_TS;
+        }
+        let kafka = 1_700_000_000_000i64;
+        assert!(cap_future(&mut far.event, Some(kafka), 60_000));
+        assert_eq!(far.event.ts(), kafka as u64 + 60_000);
+        // Within the tolerance, or in the past: kept.
+        let mut near = click("u", "i");
+        if let Event::Interaction(e) = &mut near.event {
+            e.ts = kafka as u64 + 59_000;
+        }
+        assert!(!cap_future(&mut near.event, Some(kafka), 60_000));
+        assert_eq!(near.event.ts(), kafka as u64 + 59_000);
+        // A Kafka timestamp ahead of the wall clock is no reference.
+        let mut ahead = click("u", "i");
+        if let Event::Interaction(e) = &mut ahead.event {
+            e.ts = crate::ingest::events::MAX_TS;
+        }
+        assert!(cap_future(&mut ahead.event, Some(i64::MAX), 0));
+        assert!(ahead.event.ts() <= now_ms() as u64);
+    }
+
+    #[test]
+    fn a_batch_is_due_after_its_window() {
+        let mut b = Batcher::default();
+        let window = std::time::Duration::from_millis(30);
+        assert!(!b.is_due(window), "nothing open");
+        b.push(Some(Topic::Items), 0, 1, Some((item("a"), None)));
+        assert!(!b.is_due(window));
+        std::thread::sleep(window);
+        assert!(b.is_due(window));
+        b.close();
+        assert!(!b.is_due(window));
     }
 
     #[test]

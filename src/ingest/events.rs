@@ -34,13 +34,19 @@ pub const DLQ_TOPIC: &str = "thaw-dlq";
 pub const MAX_TS: u64 = (1 << 53) - 1;
 
 /// A dead letter keeps at most this many bytes of the original payload (1 MiB,
-/// the source topics' `max.message.bytes`), so that a DLQ record always fits the
-/// DLQ topic and a dead letter can never stall the stream.
+/// the source topics' `max.message.bytes`); [`DeadLetter::within`] cuts it
+/// further so that the whole DLQ record fits the producer's and the DLQ
+/// topic's record limit, so a dead letter can never stall the stream.
 pub const DLQ_MAX_PAYLOAD_BYTES: usize = 1 << 20;
 
-/// A dead letter keeps at most this many bytes of the original key in its body
-/// (the DLQ record's own Kafka key is the whole original key).
+/// A dead letter keeps at most this many bytes of the original key, in its body
+/// and as the DLQ record's own Kafka key.
 pub const DLQ_MAX_KEY_BYTES: usize = 4096;
+
+/// What a Kafka record adds to its key and value (record and batch headers,
+/// the producer's own accounting): [`DeadLetter::within`] leaves this much of
+/// the record limit free. librdkafka counts about 100 bytes; 1 KiB is ample.
+pub const DLQ_RECORD_OVERHEAD: usize = 1024;
 
 /// Separates the parts of an `item-relations` key; forbidden in item ids and
 /// relation names so that the key is unambiguous.
@@ -359,6 +365,18 @@ impl Event {
             Event::Relation(e) => e.ts,
             Event::Interaction(e) => e.ts,
         }
+    }
+
+    /// Caps the event time at `max` ms; whether it was above.
+    pub fn cap_ts(&mut self, max: u64) -> bool {
+        let ts = match self {
+            Event::Item(e) => &mut e.ts,
+            Event::Relation(e) => &mut e.ts,
+            Event::Interaction(e) => &mut e.ts,
+        };
+        let above = *ts > max;
+        *ts = (*ts).min(max);
+        above
     }
 
     /// Checks the value rules of the event (see each type's `validate`).
@@ -846,11 +864,17 @@ pub struct DeadLetter {
     pub reason_code: ReasonCode,
     /// When it was dead-lettered, ms since the Unix epoch.
     pub dead_lettered_at_ms: u64,
+    /// SHA-256 of the whole original payload (hex), so a cut payload can
+    /// still be matched to its source record.
+    #[serde(default)]
+    pub payload_sha256: String,
 }
 
 impl DeadLetter {
     /// The dead letter of a message of `topic` at `partition`/`offset` that
-    /// `rejection` refused, dead-lettered at `now_ms`.
+    /// `rejection` refused, dead-lettered at `now_ms`, keeping up to
+    /// [`DLQ_MAX_KEY_BYTES`] of the key and [`DLQ_MAX_PAYLOAD_BYTES`] of the
+    /// payload.
     pub fn new(
         topic: &str,
         partition: i32,
@@ -860,22 +884,66 @@ impl DeadLetter {
         rejection: &Rejection,
         now_ms: u64,
     ) -> DeadLetter {
+        let source = Source {
+            topic,
+            partition,
+            offset,
+            key,
+            payload,
+        };
+        Self::within(&source, rejection, now_ms, usize::MAX)
+    }
+
+    /// [`DeadLetter::new`], with the payload cut further so that the DLQ
+    /// record, its body ([`DeadLetter::encode`]) and its Kafka key
+    /// ([`DeadLetter::record_key`]), is at most `max_record_bytes` with
+    /// [`DLQ_RECORD_OVERHEAD`] to spare. Base64 grows a payload by a third:
+    /// a 1 MiB source record would otherwise not fit a 1 MB record limit.
+    pub fn within(
+        source: &Source<'_>,
+        rejection: &Rejection,
+        now_ms: u64,
+        max_record_bytes: usize,
+    ) -> DeadLetter {
+        let Source {
+            topic,
+            partition,
+            offset,
+            key,
+            payload,
+        } = *source;
         let kept_key = key.map(|k| &k[..k.len().min(DLQ_MAX_KEY_BYTES)]);
-        let kept_payload = &payload[..payload.len().min(DLQ_MAX_PAYLOAD_BYTES)];
-        DeadLetter {
+        let mut letter = DeadLetter {
             topic: topic.to_owned(),
             partition,
             offset,
             key_base64: kept_key.map(base64_encode),
             key_bytes: key.map(<[u8]>::len),
-            payload_base64: base64_encode(kept_payload),
+            payload_base64: String::new(),
             payload_bytes: payload.len(),
-            truncated: key.is_some_and(|k| k.len() > DLQ_MAX_KEY_BYTES)
-                || payload.len() > DLQ_MAX_PAYLOAD_BYTES,
+            truncated: false,
             reason: rejection.to_string(),
             reason_code: rejection.reason_code(),
             dead_lettered_at_ms: now_ms,
-        }
+            payload_sha256: sha256_hex(payload),
+        };
+        // Everything but the payload, measured as written ("truncated":
+        // false and true have the same length give or take one byte).
+        let fixed = letter.encode().map_or(usize::MAX, |b| b.len())
+            + kept_key.map_or(0, <[u8]>::len)
+            + DLQ_RECORD_OVERHEAD
+            + 1;
+        let room = max_record_bytes.saturating_sub(fixed);
+        let keep = payload.len().min(DLQ_MAX_PAYLOAD_BYTES).min(room / 4 * 3);
+        letter.payload_base64 = base64_encode(&payload[..keep]);
+        letter.truncated = key.is_some_and(|k| k.len() > DLQ_MAX_KEY_BYTES) || keep < payload.len();
+        letter
+    }
+
+    /// The DLQ record's Kafka key: the original key's first
+    /// [`DLQ_MAX_KEY_BYTES`] (`None` when it had none).
+    pub fn record_key(key: Option<&[u8]>) -> Option<&[u8]> {
+        key.map(|k| &k[..k.len().min(DLQ_MAX_KEY_BYTES)])
     }
 
     /// The DLQ record's payload: its JSON object.
@@ -894,6 +962,30 @@ impl DeadLetter {
     pub fn original_payload(&self) -> Result<Vec<u8>, InvalidBase64> {
         base64_decode(&self.payload_base64)
     }
+}
+
+/// Where a dead-lettered message came from, for [`DeadLetter::within`].
+#[derive(Debug, Clone, Copy)]
+pub struct Source<'a> {
+    /// Source topic name.
+    pub topic: &'a str,
+    /// Source partition.
+    pub partition: i32,
+    /// Source offset.
+    pub offset: i64,
+    /// The original key.
+    pub key: Option<&'a [u8]>,
+    /// The original payload.
+    pub payload: &'a [u8],
+}
+
+/// SHA-256 of `bytes`, lowercase hex.
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// A base64 field of a [`DeadLetter`] that does not decode.
@@ -1055,10 +1147,15 @@ mod tests {
                 "maxItems" => v.as_array().is_none_or(|a| a.len() <= count(arg)),
                 "minLength" => v.as_str().is_none_or(|s| s.chars().count() >= count(arg)),
                 "maxLength" => v.as_str().is_none_or(|s| s.chars().count() <= count(arg)),
-                "pattern" => {
-                    assert_eq!(arg, "^[^|]*$", "the only pattern this validator knows");
-                    v.as_str().is_none_or(|s| !s.contains('|'))
-                }
+                "pattern" => match arg.as_str() {
+                    Some("^[^|]*$") => v.as_str().is_none_or(|s| !s.contains('|')),
+                    Some("^[0-9a-f]{64}$") => v.as_str().is_none_or(|s| {
+                        s.len() == 64
+                            && s.bytes()
+                                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                    }),
+                    other => panic!("a pattern this validator does not know: {other:?}"),
+                },
                 "minimum" => v.as_f64().is_none_or(|x| x >= number(arg)),
                 "maximum" => v.as_f64().is_none_or(|x| x <= number(arg)),
                 "enum" => arg.as_array().expect("enum list").contains(v),

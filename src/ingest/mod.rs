@@ -3,7 +3,8 @@
 //!
 //! - [`stage`]: the engine's ingest stage (consumer, batching window, dead
 //!   letters, lag), [`batch`]: what it hands the other stages, [`restore`]:
-//!   the state re-read from the log at start.
+//!   the state re-read from the log at start, [`dlq`]: dead letters sent
+//!   without holding the stream back.
 //! - [`events`]: the wire format of the three topics and of the dead-letter
 //!   record (`streams/schemas/*.json`, described in `streams/README.md`),
 //!   [`decode`] with its validation rules, the [`Rejection`] reasons and their
@@ -15,6 +16,7 @@
 //! increment.
 
 pub mod batch;
+pub mod dlq;
 pub mod events;
 pub mod restore;
 pub mod stage;

@@ -10,7 +10,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::batch::Msg;
+use super::batch::{cap_future, Msg};
 use super::stage::INPUT_TOPICS;
 use super::{decode, Topic};
 use crate::serve::config::Settings;
@@ -86,6 +86,7 @@ pub fn restore(
         .context("creating the restore consumer")?;
     reader.assign(&assign)?;
     let limits = &settings.ingest.limits;
+    let max_future_ms = settings.ingest.max_future_ms;
     let mut pending = ends.clone();
     let mut msgs = Vec::new();
     let mut n = 0u64;
@@ -112,7 +113,9 @@ pub fn restore(
         }
         n += 1;
         if let Some(topic) = Topic::from_name(m.topic()) {
-            if let Ok(event) = decode(topic, m.key(), m.payload().unwrap_or(&[]), limits) {
+            if let Ok(mut event) = decode(topic, m.key(), m.payload().unwrap_or(&[]), limits) {
+                // Capped as when it was first read (the same reference).
+                cap_future(&mut event, m.timestamp().to_millis(), max_future_ms);
                 msgs.push(Msg::new(event, None));
             }
         }

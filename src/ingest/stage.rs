@@ -1,7 +1,9 @@
 //! The ingest stage: one consumer group on the three input topics. Each
 //! message is decoded and validated ([`decode`]); a rejected one goes to
-//! `thaw-dlq` with its reason and source offset (delivery awaited) and the
-//! stream goes on. Messages are batched over a short window ([`Batcher`]).
+//! `thaw-dlq` with its reason and source offset ([`DeadLetters`]: sent with
+//! its batch, not awaited here; the batch's offsets wait for it) and the
+//! stream goes on. Messages are batched over a short window ([`Batcher`]),
+//! which closes on time even while messages keep arriving.
 //! When the input goes quiet the stage sends [`Work::Idle`], and, every
 //! `reload_check_secs`, [`Work::Reload`] if the model folder holds a new
 //! version.
@@ -13,15 +15,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Offset;
 use tokio::sync::{mpsc, watch};
 
-use super::batch::{now_ms, Batcher, Msg, Work};
-use super::{decode, DeadLetter, Limits, Topic, DLQ_TOPIC};
+use super::batch::{cap_future, now_ms, Batcher, Closed, Msg, Work};
+use super::dlq::DeadLetters;
+use super::events::Source;
+use super::{decode, Limits, Topic};
 use crate::serve::config::Settings;
 use crate::serve::error::{EngineError, Stage};
-use crate::serve::metrics::Metrics;
+use crate::serve::metrics::{Health, Metrics};
 use crate::serve::Progress;
 
 /// The three input topics.
@@ -43,6 +46,8 @@ pub struct IngestConfig {
     pub reload_every: Option<Duration>,
     /// The model folder whose `model.json` names the version.
     pub model_dir: std::path::PathBuf,
+    /// Event times are capped at the Kafka timestamp plus this, ms.
+    pub max_future_ms: u64,
 }
 
 impl IngestConfig {
@@ -56,6 +61,7 @@ impl IngestConfig {
             reload_every: (s.model.reload_check_secs > 0)
                 .then(|| Duration::from_secs(s.model.reload_check_secs)),
             model_dir: s.model.dir.clone(),
+            max_future_ms: s.ingest.max_future_ms,
         }
     }
 }
@@ -71,9 +77,10 @@ pub fn model_version(dir: &std::path::Path) -> Option<String> {
 pub struct Ingest {
     cfg: IngestConfig,
     consumer: Arc<StreamConsumer>,
-    dlq: FutureProducer,
+    dlq: DeadLetters,
     metrics: Arc<Metrics>,
     progress: Arc<Progress>,
+    health: Arc<Health>,
     /// The model version last seen in the model folder.
     version: String,
 }
@@ -81,11 +88,12 @@ pub struct Ingest {
 impl Ingest {
     /// Creates the group consumer (not subscribed yet: the state is restored
     /// first) and the dead-letter producer. `version` is the model running.
-    pub fn build(
+    pub async fn build(
         s: &Settings,
         version: String,
         metrics: Arc<Metrics>,
         progress: Arc<Progress>,
+        health: Arc<Health>,
     ) -> Result<Self> {
         let kafka = &s.kafka;
         let consumer = kafka
@@ -104,16 +112,15 @@ impl Ingest {
             ])
             .create()
             .context("creating the Kafka consumer")?;
-        let dlq = kafka
-            .producer_config()
-            .create()
-            .context("creating the DLQ producer")?;
+        let dlq =
+            DeadLetters::build(kafka, metrics.clone(), progress.clone(), health.clone()).await?;
         Ok(Self {
             cfg: IngestConfig::from_settings(s),
             consumer: Arc::new(consumer),
             dlq,
             metrics,
             progress,
+            health,
             version,
         })
     }
@@ -144,6 +151,22 @@ impl Ingest {
             if *shutdown.borrow() {
                 break;
             }
+            if self.health.redis_lost.swap(false, Ordering::SeqCst) {
+                // After what is open, in order: the repair publishes the
+                // state with everything before it applied.
+                if !self.send(&mut batch, &tx, &shutdown).await
+                    || tx.send(Work::Repair).await.is_err()
+                {
+                    break;
+                }
+            }
+            if batch.is_due(self.cfg.window) {
+                // A steady stream never lets the read below time out.
+                if !self.send(&mut batch, &tx, &shutdown).await {
+                    break;
+                }
+                continue;
+            }
             let wait = match batch.opened() {
                 Some(t) => self.cfg.window.saturating_sub(t.elapsed()),
                 None => self.cfg.idle_after,
@@ -169,45 +192,59 @@ impl Ingest {
                 }
                 Ok(Ok(m)) => {
                     idle_sent = false;
-                    self.take(&m, &mut batch, &shutdown).await?;
+                    self.take(&m, &mut batch);
                     close = batch.is_full(self.cfg.max_batch);
                 }
             }
-            if close && !self.send(&mut batch, &tx).await {
+            if close && !self.send(&mut batch, &tx, &shutdown).await {
                 break;
             }
         }
-        self.send(&mut batch, &tx).await;
+        self.send(&mut batch, &tx, &shutdown).await;
         Ok(())
     }
 
-    /// Closes the open batch and sends it; false when `tx` is closed.
-    async fn send(&self, batch: &mut Batcher, tx: &mpsc::Sender<Work>) -> bool {
-        let Some((b, delays)) = batch.close() else {
+    /// Closes the open batch, starts its dead letters on their way and sends
+    /// it; false when `tx` is closed.
+    async fn send(
+        &self,
+        batch: &mut Batcher,
+        tx: &mpsc::Sender<Work>,
+        stop: &watch::Receiver<bool>,
+    ) -> bool {
+        let Some(Closed {
+            mut batch,
+            delays,
+            letters,
+        }) = batch.close()
+        else {
             return true;
         };
         self.metrics.ingest_delays(&delays);
-        tx.send(Work::Batch(b)).await.is_ok()
+        if !letters.is_empty() {
+            batch
+                .deliveries
+                .push(self.dlq.deliver(letters, stop.clone()));
+        }
+        tx.send(Work::Batch(batch)).await.is_ok()
     }
 
-    /// Decodes one message into `batch`, or dead-letters it.
-    async fn take(
-        &self,
-        m: &BorrowedMessage<'_>,
-        batch: &mut Batcher,
-        shutdown: &watch::Receiver<bool>,
-    ) -> Result<()> {
+    /// Decodes one message into `batch`, or adds its dead letter to it.
+    fn take(&self, m: &BorrowedMessage<'_>, batch: &mut Batcher) {
         let (topic_name, partition, offset) = (m.topic(), m.partition(), m.offset());
         self.progress.received.fetch_add(1, Ordering::Relaxed);
         let Some(topic) = Topic::from_name(topic_name) else {
             self.metrics.event(topic_name, "ignored");
             batch.push(None, partition, offset, None);
-            return Ok(());
+            return;
         };
         let payload = m.payload().unwrap_or(&[]);
         match decode(topic, m.key(), payload, &self.cfg.limits) {
-            Ok(event) => {
+            Ok(mut event) => {
                 let kafka_ms = m.timestamp().to_millis();
+                if cap_future(&mut event, kafka_ms, self.cfg.max_future_ms) {
+                    self.metrics.future_ts_capped();
+                }
                 let delay = kafka_ms.map(|ts| (now_ms() - ts).max(0) as f64 / 1000.0);
                 batch.push(
                     Some(topic),
@@ -217,24 +254,17 @@ impl Ingest {
                 );
             }
             Err(rejection) => {
-                let dl = DeadLetter::new(
-                    topic_name,
+                let source = Source {
+                    topic: topic_name,
                     partition,
                     offset,
-                    m.key(),
+                    key: m.key(),
                     payload,
-                    &rejection,
-                    now_ms() as u64,
-                );
-                send_dead_letter(&self.dlq, m.key(), &dl, shutdown, &self.metrics).await?;
-                self.metrics.event(topic_name, "dead_lettered");
-                self.metrics.dead_letter(rejection.reason_code().as_str());
-                self.progress.dead_lettered.fetch_add(1, Ordering::SeqCst);
-                tracing::debug!(topic = %topic_name, partition, offset, reason = %dl.reason, "dead-lettered");
+                };
+                batch.push_letter(self.dlq.letter(topic, &source, &rejection));
                 batch.push(Some(topic), partition, offset, None);
             }
         }
-        Ok(())
     }
 
     /// What to send when the input is quiet and no batch is open: one
@@ -264,43 +294,13 @@ impl Ingest {
     }
 }
 
-/// Writes one dead letter, retrying until it is delivered; an error only
-/// when `stop` is set with the letter still undelivered.
-async fn send_dead_letter(
-    dlq: &FutureProducer,
-    key: Option<&[u8]>,
-    dl: &DeadLetter,
-    stop: &watch::Receiver<bool>,
-    metrics: &Metrics,
-) -> Result<()> {
-    let payload = dl.encode()?;
-    let mut delay = Duration::from_millis(100);
-    loop {
-        let mut rec = FutureRecord::<[u8], [u8]>::to(DLQ_TOPIC).payload(&payload);
-        if let Some(k) = key {
-            rec = rec.key(k);
-        }
-        match dlq.send(rec, Duration::from_secs(10)).await {
-            Ok(_) => return Ok(()),
-            Err((e, _)) => {
-                EngineError::retryable(Stage::Ingest, anyhow::anyhow!("dead-letter write: {e}"))
-                    .report(metrics);
-                if *stop.borrow() {
-                    anyhow::bail!("stopping with an undelivered dead letter: {e}");
-                }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-}
-
 /// Reports the consumer lag per assigned partition every `every` until
 /// `stop` turns true. A weak handle: a report still running at shutdown
 /// must not keep the consumer (and its group membership) alive.
 pub async fn report_lag_every(
     consumer: std::sync::Weak<StreamConsumer>,
     metrics: Arc<Metrics>,
+    progress: Arc<Progress>,
     every: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -310,34 +310,72 @@ pub async fn report_lag_every(
             _ = stop.changed() => break,
             _ = tick.tick() => {}
         }
-        let (c, m) = (consumer.clone(), metrics.clone());
+        let (c, m, p) = (consumer.clone(), metrics.clone(), progress.clone());
         let _ = tokio::task::spawn_blocking(move || {
             if let Some(c) = c.upgrade() {
-                report_lag(&c, &m)
+                report_lag(&c, &m, &p)
             }
         })
         .await;
     }
 }
 
-fn report_lag(consumer: &StreamConsumer, metrics: &Metrics) {
-    let (Ok(assignment), Ok(positions)) = (consumer.assignment(), consumer.position()) else {
+/// The lag of a partition: messages up to `high` (the end of the log) not
+/// yet published. Measured from the last published offset when there is
+/// one, else from the group's committed offset, else from the start of the
+/// log (`low`); never from the consumer's read position, which runs ahead
+/// of what is published by everything queued between the stages (in a
+/// burst it read 0 while 200K messages waited to be published).
+pub fn lag(high: i64, low: i64, published: Option<i64>, committed: Option<i64>) -> i64 {
+    let next = published.map(|o| o + 1).or(committed).unwrap_or(low);
+    (high - next).max(0)
+}
+
+fn report_lag(consumer: &StreamConsumer, metrics: &Metrics, progress: &Progress) {
+    let Ok(assignment) = consumer.assignment() else {
         return;
     };
+    let committed = consumer
+        .committed_offsets(assignment.clone(), Duration::from_secs(2))
+        .ok();
+    let published = progress
+        .published
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
     for e in assignment.elements() {
-        let Ok((_, high)) =
+        let Ok((low, high)) =
             consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(2))
         else {
             continue;
         };
-        let pos = positions
-            .find_partition(e.topic(), e.partition())
+        let done = published
+            .iter()
+            .find(|((t, p), _)| *t == e.topic() && *p == e.partition())
+            .map(|(_, o)| *o);
+        let committed = committed
+            .as_ref()
+            .and_then(|c| c.find_partition(e.topic(), e.partition()))
             .and_then(|p| match p.offset() {
                 Offset::Offset(o) => Some(o),
                 _ => None,
             });
-        if let Some(pos) = pos {
-            metrics.set_lag(e.topic(), e.partition(), (high - pos).max(0));
-        }
+        metrics.set_lag(e.topic(), e.partition(), lag(high, low, done, committed));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_counts_from_what_is_published() {
+        // 200K in the log, 1,000 published, the consumer read far ahead.
+        assert_eq!(lag(200_000, 0, Some(999), Some(500)), 199_000);
+        // Nothing published since the start: from the last commit.
+        assert_eq!(lag(200_000, 0, None, Some(150_000)), 50_000);
+        // Nothing committed either: the whole log (from its start).
+        assert_eq!(lag(200_000, 10, None, None), 199_990);
+        assert_eq!(lag(5, 0, Some(4), None), 0, "caught up");
     }
 }

@@ -22,7 +22,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use redis::aio::MultiplexedConnection;
 
 use crate::serve::config::RedisSettings;
@@ -64,12 +64,15 @@ pub struct Publish {
     /// `(kind, kafka timestamp ms)` of the events whose effects this carries
     /// (kinds `item`, `edge`, `user`), for freshness.
     pub sources: Vec<(&'static str, i64)>,
+    /// Users the engine evicted (`users.max_users`, `users.ttl_secs`): their
+    /// keys are deleted.
+    pub evicted: Vec<String>,
 }
 
 impl Publish {
     /// Nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.items.is_empty() && self.users.is_empty()
+        self.items.is_empty() && self.users.is_empty() && self.evicted.is_empty()
     }
 }
 
@@ -112,8 +115,10 @@ pub struct Publisher {
 impl Publisher {
     /// A publisher for `cfg.url` (no connection is made yet).
     pub fn new(cfg: RedisSettings, metrics: Arc<Metrics>, health: Arc<Health>) -> Result<Self> {
-        let client = redis::Client::open(cfg.url.as_str())
-            .with_context(|| format!("invalid Redis URL {:?}", cfg.url))?;
+        // The client's own error never quotes the URL; ours masks its password.
+        let client = redis::Client::open(cfg.url.as_str()).map_err(|e| {
+            anyhow::anyhow!("invalid Redis URL {}: {e}", crate::redact::url(&cfg.url))
+        })?;
         Ok(Self {
             cfg,
             client,
@@ -200,9 +205,13 @@ impl Publisher {
                 }
                 Some(e) => {
                     self.metrics.redis_error();
+                    // A reply that timed out behind a burst is no outage:
+                    // readiness says "redis unavailable" only when Redis does
+                    // not answer a PING of its own.
+                    let up = e.is_timeout() && self.answers().await;
                     self.health
                         .redis_ok
-                        .store(false, std::sync::atomic::Ordering::SeqCst);
+                        .store(up, std::sync::atomic::Ordering::SeqCst);
                     self.conn = None;
                     tracing::debug!(
                         retry_ms = delay.as_millis() as u64,
@@ -223,6 +232,38 @@ impl Publisher {
             }
         }
         Ok(())
+    }
+
+    /// Whether Redis answers a PING on a connection of its own within 2 s.
+    async fn answers(&self) -> bool {
+        let cfg = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)));
+        let Ok(mut c) = self
+            .client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await
+        else {
+            return false;
+        };
+        redis::cmd("PING").query_async::<()>(&mut c).await.is_ok()
+    }
+
+    /// Whether Redis holds the model marker (`{prefix}:model`); `None` when
+    /// it does not answer (one try: the next check tries again).
+    pub async fn marker_present(&mut self) -> Option<bool> {
+        let mut c = self.conn().await.ok()?;
+        redis::cmd("EXISTS")
+            .arg(format!("{}:model", self.cfg.prefix))
+            .query_async::<i64>(&mut c)
+            .await
+            .ok()
+            .map(|n| n > 0)
+    }
+
+    /// The check interval of [`Publisher::marker_present`] (`None`: never).
+    pub fn repair_check(&self) -> Option<Duration> {
+        (self.cfg.repair_check_ms > 0).then(|| Duration::from_millis(self.cfg.repair_check_ms))
     }
 
     /// Checks the connection (PING), retrying like a write.
@@ -275,7 +316,7 @@ impl Publisher {
             n += 2;
         }
         for u in &batch.users {
-            flush(&mut pipe, &mut n, 6);
+            flush(&mut pipe, &mut n, 8);
             self.user_cmds(&mut pipe, u, version);
             pipe.xadd_maxlen(
                 &updates,
@@ -284,7 +325,13 @@ impl Publisher {
                 &[("kind", "user"), ("id", u.id.as_str()), ("model", version)],
             )
             .ignore();
-            n += 6;
+            n += 8;
+        }
+        for id in &batch.evicted {
+            flush(&mut pipe, &mut n, 1);
+            pipe.del(&[self.key("user", id), self.key("recs", id)])
+                .ignore();
+            n += 1;
         }
         if n > 0 {
             pipes.push(pipe);
@@ -318,6 +365,11 @@ impl Publisher {
                 .map(|(id, s)| (*s as f64, id.as_str()))
                 .collect();
             pipe.zadd_multiple(&recs, &members).ignore();
+        }
+        if let Some(ttl) = self.cfg.user_ttl_secs.filter(|&t| t > 0) {
+            // Redis forgets a user when the engine does (users.ttl_secs).
+            pipe.expire(self.key("user", &u.id), ttl as i64).ignore();
+            pipe.expire(&recs, ttl as i64).ignore();
         }
         pipe.cmd("EXEC").ignore();
     }
@@ -425,5 +477,31 @@ mod tests {
         assert_eq!(&b[..4], &1.0f32.to_le_bytes());
         assert_eq!(emb_from_bytes(&b).unwrap(), v);
         assert!(emb_from_bytes(&b[..5]).is_none());
+    }
+
+    /// Defect: an invalid Redis URL printed its password in the error, and
+    /// a `rediss://` URL was refused (TLS not built in), also printing it.
+    #[test]
+    fn url_errors_never_show_the_password_and_tls_urls_are_taken() {
+        let (m, h) = (Arc::new(Metrics::new()), Arc::new(Health::default()));
+        for bad in [
+            "redis://:hunter2@r:notaport",
+            "redis//:hunter2@r:6379",
+            "mysql://:hunter2@r:6379",
+        ] {
+            let cfg = RedisSettings {
+                url: bad.into(),
+                ..Default::default()
+            };
+            let e = Publisher::new(cfg, m.clone(), h.clone()).err().expect(bad);
+            let shown = format!("{e:#}");
+            assert!(!shown.contains("hunter2"), "{shown}");
+        }
+        let tls = RedisSettings {
+            url: "rediss://:hunter2@r:6380".into(),
+            ..Default::default()
+        };
+        assert!(!format!("{tls:?}").contains("hunter2"));
+        assert!(Publisher::new(tls, m, h).is_ok(), "TLS is built in");
     }
 }

@@ -5,7 +5,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -13,7 +13,8 @@ use tokio::sync::{mpsc, watch};
 
 use super::{Publish, Publisher};
 use crate::ingest::batch::{now_ms, Offsets};
-use crate::serve::metrics::Metrics;
+use crate::ingest::dlq::Delivery;
+use crate::serve::metrics::{Health, Metrics};
 use crate::serve::Progress;
 
 /// What the core hands the publish stage for one unit of work.
@@ -28,6 +29,8 @@ pub struct Out {
     pub flip: Option<(String, usize, Vec<String>)>,
     /// Offsets to store once written.
     pub offsets: Offsets,
+    /// Dead letters of the same messages: the offsets also wait for them.
+    pub deliveries: Vec<Delivery>,
     /// Input messages this completes.
     pub messages: u64,
     /// The output of an idle refresh.
@@ -56,6 +59,9 @@ pub struct PublishStage<S: ?Sized> {
     offsets: Arc<S>,
     metrics: Arc<Metrics>,
     progress: Arc<Progress>,
+    health: Arc<Health>,
+    /// A repair was asked for and is not written yet.
+    repairing: bool,
 }
 
 impl<S: OffsetStore + ?Sized> PublishStage<S> {
@@ -65,12 +71,15 @@ impl<S: OffsetStore + ?Sized> PublishStage<S> {
         offsets: Arc<S>,
         metrics: Arc<Metrics>,
         progress: Arc<Progress>,
+        health: Arc<Health>,
     ) -> Self {
         Self {
             publisher,
             offsets,
             metrics,
             progress,
+            health,
+            repairing: false,
         }
     }
 
@@ -82,16 +91,47 @@ impl<S: OffsetStore + ?Sized> PublishStage<S> {
         mut rx: mpsc::Receiver<Out>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Publisher> {
-        while let Some(out) = rx.recv().await {
+        let every = self.publisher.repair_check();
+        let mut check = tokio::time::interval(every.unwrap_or(Duration::from_secs(3600)));
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        check.tick().await;
+        loop {
+            let mut out = tokio::select! {
+                biased;
+                out = rx.recv() => match out {
+                    Some(out) => out,
+                    None => break,
+                },
+                _ = check.tick(), if every.is_some() => {
+                    self.check_marker().await;
+                    continue;
+                }
+            };
             self.publisher
                 .publish(&out.publish, &out.version, &shutdown)
                 .await?;
             if let Some((v, dim, rel)) = &out.flip {
                 self.publisher.set_model(v, *dim, rel, &shutdown).await?;
+                self.repairing = false;
+            }
+            for d in std::mem::take(&mut out.deliveries) {
+                d.wait().await?;
             }
             self.record(&out);
         }
         Ok(self.publisher)
+    }
+
+    /// Asks for a repair when Redis lost the model marker (once, until the
+    /// repair is written).
+    async fn check_marker(&mut self) {
+        if self.repairing || self.publisher.marker_present().await != Some(false) {
+            return;
+        }
+        tracing::warn!("Redis holds no model marker: it lost its data; asking for a repair");
+        self.metrics.repair();
+        self.repairing = true;
+        self.health.redis_lost.store(true, Ordering::SeqCst);
     }
 
     /// After `out` is written: timings, freshness, offsets, progress.
@@ -121,6 +161,14 @@ impl<S: OffsetStore + ?Sized> PublishStage<S> {
             }
         }
         self.metrics.offsets_committed(stored);
+        if !out.offsets.is_empty() {
+            let mut published = self
+                .progress
+                .published
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            published.extend(out.offsets.iter().map(|(k, v)| (*k, *v)));
+        }
         let p = &self.progress;
         p.messages.fetch_add(out.messages, Ordering::SeqCst);
         if out.idle {
@@ -140,7 +188,6 @@ mod tests {
     use super::*;
     use crate::publish::{read_recs, UserOut};
     use crate::serve::config::RedisSettings;
-    use crate::serve::metrics::Health;
 
     #[derive(Default)]
     struct Recorder(Mutex<Vec<(String, i32, i64)>>);
@@ -173,7 +220,13 @@ mod tests {
         let progress = Arc::new(Progress::default());
         let publisher = Publisher::new(cfg, metrics.clone(), health).unwrap();
         let rec = Arc::new(Recorder::default());
-        let stage = PublishStage::build(publisher, rec.clone(), metrics.clone(), progress.clone());
+        let stage = PublishStage::build(
+            publisher,
+            rec.clone(),
+            metrics.clone(),
+            progress.clone(),
+            Arc::new(Health::default()),
+        );
         let (tx, rx) = mpsc::channel(4);
         let (_stop_tx, stop) = watch::channel(false);
         let task = tokio::spawn(stage.run(rx, stop));

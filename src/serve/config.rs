@@ -78,8 +78,8 @@ impl Default for GraphSettings {
     }
 }
 
-/// Redis output.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Redis output. `Debug` masks the URL's password.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisSettings {
     /// Connection URL.
@@ -102,6 +102,30 @@ pub struct RedisSettings {
     /// is retried. Default 10000 (the client library's own default, 500 ms,
     /// timed out pipelines that were only queued behind others).
     pub response_timeout_ms: u64,
+    /// Every this long, ms, the publisher checks that Redis still holds the
+    /// model marker (`{prefix}:model`); when it is gone (a Redis restart
+    /// without persistence, a flush) everything is published again. 0: never.
+    pub repair_check_ms: u64,
+    /// Expiry of user keys, s (set by the engine from `users.ttl_secs`).
+    #[serde(skip)]
+    pub user_ttl_secs: Option<u64>,
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &crate::redact::url(&self.url))
+            .field("prefix", &self.prefix)
+            .field("retry_initial_ms", &self.retry_initial_ms)
+            .field("retry_max_ms", &self.retry_max_ms)
+            .field("updates_maxlen", &self.updates_maxlen)
+            .field("pipeline_commands", &self.pipeline_commands)
+            .field("pipelines_in_flight", &self.pipelines_in_flight)
+            .field("response_timeout_ms", &self.response_timeout_ms)
+            .field("repair_check_ms", &self.repair_check_ms)
+            .field("user_ttl_secs", &self.user_ttl_secs)
+            .finish()
+    }
 }
 
 impl Default for RedisSettings {
@@ -115,6 +139,8 @@ impl Default for RedisSettings {
             pipeline_commands: 4096,
             pipelines_in_flight: 4,
             response_timeout_ms: 10_000,
+            repair_check_ms: 5_000,
+            user_ttl_secs: None,
         }
     }
 }
@@ -180,6 +206,10 @@ pub struct IngestSettings {
     /// After this long without a message, ms, the engine refreshes every
     /// user's list against the current catalogue (see `UserSettings`).
     pub idle_ms: u64,
+    /// An event's `ts` may be at most this far ahead of its Kafka timestamp,
+    /// ms; a later one is capped to it (and counted in
+    /// `thaw_ingest_future_timestamps_capped_total`).
+    pub max_future_ms: u64,
 }
 
 impl Default for IngestSettings {
@@ -190,6 +220,7 @@ impl Default for IngestSettings {
             max_batch: 20_000,
             queue: 2,
             idle_ms: 1000,
+            max_future_ms: 300_000,
         }
     }
 }
@@ -205,6 +236,23 @@ pub struct UserSettings {
     /// When idle, refresh every user (true) so lists follow catalogue changes,
     /// or only users with new interactions (false).
     pub refresh_all_when_idle: bool,
+    /// Most users kept in memory (and in Redis); above it the least recently
+    /// active are evicted, down to 90%. Default 1,000,000 (about 1 GB).
+    pub max_users: usize,
+    /// A user without an interaction for this long (event time) is evicted,
+    /// and their Redis keys expire after it; 0 (the default): never.
+    /// Replaying old data with a TTL evicts by the data's own clock.
+    pub ttl_secs: u64,
+}
+
+impl UserSettings {
+    /// The engine's user bounds.
+    pub fn bounds(&self) -> crate::serve::state::UserBounds {
+        crate::serve::state::UserBounds {
+            max_users: self.max_users.max(1),
+            ttl_ms: self.ttl_secs.saturating_mul(1000),
+        }
+    }
 }
 
 impl UserSettings {
@@ -225,6 +273,8 @@ impl Default for UserSettings {
             top_k: 100,
             adapt: None,
             refresh_all_when_idle: true,
+            max_users: 1_000_000,
+            ttl_secs: 0,
         }
     }
 }
@@ -233,26 +283,70 @@ impl Default for UserSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpSettings {
-    /// `/metrics`, `/healthz`, `/readyz` listen here.
+    /// `/metrics`, `/healthz`, `/readyz` listen here. Loopback by default;
+    /// in a pod, `0.0.0.0:9464` (the Helm chart sets it) so that the kubelet
+    /// and Prometheus reach it.
     pub listen: String,
+    /// A request's headers must arrive within this, ms (an idle keep-alive
+    /// connection is closed after it too).
+    pub header_timeout_ms: u64,
+    /// A connection is closed after this, ms, whatever it does.
+    pub connection_timeout_ms: u64,
+    /// Most connections open at once; more are closed at once.
+    pub max_connections: usize,
 }
 
 impl Default for HttpSettings {
     fn default() -> Self {
         Self {
-            listen: "0.0.0.0:9464".into(),
+            listen: "127.0.0.1:9464".into(),
+            header_timeout_ms: 5_000,
+            connection_timeout_ms: 60_000,
+            max_connections: 256,
         }
     }
+}
+
+/// Environment names (after `THAW__`) of Kafka properties.
+const PROPERTIES_ENV: &str = "KAFKA__PROPERTIES__";
+
+/// The librdkafka property an environment name (after `THAW__`) sets.
+fn property_name(key: &str) -> Option<String> {
+    let n = key.get(..PROPERTIES_ENV.len())?;
+    if !n.eq_ignore_ascii_case(PROPERTIES_ENV) {
+        return None;
+    }
+    let name = &key[PROPERTIES_ENV.len()..];
+    if name.is_empty() {
+        return None;
+    }
+    Some(if name.contains('.') {
+        name.to_string()
+    } else {
+        name.to_ascii_lowercase().replace('_', ".")
+    })
 }
 
 impl Settings {
     /// Defaults, then `file` (TOML) if given, then `THAW__SECTION__KEY`
     /// environment variables.
+    ///
+    /// librdkafka property names hold dots, which the `__` split would read
+    /// as nesting: `THAW__KAFKA__PROPERTIES__<name>` is taken whole instead,
+    /// the name verbatim when it has a dot (`...__sasl.password`, as a pod's
+    /// env allows) or lowercased with `_` read as `.` (`...__SASL_PASSWORD`;
+    /// librdkafka names have no `_`).
     pub fn load(file: Option<&Path>) -> Result<Self> {
-        Self::load_with_env(file, Env::prefixed("THAW__").split("__"))
+        let env = Env::prefixed("THAW__")
+            .filter(|k| !k.as_str().to_ascii_uppercase().starts_with(PROPERTIES_ENV))
+            .split("__");
+        let props = std::env::vars()
+            .filter_map(|(k, v)| Some((property_name(k.strip_prefix("THAW__")?)?, v)))
+            .collect();
+        Self::load_with_env(file, env, props)
     }
 
-    fn load_with_env(file: Option<&Path>, env: Env) -> Result<Self> {
+    fn load_with_env(file: Option<&Path>, env: Env, props: Vec<(String, String)>) -> Result<Self> {
         let mut fig = Figment::from(Serialized::defaults(Settings::default()));
         if let Some(f) = file {
             if !f.is_file() {
@@ -260,10 +354,11 @@ impl Settings {
             }
             fig = fig.merge(Toml::file(f));
         }
-        let s: Settings = fig
+        let mut s: Settings = fig
             .merge(env)
             .extract()
             .context("reading the settings (defaults, file, THAW__ environment)")?;
+        s.kafka.properties.extend(props);
         s.validate()?;
         Ok(s)
     }
@@ -290,6 +385,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_settings_dump_shows_no_secret() {
+        let mut s = Settings::default();
+        s.redis.url = "rediss://app:hunter2@r:6380".into();
+        s.kafka
+            .properties
+            .insert("sasl.password".into(), "hunter3".into());
+        s.kafka
+            .properties
+            .insert("sasl.username".into(), "app".into());
+        let shown = format!("{s:?} {s:#?}");
+        assert!(!shown.contains("hunter2") && !shown.contains("hunter3"));
+        assert!(shown.contains("sasl.username") && shown.contains("r:6380"));
+    }
+
+    #[test]
     fn defaults_then_file_then_env() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(
@@ -298,7 +408,13 @@ mod tests {
             )?;
             jail.set_env("THAW__USERS__TOP_K", "7");
             jail.set_env("THAW__REDIS__URL", "redis://r:1");
+            // Kafka properties from a Secret, both spellings.
+            jail.set_env("THAW__KAFKA__PROPERTIES__sasl.password", "hunter2");
+            jail.set_env("THAW__KAFKA__PROPERTIES__SASL_USERNAME", "app");
             let s = Settings::load(Some(Path::new("thaw.toml"))).map_err(|e| e.to_string())?;
+            let prop = |k: &str| s.kafka.properties.get(k).map(String::as_str);
+            assert_eq!(prop("sasl.password"), Some("hunter2"));
+            assert_eq!(prop("sasl.username"), Some("app"));
             assert_eq!(s.kafka.brokers, "k1:9092");
             assert_eq!(
                 s.kafka

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -176,6 +176,9 @@ pub struct Metrics {
     events: Family<TopicOutcome, Counter>,
     dlq: Family<Reason, Counter>,
     unknown_relations: Counter,
+    future_ts: Counter,
+    users: Gauge,
+    users_evicted: Counter,
     /// Unknown relation names logged so far (at most 100).
     unknown_seen: Mutex<std::collections::BTreeSet<String>>,
     graph_items: Gauge,
@@ -187,6 +190,7 @@ pub struct Metrics {
     provider: Family<ProviderLabel, Gauge>,
     redis_seconds: Histogram,
     redis_errors: Counter,
+    repairs: Counter,
     redis_writes: Counter,
     adaptation_seconds: Histogram,
     users_adapted: Counter,
@@ -237,6 +241,20 @@ impl Metrics {
             "Relation events ignored because the model does not know the relation (each new name is logged once, up to 100)",
             unknown_relations.clone(),
         );
+        let future_ts = Counter::default();
+        registry.register(
+            "ingest_future_timestamps_capped",
+            "Events whose ts was ahead of their Kafka timestamp by more than ingest.max_future_ms, capped to it",
+            future_ts.clone(),
+        );
+        let users = Gauge::default();
+        registry.register("core_users", "Users kept in memory", users.clone());
+        let users_evicted = Counter::default();
+        registry.register(
+            "core_users_evicted",
+            "Users evicted by users.max_users or users.ttl_secs (their Redis keys deleted)",
+            users_evicted.clone(),
+        );
         let graph_items = Gauge::default();
         registry.register(
             "graph_items",
@@ -284,6 +302,12 @@ impl Metrics {
             "publish_pipeline_seconds",
             "Time per Redis pipeline",
             redis_seconds.clone(),
+        );
+        let repairs = Counter::default();
+        registry.register(
+            "publish_repairs",
+            "Times Redis was found without the model marker (lost data) and everything was published again",
+            repairs.clone(),
         );
         let redis_errors = Counter::default();
         registry.register(
@@ -383,6 +407,9 @@ impl Metrics {
             events,
             dlq,
             unknown_relations,
+            future_ts,
+            users,
+            users_evicted,
             unknown_seen: Mutex::new(Default::default()),
             graph_items,
             graph_edges,
@@ -393,6 +420,7 @@ impl Metrics {
             provider,
             redis_seconds,
             redis_errors,
+            repairs,
             redis_writes,
             adaptation_seconds,
             users_adapted,
@@ -432,6 +460,11 @@ impl Metrics {
                 reason: reason.into(),
             })
             .inc();
+    }
+
+    /// An event whose time was capped ([`crate::ingest::batch::cap_future`]).
+    pub fn future_ts_capped(&self) {
+        self.future_ts.inc();
     }
 
     /// A relation event the model does not know.
@@ -573,6 +606,21 @@ impl Metrics {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Users kept in memory.
+    pub fn set_users(&self, n: usize) {
+        self.users.set(n as i64);
+    }
+
+    /// `n` users evicted.
+    pub fn users_evicted(&self, n: u64) {
+        self.users_evicted.inc_by(n);
+    }
+
+    /// A repair of lost Redis data started.
+    pub fn repair(&self) {
+        self.repairs.inc();
+    }
+
     /// A failed Redis write.
     pub fn redis_error(&self) {
         self.redis_errors.inc();
@@ -684,6 +732,11 @@ pub struct Health {
     pub ready: AtomicBool,
     /// The last Redis write succeeded.
     pub redis_ok: AtomicBool,
+    /// The last round of dead letters was delivered.
+    pub dlq_ok: AtomicBool,
+    /// Redis lost what was published (its `{prefix}:model` marker is gone):
+    /// ingest asks the core to publish everything again.
+    pub redis_lost: AtomicBool,
 }
 
 impl Default for Health {
@@ -692,76 +745,31 @@ impl Default for Health {
             live: AtomicBool::new(true),
             ready: AtomicBool::new(false),
             redis_ok: AtomicBool::new(false),
+            dlq_ok: AtomicBool::new(true),
+            redis_lost: AtomicBool::new(false),
         }
     }
 }
 
 impl Health {
-    /// Ready to serve: restored, subscribed, Redis answering.
+    /// Ready to serve: restored, subscribed, Redis answering, dead letters
+    /// delivered.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst) && self.redis_ok.load(Ordering::SeqCst)
+        self.not_ready().is_none()
     }
-}
 
-/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` resolves.
-pub async fn serve_http(
-    listener: tokio::net::TcpListener,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    use axum::http::{header, StatusCode};
-    use axum::routing::get;
-    let m = metrics.clone();
-    let (h1, h2) = (health.clone(), health);
-    let app = axum::Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let m = m.clone();
-                async move {
-                    (
-                        [(
-                            header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        m.encode(),
-                    )
-                }
-            }),
-        )
-        .route(
-            "/healthz",
-            get(move || {
-                let h = h1.clone();
-                async move {
-                    if h.live.load(Ordering::SeqCst) {
-                        (StatusCode::OK, "ok")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "stopping")
-                    }
-                }
-            }),
-        )
-        .route(
-            "/readyz",
-            get(move || {
-                let h = h2.clone();
-                async move {
-                    if !h.ready.load(Ordering::SeqCst) {
-                        (StatusCode::SERVICE_UNAVAILABLE, "restoring")
-                    } else if !h.redis_ok.load(Ordering::SeqCst) {
-                        (StatusCode::SERVICE_UNAVAILABLE, "redis unavailable")
-                    } else {
-                        (StatusCode::OK, "ready")
-                    }
-                }
-            }),
-        );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
-    Ok(())
+    /// Why the engine is not ready (`None`: ready).
+    pub fn not_ready(&self) -> Option<&'static str> {
+        if !self.ready.load(Ordering::SeqCst) {
+            Some("restoring")
+        } else if !self.redis_ok.load(Ordering::SeqCst) {
+            Some("redis unavailable")
+        } else if !self.dlq_ok.load(Ordering::SeqCst) {
+            Some("dead-letter topic unavailable")
+        } else {
+            None
+        }
+    }
 }
 
 #[cfg(test)]
@@ -841,42 +849,5 @@ mod tests {
         assert!(m.freshness_summary(Some("user")).is_none());
         m.freshness("user", 0.5);
         assert_eq!(m.freshness_summary(None).unwrap().count, 101);
-    }
-
-    #[tokio::test]
-    async fn http_endpoints() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let metrics = Arc::new(Metrics::new());
-        let health = Arc::new(Health::default());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve_http(listener, metrics, health.clone(), async {
-            let _ = rx.await;
-        }));
-        let get = |path: &'static str| async move {
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-            )
-            .await
-            .unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).await.unwrap();
-            out
-        };
-        assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
-        let r = get("/readyz").await;
-        assert!(
-            r.starts_with("HTTP/1.1 503") && r.contains("restoring"),
-            "{r}"
-        );
-        health.ready.store(true, Ordering::SeqCst);
-        assert!(get("/readyz").await.contains("redis unavailable"));
-        health.redis_ok.store(true, Ordering::SeqCst);
-        assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
-        assert!(get("/metrics").await.contains("thaw_graph_items"));
-        tx.send(()).unwrap();
-        server.await.unwrap().unwrap();
     }
 }

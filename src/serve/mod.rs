@@ -27,6 +27,7 @@
 
 pub mod config;
 pub mod error;
+pub mod http;
 pub mod metrics;
 pub mod stage;
 pub mod state;
@@ -71,6 +72,9 @@ pub struct Progress {
     pub idle_at_messages: AtomicU64,
     /// Messages dead-lettered.
     pub dead_lettered: AtomicU64,
+    /// Per input partition, the offset of the last message whose effects
+    /// are published (what the consumer lag is measured from).
+    pub published: std::sync::Mutex<crate::ingest::batch::Offsets>,
 }
 
 /// The engine.
@@ -109,10 +113,11 @@ impl Engine {
         let addr = listener.local_addr()?;
         tracing::info!(addr = %addr, "metrics and health endpoints");
         let mut s = stop_rx.clone();
-        let http = tokio::spawn(metrics::serve_http(
+        let http = tokio::spawn(http::serve_http(
             listener,
             metrics.clone(),
             health.clone(),
+            http::Limits::from_settings(&settings.http),
             async move {
                 let _ = s.changed().await;
             },
@@ -213,11 +218,18 @@ async fn run(
         metrics.clone(),
     );
     let core_task = tokio::task::spawn_blocking(move || core.run(rx_core, tx_pub));
-    let publish = PublishStage::build(publisher, consumer.clone(), metrics.clone(), progress);
+    let publish = PublishStage::build(
+        publisher,
+        consumer.clone(),
+        metrics.clone(),
+        progress.clone(),
+        health.clone(),
+    );
     let pub_task = tokio::spawn(publish.run(rx_pub, stop.clone()));
     let lag_task = tokio::spawn(report_lag_every(
         Arc::downgrade(&consumer),
         metrics.clone(),
+        progress.clone(),
         Duration::from_secs(5),
         stop.clone(),
     ));
@@ -295,7 +307,7 @@ async fn prepare(
     );
     let adapt = settings.users.adapt_for(&model.card);
     let version = model.card.version.clone();
-    let core = Core::new(
+    let mut core = Core::new(
         model,
         adapt,
         settings.users.top_k,
@@ -303,9 +315,19 @@ async fn prepare(
         &settings.graph,
         metrics.clone(),
     )?;
-    let mut publisher = Publisher::new(settings.redis.clone(), metrics.clone(), health.clone())?;
+    core.set_user_bounds(settings.users.bounds());
+    let mut redis = settings.redis.clone();
+    redis.user_ttl_secs = Some(settings.users.ttl_secs);
+    let mut publisher = Publisher::new(redis, metrics.clone(), health.clone())?;
     publisher.ping(stop).await.context("connecting to Redis")?;
-    let ingest = Ingest::build(settings, version.clone(), metrics.clone(), progress.clone())?;
+    let ingest = Ingest::build(
+        settings,
+        version.clone(),
+        metrics.clone(),
+        progress.clone(),
+        health.clone(),
+    )
+    .await?;
     let mut core = restore(settings, ingest.consumer(), core, progress).await?;
     if publisher.active_version(stop).await?.as_deref() != Some(version.as_str()) {
         let all = core.publish_all()?;

@@ -87,6 +87,7 @@ impl CoreStage {
                     Some(out) => out,
                     None => continue,
                 },
+                Work::Repair => self.repair()?,
             };
             if tx.blocking_send(out).is_err() {
                 break;
@@ -139,6 +140,7 @@ impl CoreStage {
             publish,
             version: self.core.card().version.clone(),
             offsets: b.offsets,
+            deliveries: b.deliveries,
             messages: b.messages,
             trace: Some((b.closed, started, Instant::now())),
             ..Default::default()
@@ -153,6 +155,25 @@ impl CoreStage {
         for (topic, n) in &applied.ignored {
             self.metrics.events(topic, "ignored", *n);
         }
+    }
+
+    /// Everything, to publish again after Redis lost it, with the model
+    /// marker written last.
+    fn repair(&mut self) -> Result<Out> {
+        let publish = self.core.publish_all()?;
+        let card = self.core.card();
+        let v = card.version.clone();
+        tracing::warn!(
+            items = publish.items.len(),
+            users = publish.users.len(),
+            "Redis lost its data: publishing everything again"
+        );
+        Ok(Out {
+            publish,
+            version: v.clone(),
+            flip: Some((v, card.dim, card.relations.clone())),
+            ..Default::default()
+        })
     }
 
     /// Loads the model folder's version and swaps it in; `None` (the running

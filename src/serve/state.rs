@@ -316,7 +316,35 @@ pub struct Core {
     ripple_ms: u64,
     /// When the ripple was last drained from.
     last_ripple: Instant,
+    /// How many users are kept, and for how long.
+    bounds: UserBounds,
+    /// Event time of the last TTL sweep, ms.
+    last_sweep_ms: u64,
+    /// Users evicted since the last publish (their keys are deleted).
+    evicted: Vec<String>,
     metrics: Arc<Metrics>,
+}
+
+/// How many users the engine keeps, and for how long (`users.max_users`,
+/// `users.ttl_secs`). Both act on event time and event order only, so a
+/// restored engine evicts exactly as the one before it did.
+#[derive(Debug, Clone, Copy)]
+pub struct UserBounds {
+    /// Most users kept; above it, the least recently active (by their
+    /// latest interaction time, ties by id) are evicted down to 90% of it.
+    pub max_users: usize,
+    /// A user without an interaction for this long (event time, ms) is
+    /// evicted; 0: never.
+    pub ttl_ms: u64,
+}
+
+impl Default for UserBounds {
+    fn default() -> Self {
+        Self {
+            max_users: usize::MAX,
+            ttl_ms: 0,
+        }
+    }
 }
 
 impl Core {
@@ -363,8 +391,59 @@ impl Core {
             ripple: Ripple::default(),
             ripple_ms: graph.ripple_ms,
             last_ripple: Instant::now(),
+            bounds: UserBounds::default(),
+            last_sweep_ms: 0,
+            evicted: Vec::new(),
             metrics,
         })
+    }
+
+    /// Bounds the users kept (unbounded until called).
+    pub fn set_user_bounds(&mut self, bounds: UserBounds) {
+        self.bounds = bounds;
+    }
+
+    /// Evicts the users past the TTL, then, above `max_users`, the least
+    /// recently active down to 90% of it. A user who comes back starts
+    /// afresh (their lists and behavioural-edge window too).
+    fn bound_users(&mut self) {
+        let mut gone = Vec::new();
+        let ttl = self.bounds.ttl_ms;
+        if ttl > 0 && self.now_ms >= self.last_sweep_ms.saturating_add(ttl / 16) {
+            // A sweep every sixteenth of the TTL: at most 1/16 late.
+            self.last_sweep_ms = self.now_ms;
+            let cutoff = self.now_ms.saturating_sub(ttl);
+            self.users.retain(|id, u| {
+                let keep = u.ts >= cutoff;
+                if !keep {
+                    gone.push(id.clone());
+                }
+                keep
+            });
+        }
+        let max = self.bounds.max_users.max(1);
+        if self.users.len() > max {
+            let target = max - max / 10;
+            let mut order: Vec<(u64, &String)> =
+                self.users.iter().map(|(id, u)| (u.ts, id)).collect();
+            order.sort_unstable();
+            let out: Vec<String> = order[..self.users.len() - target]
+                .iter()
+                .map(|(_, id)| (*id).clone())
+                .collect();
+            for id in &out {
+                self.users.remove(id);
+            }
+            gone.extend(out);
+        }
+        if gone.is_empty() {
+            return;
+        }
+        for id in &gone {
+            self.dirty_users.remove(id);
+        }
+        self.metrics.users_evicted(gone.len() as u64);
+        self.evicted.extend(gone);
     }
 
     /// The text encoder, for the text stage.
@@ -461,6 +540,10 @@ impl Core {
             };
             *outcome.entry(topic).or_default() += 1;
         }
+        if !msgs.is_empty() {
+            self.bound_users();
+            self.metrics.set_users(self.users.len());
+        }
         if msgs.is_empty() && !had_pending {
             return Ok((Publish::default(), counts));
         }
@@ -473,6 +556,8 @@ impl Core {
         }
         let (batch, stats) = self.propagate(&work.inputs)?;
         if mode == Mode::Restore {
+            // Their keys were deleted before the restart (or expire).
+            self.evicted.clear();
             return Ok((Publish::default(), counts));
         }
         let out = self.publish_changes(work, &batch, &stats)?;
@@ -669,7 +754,10 @@ impl Core {
         batch: &Batch,
         stats: &ApplyStats,
     ) -> Result<Publish> {
-        let mut out = Publish::default();
+        let mut out = Publish {
+            evicted: std::mem::take(&mut self.evicted),
+            ..Default::default()
+        };
         // Rows whose output changed in some relation (exact, or beyond the
         // tolerance's held-back changes): the batch's own slots (edge
         // endpoints, new or changed items) are re-fused and published now;
@@ -752,6 +840,7 @@ impl Core {
             items: items.iter().map(|&s| self.item_out(s)).collect(),
             users: self.publish_users(&users),
             sources: Vec::new(),
+            evicted: std::mem::take(&mut self.evicted),
         })
     }
 
@@ -788,6 +877,7 @@ impl Core {
         if !self.changed_since_idle {
             return Ok(Publish {
                 items,
+                evicted: std::mem::take(&mut self.evicted),
                 ..Default::default()
             });
         }
@@ -802,6 +892,7 @@ impl Core {
             items,
             users: self.publish_users(&users),
             sources: Vec::new(),
+            evicted: std::mem::take(&mut self.evicted),
         })
     }
 

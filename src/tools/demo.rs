@@ -116,7 +116,8 @@ async fn redis_connection(
     redis::aio::MultiplexedConnection,
     Option<std::process::Child>,
 )> {
-    let client = redis::Client::open(url).with_context(|| format!("invalid Redis URL {url:?}"))?;
+    let client = redis::Client::open(url)
+        .map_err(|e| anyhow::anyhow!("invalid Redis URL {}: {e}", crate::redact::url(url)))?;
     if let Ok(Ok(mut c)) = tokio::time::timeout(
         Duration::from_secs(2),
         client.get_multiplexed_async_connection(),
@@ -209,7 +210,7 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport> {
     let cleared = publish::clear_prefix(&mut conn, &prefix).await?;
     eprintln!(
         "redis: {} ({cleared} old `{prefix}:*` keys cleared)",
-        args.settings.redis.url
+        crate::redact::url(&args.settings.redis.url)
     );
 
     let broker = EmbeddedBroker::start(None).await?;

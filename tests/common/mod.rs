@@ -1,0 +1,269 @@
+//! Helpers shared by the engine's integration tests: the real text encoder,
+//! an untrained item model, the embedded broker's producer, and Redis reads.
+#![allow(dead_code)] // each test binary uses its own share of these
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use thaw::ingest::{DeadLetter, Event, InteractionEvent, ItemEvent, Kind, Op, RelationEvent};
+use thaw::kafka::KafkaSettings;
+use thaw::publish::emb_from_bytes;
+use thaw::serve::config::Settings;
+use thaw::serve::Progress;
+
+pub const TEXT_DIR: &str = "models/text";
+
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// The text encoder from `make models`: a test that needs it fails with
+/// what to run when it is missing (CI builds it first: `make test`).
+pub fn require_text_encoder() {
+    let p = Path::new(TEXT_DIR).join("text_encoder.onnx");
+    assert!(
+        p.is_file(),
+        "no text encoder at {}: run `make models` first",
+        p.display()
+    );
+}
+
+pub fn untrained_model(dir: &Path) {
+    untrained_model_version(dir, "test-1", 7);
+}
+
+pub fn untrained_model_version(dir: &Path, version: &str, seed: u64) {
+    let mut cfg = thaw::train::TrainConfig {
+        text_model_dir: PathBuf::from(TEXT_DIR),
+        ..Default::default()
+    };
+    cfg.mpkg.seed = seed;
+    thaw::train::write_untrained_model(
+        dir,
+        vec![
+            "co_interacted".into(),
+            "also_bought".into(),
+            "also_viewed".into(),
+        ],
+        384 + cfg.kg_dim,
+        &cfg,
+        version,
+    )
+    .expect("model folder");
+}
+
+pub fn unique(tag: &str) -> String {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("thaw-test-{tag}-{}-{n}", std::process::id())
+}
+
+pub fn item(id: &str, title: &str, ts: u64) -> Event {
+    Event::Item(ItemEvent {
+        item_id: id.into(),
+        title: title.into(),
+        description: Some(format!("{title}, a film")),
+        categories: vec![format!("+genre={}", ts % 3)],
+        features: None,
+        ts,
+    })
+}
+
+pub fn edge(a: &str, b: &str, relation: &str, ts: u64) -> Event {
+    Event::Relation(RelationEvent {
+        src: a.into(),
+        dst: b.into(),
+        relation: relation.into(),
+        op: Op::Add,
+        ts,
+    })
+}
+
+pub fn click(user: &str, item: &str, ts: u64) -> Event {
+    Event::Interaction(InteractionEvent {
+        user_id: user.into(),
+        item_id: item.into(),
+        kind: Kind::Click,
+        value: None,
+        ts,
+    })
+}
+
+pub async fn produce_raw(p: &FutureProducer, topic: &str, key: Option<&[u8]>, payload: &[u8]) {
+    let mut rec = FutureRecord::<[u8], [u8]>::to(topic).payload(payload);
+    if let Some(k) = key {
+        rec = rec.key(k);
+    }
+    p.send(rec, Duration::from_secs(10))
+        .await
+        .expect("delivered");
+}
+
+pub async fn produce(p: &FutureProducer, events: &[Event]) {
+    for e in events {
+        let key = e.key();
+        produce_raw(
+            p,
+            e.topic().name(),
+            Some(key.as_bytes()),
+            &e.encode().unwrap(),
+        )
+        .await;
+    }
+}
+
+pub fn settings(brokers: &str, model_dir: &Path, tag: &str) -> Settings {
+    let mut s = Settings {
+        kafka: KafkaSettings {
+            brokers: brokers.into(),
+            group_id: unique(tag),
+            properties: Default::default(),
+        },
+        ..Default::default()
+    };
+    s.redis.url = redis_url();
+    s.redis.prefix = unique(tag);
+    s.model.dir = model_dir.to_path_buf();
+    s.model.text_dir = PathBuf::from(TEXT_DIR);
+    s.model.reload_check_secs = 0;
+    s.ingest.idle_ms = 300;
+    s.ingest.window_ms = 10;
+    s.users.top_k = 10;
+    s.http.listen = "127.0.0.1:0".into();
+    s
+}
+
+pub async fn redis() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis at REDIS_URL (default 127.0.0.1:6379)")
+}
+
+pub async fn keys(c: &mut redis::aio::MultiplexedConnection, pattern: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, ks): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(c)
+            .await
+            .unwrap();
+        out.extend(ks);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    out.sort();
+    out
+}
+
+pub async fn emb(c: &mut redis::aio::MultiplexedConnection, key: &str) -> Option<Vec<f32>> {
+    let b: Option<Vec<u8>> = redis::cmd("HGET")
+        .arg(key)
+        .arg("emb")
+        .query_async(c)
+        .await
+        .unwrap();
+    b.and_then(|b| emb_from_bytes(&b))
+}
+
+pub async fn recs(c: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<(String, f64)> {
+    redis::cmd("ZRANGE")
+        .arg(key)
+        .arg(0)
+        .arg(-1)
+        .arg("REV")
+        .arg("WITHSCORES")
+        .query_async(c)
+        .await
+        .unwrap()
+}
+
+pub async fn wait_for(progress: &Progress, messages: u64, what: &str) {
+    let t0 = Instant::now();
+    while progress.messages.load(Ordering::SeqCst) < messages {
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "{what}: {} of {messages} messages published after 90 s",
+            progress.messages.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn dead_letters(brokers: &str) -> Vec<DeadLetter> {
+    let c: BaseConsumer = KafkaSettings::with_brokers(brokers)
+        .client_config(&[
+            ("group.id", &unique("dlq-reader")),
+            ("enable.auto.commit", "false"),
+        ])
+        .create()
+        .unwrap();
+    let parts = thaw::kafka::topics()
+        .into_iter()
+        .find(|t| t.name == "thaw-dlq")
+        .unwrap()
+        .partitions;
+    let mut tpl = TopicPartitionList::new();
+    let mut total = 0;
+    for p in 0..parts {
+        let (lo, hi) = c
+            .fetch_watermarks("thaw-dlq", p, Duration::from_secs(5))
+            .unwrap();
+        total += hi - lo;
+        tpl.add_partition_offset("thaw-dlq", p, Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let t0 = Instant::now();
+    while (out.len() as i64) < total && t0.elapsed() < Duration::from_secs(20) {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            out.push(serde_json::from_slice::<DeadLetter>(m.payload().unwrap()).unwrap());
+        }
+    }
+    out
+}
+
+pub fn producer_flush(p: &FutureProducer) {
+    use rdkafka::producer::Producer;
+    p.flush(Duration::from_secs(10)).unwrap();
+}
+
+pub fn start_redis(port: u16) -> std::process::Child {
+    let child = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server runs");
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "redis-server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}

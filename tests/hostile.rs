@@ -1,0 +1,332 @@
+//! The engine under input an unfriendly stream sends (issue 16's defects,
+//! each reproduced against the real engine: embedded broker, real Redis,
+//! ONNX Runtime with the real text encoder).
+//!
+//! 1. `poison_and_bad_messages_do_not_hold_the_stream`: a 1 MiB message
+//!    (accepted by its topic, over the decoder's 64 KiB) used to become a
+//!    1.4 MB dead letter that the DLQ producer refused for ever, stopping
+//!    ingest; and each dead letter was awaited before the next read (about
+//!    200/s). Here a poison message and 6,000 bad messages sit among valid
+//!    ones: everything valid is published, every bad one is in the DLQ with
+//!    its reason, in well under what one-by-one delivery would take.
+//! 2. `a_far_future_timestamp_is_capped`: one valid event with
+//!    `ts` = 2^53 − 1 is capped to its Kafka time plus the tolerance.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rdkafka::producer::FutureProducer;
+use thaw::ingest::events::MAX_TS;
+use thaw::kafka::EmbeddedBroker;
+use thaw::serve::Engine;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_and_bad_messages_do_not_hold_the_stream() {
+    require_text_encoder();
+    let tmp = tempfile::tempdir().unwrap();
+    untrained_model(tmp.path());
+    let broker = EmbeddedBroker::start(None).await.unwrap();
+    let brokers = broker.bootstrap_servers().to_string();
+    let s = settings(&brokers, tmp.path(), "hostile");
+    let prefix = s.redis.prefix.clone();
+    let mut pc = s.kafka.producer_config();
+    pc.set("message.max.bytes", "2000000");
+    let producer: FutureProducer = pc.create().unwrap();
+
+    // The poison message first, so that everything after it waits on it;
+    // then 30 bad messages before each valid one.
+    let poison: Vec<u8> = (0..1_000_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let mut raw: Vec<(&str, Vec<u8>, Vec<u8>)> =
+        vec![("items", b"poison".to_vec(), poison.clone())];
+    let mut valid = 0u64;
+    let mut bad = 0u64;
+    for i in 0..200u64 {
+        for k in 0..30 {
+            let topic = ["items", "interactions", "item-relations"][k % 3];
+            raw.push((topic, b"junk".to_vec(), b"{not json".to_vec()));
+            bad += 1;
+        }
+        let e = if i % 4 == 0 {
+            item(&format!("h{i}"), &format!("Hostile test item {i}"), i)
+        } else {
+            click(&format!("u{}", i % 7), &format!("h{}", i / 4 * 4), i)
+        };
+        raw.push((e.topic().name(), e.key().into_bytes(), e.encode().unwrap()));
+        valid += 1;
+    }
+    // Sent together (in order: each send is queued at its first poll).
+    let sends = raw
+        .iter()
+        .map(|(t, k, p)| produce_raw(&producer, t, Some(k), p));
+    futures::future::join_all(sends).await;
+    let total = 1 + bad + valid;
+
+    let t0 = Instant::now();
+    let engine = Engine::start(s.clone()).await.expect("engine started");
+    let (metrics, progress, health) = (
+        engine.metrics.clone(),
+        engine.progress.clone(),
+        engine.health.clone(),
+    );
+    // One by one at ~200/s, 6,001 dead letters took 30 s on their own; the
+    // poison stopped everything for good.
+    let limit = Duration::from_secs(25);
+    while progress.messages.load(Ordering::SeqCst) < total {
+        assert!(
+            t0.elapsed() < limit,
+            "{} of {total} messages published after {limit:?} ({} dead-lettered)",
+            progress.messages.load(Ordering::SeqCst),
+            progress.dead_lettered.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("all {total} published in {:?}", t0.elapsed());
+    // Interactions may be read before their item's event (other topic): the
+    // idle refresh after the stream settles lists every user.
+    while progress.idle_at_messages.load(Ordering::SeqCst) < total {
+        assert!(
+            t0.elapsed() < limit + Duration::from_secs(20),
+            "no idle refresh"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(progress.dead_lettered.load(Ordering::SeqCst), 1 + bad);
+    assert!(health.is_ready());
+
+    let mut c = redis().await;
+    for i in (0..200).step_by(4) {
+        assert!(
+            emb(&mut c, &format!("{prefix}:item:h{i}")).await.is_some(),
+            "h{i} published"
+        );
+    }
+    let users = keys(&mut c, &format!("{prefix}:user:*")).await;
+    let lists = keys(&mut c, &format!("{prefix}:recs:*")).await;
+    let events: Vec<String> = metrics
+        .encode()
+        .lines()
+        .filter(|l| l.contains("events_total") || l.contains("core_users"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        (users.len(), lists.len()),
+        (7, 7),
+        "{users:?} {lists:?} {events:?}"
+    );
+
+    let dl = dead_letters(&brokers);
+    assert_eq!(
+        dl.len() as u64,
+        1 + bad,
+        "every bad message dead-lettered once"
+    );
+    let p = dl
+        .iter()
+        .find(|d| d.payload_bytes == poison.len())
+        .expect("the poison message's dead letter");
+    assert_eq!(p.reason_code.as_str(), "oversized");
+    assert!(p.truncated || p.original_payload().unwrap() == poison);
+    assert!(poison.starts_with(&p.original_payload().unwrap()));
+    let digest = {
+        use sha2::{Digest, Sha256};
+        Sha256::digest(&poison)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    assert_eq!(p.payload_sha256, digest);
+    assert!(dl
+        .iter()
+        .filter(|d| d.payload_bytes != poison.len())
+        .all(|d| d.reason_code.as_str() == "json" && !d.reason.is_empty()));
+    let text = metrics.encode();
+    assert!(
+        text.contains(&format!(
+            "thaw_ingest_dead_letters_total{{reason=\"json\"}} {bad}"
+        )),
+        "{text}"
+    );
+
+    engine.shutdown().await.expect("clean shutdown");
+    for k in keys(&mut c, &format!("{prefix}:*")).await {
+        let _: () = redis::cmd("DEL").arg(k).query_async(&mut c).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_far_future_timestamp_is_capped() {
+    require_text_encoder();
+    let tmp = tempfile::tempdir().unwrap();
+    untrained_model(tmp.path());
+    let broker = EmbeddedBroker::start(None).await.unwrap();
+    let s = settings(broker.bootstrap_servers(), tmp.path(), "future");
+    let prefix = s.redis.prefix.clone();
+    let producer: FutureProducer = s.kafka.producer_config().create().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let mut events = vec![
+        item("f1", "A film", now - 10_000),
+        item("f2", "Another film", now - 9_000),
+        click("alice", "f1", now - 5_000),
+    ];
+    events.push(click("mallory", "f2", MAX_TS));
+    produce(&producer, &events).await;
+
+    let engine = Engine::start(s.clone()).await.expect("engine started");
+    wait_for(&engine.progress, events.len() as u64, "events").await;
+    let mut c = redis().await;
+    let ts: u64 = redis::cmd("HGET")
+        .arg(format!("{prefix}:user:mallory"))
+        .arg("ts")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let after = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(
+        ts <= after + s.ingest.max_future_ms,
+        "mallory's time {ts} is past now + tolerance"
+    );
+    assert!(
+        ts >= now + s.ingest.max_future_ms - 1_000,
+        "capped, not dropped"
+    );
+    assert!(engine
+        .metrics
+        .encode()
+        .contains("thaw_ingest_future_timestamps_capped_total 1"));
+    engine.shutdown().await.expect("clean shutdown");
+    for k in keys(&mut c, &format!("{prefix}:*")).await {
+        let _: () = redis::cmd("DEL").arg(k).query_async(&mut c).await.unwrap();
+    }
+}
+
+/// Defect: every user ever seen was kept (RSS 316 MB → 1.55 GB in a burst of
+/// new users, never down). Users past `users.ttl_secs` (event time) and,
+/// above `users.max_users`, the least recently active are evicted, and their
+/// Redis keys deleted; kept users' keys expire with the TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_are_bounded_by_count_and_ttl() {
+    require_text_encoder();
+    let tmp = tempfile::tempdir().unwrap();
+    untrained_model(tmp.path());
+    let broker = EmbeddedBroker::start(None).await.unwrap();
+    let mut s = settings(broker.bootstrap_servers(), tmp.path(), "bounded");
+    s.users.max_users = 10;
+    s.users.ttl_secs = 60;
+    let prefix = s.redis.prefix.clone();
+    let producer: FutureProducer = s.kafka.producer_config().create().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let old = now - 600_000;
+    let mut first: Vec<_> = (0..6)
+        .map(|i| item(&format!("b{i}"), &format!("Bounded film {i}"), old))
+        .collect();
+    first.extend((0..5).map(|i| click(&format!("stale{i}"), &format!("b{i}"), old + i)));
+    produce(&producer, &first).await;
+
+    let engine = Engine::start(s.clone()).await.expect("engine started");
+    wait_for(&engine.progress, first.len() as u64, "stale users").await;
+    let mut c = redis().await;
+    assert_eq!(
+        keys(&mut c, &format!("{prefix}:recs:stale*")).await.len(),
+        5
+    );
+
+    // Ten minutes later (event time): 30 new users.
+    let second: Vec<_> = (0..30)
+        .map(|i| click(&format!("u{i:02}"), &format!("b{}", i % 6), now + i))
+        .collect();
+    produce(&producer, &second).await;
+    wait_for(
+        &engine.progress,
+        (first.len() + second.len()) as u64,
+        "new users",
+    )
+    .await;
+    let text = engine.metrics.encode();
+    let kept: usize = text
+        .lines()
+        .find_map(|l| l.strip_prefix("thaw_core_users "))
+        .expect("thaw_core_users exported")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(kept <= 10, "{kept} users kept, max 10");
+    let recs = keys(&mut c, &format!("{prefix}:recs:*")).await;
+    assert!(recs.len() <= 10, "{} lists in Redis: {recs:?}", recs.len());
+    assert!(
+        recs.iter().all(|k| !k.contains("stale")),
+        "TTL-evicted users' lists deleted: {recs:?}"
+    );
+    assert!(keys(&mut c, &format!("{prefix}:user:stale*"))
+        .await
+        .is_empty());
+    assert!(recs.contains(&format!("{prefix}:recs:u29")), "{recs:?}");
+    assert!(!recs.contains(&format!("{prefix}:recs:u00")), "{recs:?}");
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(format!("{prefix}:user:u29"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!((1..=60).contains(&ttl), "user key TTL {ttl}");
+    engine.shutdown().await.expect("clean shutdown");
+    for k in keys(&mut c, &format!("{prefix}:*")).await {
+        let _: () = redis::cmd("DEL").arg(k).query_async(&mut c).await.unwrap();
+    }
+}
+
+/// Defect: while messages kept arriving, the batch window never fired (the
+/// read that would time out always had a message waiting), so a batch
+/// closed only at `max_batch` messages. Here a backlog of 150,000 messages
+/// waits when the engine starts, `max_batch` is far above it: the first
+/// publish must come long before the whole backlog is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_batch_window_closes_under_a_backlog() {
+    require_text_encoder();
+    let tmp = tempfile::tempdir().unwrap();
+    untrained_model(tmp.path());
+    let broker = EmbeddedBroker::start(None).await.unwrap();
+    let mut s = settings(broker.bootstrap_servers(), tmp.path(), "window");
+    s.ingest.max_batch = 10_000_000;
+    let prefix = s.redis.prefix.clone();
+    let producer: FutureProducer = s.kafka.producer_config().create().unwrap();
+    let n = 150_000u64;
+    let keys_: Vec<String> = (0..n).map(|i| format!("u{}", i % 997)).collect();
+    for chunk in keys_.chunks(10_000) {
+        let sends = chunk
+            .iter()
+            .map(|k| produce_raw(&producer, "interactions", Some(k.as_bytes()), b"{bad"));
+        futures::future::join_all(sends).await;
+    }
+    let engine = Engine::start(s.clone()).await.expect("engine started");
+    let t0 = Instant::now();
+    let first = loop {
+        let m = engine.progress.messages.load(Ordering::SeqCst);
+        if m > 0 {
+            break m;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "nothing published");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    eprintln!("first publish covered {first} of {n} messages");
+    assert!(
+        first < n / 2,
+        "the first batch held {first} of {n} backlog messages: the window did not close it"
+    );
+    wait_for(&engine.progress, n, "the backlog").await;
+    engine.shutdown().await.expect("clean shutdown");
+    let mut c = redis().await;
+    for k in keys(&mut c, &format!("{prefix}:*")).await {
+        let _: () = redis::cmd("DEL").arg(k).query_async(&mut c).await.unwrap();
+    }
+}
