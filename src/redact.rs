@@ -10,10 +10,14 @@ use std::collections::BTreeMap;
 /// What a secret is shown as.
 pub const MASK: &str = "***";
 
-/// `url` with the password of its user info replaced by [`MASK`] (a user
-/// info without `:` is masked whole: some schemes read it as the password).
-/// A string without `scheme://` is not shown at all, since where its secret
-/// sits cannot be told.
+/// `url` with its secrets replaced by [`MASK`]: the password of its user
+/// info (a user info without `:` is masked whole: some schemes read it as
+/// the password) and the value of a `pass`/`password` query parameter
+/// (`redis+unix:///s.sock?pass=...`). The user info is taken up to the last
+/// `@` of the whole string, so a password holding `/`, `?`, `#` or `@` is
+/// masked too (a URL with an `@` later on is masked more than needed). A
+/// string without `scheme://` is not shown at all: where its secret sits
+/// cannot be told.
 pub fn url(url: &str) -> String {
     let Some(start) = url.find("://").map(|i| i + 3) else {
         return format!(
@@ -21,17 +25,44 @@ pub fn url(url: &str) -> String {
             url.chars().count()
         );
     };
-    let rest = &url[start..];
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..end];
-    let Some(at) = authority.rfind('@') else {
-        return url.to_string();
+    let (scheme, rest) = url.split_at(start);
+    let rest = match rest.rfind('@') {
+        None => rest.to_string(),
+        Some(at) => {
+            let user = match rest[..at].split_once(':') {
+                Some((name, _)) if !name.contains(['/', '?', '#']) => format!("{name}:{MASK}"),
+                _ => MASK.to_string(),
+            };
+            format!("{user}{}", &rest[at..])
+        }
     };
-    let user = match authority[..at].split_once(':') {
-        Some((name, _)) => format!("{name}:{MASK}"),
-        None => MASK.to_string(),
+    format!("{scheme}{}", mask_query(&rest))
+}
+
+/// `s` with the values of `pass` and `password` query parameters masked.
+fn mask_query(s: &str) -> String {
+    let Some((head, query)) = s.split_once('?') else {
+        return s.to_string();
     };
-    format!("{}{user}{}", &url[..start], &rest[at..])
+    let (query, fragment) = match query.split_once('#') {
+        Some((q, f)) => (q, Some(f)),
+        None => (query, None),
+    };
+    let params: Vec<String> = query
+        .split('&')
+        .map(|p| match p.split_once('=') {
+            Some((k, _)) if ["pass", "password"].contains(&k.to_ascii_lowercase().as_str()) => {
+                format!("{k}={MASK}")
+            }
+            _ => p.to_string(),
+        })
+        .collect();
+    let mut out = format!("{head}?{}", params.join("&"));
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
+    }
+    out
 }
 
 /// Whether a configuration key names a secret (`sasl.password`,
@@ -72,10 +103,23 @@ mod tests {
             ("rediss://app:hunter2@r:6380", "rediss://app:***@r:6380"),
             ("redis://hunter2@r", "redis://***@r"),
             ("redis://r:6379", "redis://r:6379"),
-            ("redis://a:p@ss:w@rd@r/1?x=@", "redis://a:***@r/1?x=@"),
+            ("redis://a:hunter2@x@r/1", "redis://a:***@r/1"),
+            ("redis://:hun/ter2@r", "redis://:***@r"),
+            ("redis://:hun#ter2@r", "redis://:***@r"),
+            ("redis://:hun?ter2@r", "redis://:***@r"),
+            (
+                "redis+unix:///s.sock?db=1&pass=hunter2",
+                "redis+unix:///s.sock?db=1&pass=***",
+            ),
+            (
+                "redis://r/0?password=hunter2#x",
+                "redis://r/0?password=***#x",
+            ),
         ] {
-            assert_eq!(url(raw), shown);
-            assert!(!url(raw).contains("hunter2") && !url(raw).contains("ss:w"));
+            assert_eq!(url(raw), shown, "{raw}");
+            for secret in ["hunter2", "ter2"] {
+                assert!(!url(raw).contains(secret), "{raw}");
+            }
         }
         let bad = url("hunter2@r:6379");
         assert!(!bad.contains("hunter2"), "{bad}");

@@ -189,9 +189,7 @@ async fn serve_end_to_end() {
     assert!(text.contains("thaw_infer_provider_info"));
 
     engine.shutdown().await.expect("clean shutdown");
-    for k in keys(&mut c, &format!("{prefix}:*")).await {
-        let _: () = redis::cmd("DEL").arg(k).query_async(&mut c).await.unwrap();
-    }
+    clear(&mut c, &prefix).await;
 }
 
 /// Everything under `prefix`, decoded: item and user embeddings, lists.
@@ -438,9 +436,7 @@ async fn kill_and_restart_converges() {
         "the restart re-read nothing: the kill came before any commit ({restored})"
     );
     for prefix in [&a.redis.prefix, &b.redis.prefix] {
-        for k in keys(&mut c, &format!("{prefix}:*")).await {
-            let _: () = redis::cmd("DEL").arg(k).query_async(&mut c).await.unwrap();
-        }
+        clear(&mut c, prefix).await;
     }
 }
 

@@ -41,8 +41,19 @@ fn certificate(dir: &Path) {
     assert!(ok.success(), "openssl req -x509 failed");
 }
 
+/// A child process killed when dropped (an assertion failing midway
+/// leaves no server behind).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `redis-server` with TLS only (no plain port) and a password.
-fn start_tls_redis(dir: &Path, port: u16, password: &str) -> std::process::Child {
+fn start_tls_redis(dir: &Path, port: u16, password: &str) -> Killed {
     let child = Command::new("redis-server")
         .args(["--port", "0", "--tls-port", &port.to_string()])
         .arg("--tls-cert-file")
@@ -64,7 +75,7 @@ fn start_tls_redis(dir: &Path, port: u16, password: &str) -> std::process::Child
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    child
+    Killed(child)
 }
 
 fn publisher(url: &str) -> anyhow::Result<Publisher> {
@@ -85,7 +96,7 @@ async fn redis_over_tls_with_auth_and_no_secret_in_errors() {
     // environment (OpenSSL reads it when the first TLS connector is made).
     unsafe { std::env::set_var("SSL_CERT_FILE", dir.path().join("cert.pem")) };
     let port = free_port();
-    let mut redis = start_tls_redis(dir.path(), port, "hunter2");
+    let _redis = start_tls_redis(dir.path(), port, "hunter2");
     let (_tx, stop) = tokio::sync::watch::channel(false);
 
     // The engine's writer, over TLS, authenticated.
@@ -132,6 +143,4 @@ async fn redis_over_tls_with_auth_and_no_secret_in_errors() {
         .err()
         .unwrap();
     assert!(!format!("{e:#}").contains("wrongpass"));
-    let _ = redis.kill();
-    let _ = redis.wait();
 }

@@ -53,12 +53,25 @@ impl Letter {
             + self.letter.reason.len()
     }
 
-    /// The letter without its payload: what is sent when the broker refuses
-    /// the record as too large.
-    fn without_payload(mut self) -> Self {
-        self.letter.payload_base64.clear();
+    /// What is sent when the broker refuses the record as too large: the
+    /// letter without its payload, then without its key too; false when
+    /// nothing is left to cut.
+    fn cut(&mut self) -> bool {
+        tracing::warn!(
+            topic = %self.letter.topic,
+            offset = self.letter.offset,
+            "dead letter too large for the DLQ topic; sent with less of the original"
+        );
         self.letter.truncated = true;
-        self
+        if !self.letter.payload_base64.is_empty() {
+            self.letter.payload_base64.clear();
+        } else if self.key.is_some() || self.letter.key_base64.is_some() {
+            self.key = None;
+            self.letter.key_base64 = None;
+        } else {
+            return false;
+        }
+        true
     }
 }
 
@@ -177,12 +190,12 @@ impl Run {
                 match r {
                     Ok(()) => self.count(&l),
                     Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)) => {
-                        tracing::warn!(
-                            topic = %l.letter.topic,
-                            offset = l.letter.offset,
-                            "dead letter too large for the DLQ topic; sent without its payload"
-                        );
-                        failed.push(l.without_payload());
+                        let mut l = l;
+                        if l.cut() {
+                            failed.push(l);
+                        } else {
+                            self.give_up(&l);
+                        }
                     }
                     Err(e) => {
                         error = Some(e);
@@ -195,16 +208,33 @@ impl Run {
                 return Ok(());
             }
             pending = failed;
-            let Some(e) = error else { continue };
-            self.health.dlq_ok.store(false, Ordering::SeqCst);
-            EngineError::retryable(Stage::Ingest, anyhow::anyhow!("dead-letter write: {e}"))
-                .report(&self.metrics);
-            if *stop.borrow() {
-                return Err(format!("stopping with {} undelivered: {e}", pending.len()));
+            if let Some(e) = &error {
+                self.health.dlq_ok.store(false, Ordering::SeqCst);
+                EngineError::retryable(Stage::Ingest, anyhow::anyhow!("dead-letter write: {e}"))
+                    .report(&self.metrics);
+                if *stop.borrow() {
+                    return Err(format!("stopping with {} undelivered: {e}", pending.len()));
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
         }
+    }
+
+    /// A letter the broker refuses even without its payload and key: counted
+    /// as a runtime error and logged with where it came from, never retried
+    /// for ever (the stream must go on).
+    fn give_up(&self, l: &Letter) {
+        EngineError::retryable(
+            Stage::Ingest,
+            anyhow::anyhow!(
+                "dead letter of {}/{}@{} refused as too large even without payload and key; dropped",
+                l.letter.topic,
+                l.letter.partition,
+                l.letter.offset
+            ),
+        )
+        .report(&self.metrics);
     }
 
     async fn send(&self, l: &Letter) -> Result<(), KafkaError> {

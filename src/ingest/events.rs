@@ -912,7 +912,7 @@ impl DeadLetter {
             key,
             payload,
         } = *source;
-        let kept_key = key.map(|k| &k[..k.len().min(DLQ_MAX_KEY_BYTES)]);
+        let kept_key = Self::record_key(key);
         let mut letter = DeadLetter {
             topic: topic.to_owned(),
             partition,
@@ -980,7 +980,7 @@ pub struct Source<'a> {
 }
 
 /// SHA-256 of `bytes`, lowercase hex.
-pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     Sha256::digest(bytes)
         .iter()

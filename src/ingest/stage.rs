@@ -137,8 +137,8 @@ impl Ingest {
     }
 
     /// Reads until `shutdown` turns true (or `tx` closes), then sends the
-    /// open batch. An error is a dead letter that could not be delivered
-    /// while stopping.
+    /// open batch. Dead letters undelivered at the stop fail their batch's
+    /// [`super::dlq::Delivery`] (the publish stage reports it), not this.
     pub async fn run(
         mut self,
         tx: mpsc::Sender<Work>,
@@ -327,7 +327,12 @@ pub async fn report_lag_every(
 /// of what is published by everything queued between the stages (in a
 /// burst it read 0 while 200K messages waited to be published).
 pub fn lag(high: i64, low: i64, published: Option<i64>, committed: Option<i64>) -> i64 {
-    let next = published.map(|o| o + 1).or(committed).unwrap_or(low);
+    // After a rebalance the group may have committed past what this
+    // replica published: the later of the two.
+    let next = match (published.map(|o| o + 1), committed) {
+        (Some(p), Some(c)) => p.max(c),
+        (p, c) => p.or(c).unwrap_or(low),
+    };
     (high - next).max(0)
 }
 
@@ -372,8 +377,10 @@ mod tests {
     fn lag_counts_from_what_is_published() {
         // 200K in the log, 1,000 published, the consumer read far ahead.
         assert_eq!(lag(200_000, 0, Some(999), Some(500)), 199_000);
+        // Another replica committed further (a rebalance): from there.
+        assert_eq!(lag(200_000, 0, Some(999), Some(150_000)), 50_000);
         // Nothing published since the start: from the last commit.
-        assert_eq!(lag(200_000, 0, None, Some(150_000)), 50_000);
+        assert_eq!(lag(200_000, 0, None, Some(120_000)), 80_000);
         // Nothing committed either: the whole log (from its start).
         assert_eq!(lag(200_000, 10, None, None), 199_990);
         assert_eq!(lag(5, 0, Some(4), None), 0, "caught up");

@@ -103,6 +103,13 @@ fn data_commands(p: &redis::Pipeline) -> usize {
         .count()
 }
 
+/// A Redis client for `url`; the error names the URL with its password
+/// masked (the client's own error never quotes it).
+pub fn client(url: &str) -> Result<redis::Client> {
+    redis::Client::open(url)
+        .map_err(|e| anyhow::anyhow!("invalid Redis URL {}: {e}", crate::redact::url(url)))
+}
+
 /// The Redis writer.
 pub struct Publisher {
     cfg: RedisSettings,
@@ -115,10 +122,7 @@ pub struct Publisher {
 impl Publisher {
     /// A publisher for `cfg.url` (no connection is made yet).
     pub fn new(cfg: RedisSettings, metrics: Arc<Metrics>, health: Arc<Health>) -> Result<Self> {
-        // The client's own error never quotes the URL; ours masks its password.
-        let client = redis::Client::open(cfg.url.as_str()).map_err(|e| {
-            anyhow::anyhow!("invalid Redis URL {}: {e}", crate::redact::url(&cfg.url))
-        })?;
+        let client = client(&cfg.url)?;
         Ok(Self {
             cfg,
             client,
@@ -327,14 +331,18 @@ impl Publisher {
             .ignore();
             n += 8;
         }
-        for id in &batch.evicted {
-            flush(&mut pipe, &mut n, 1);
-            pipe.del(&[self.key("user", id), self.key("recs", id)])
-                .ignore();
-            n += 1;
-        }
         if n > 0 {
             pipes.push(pipe);
+        }
+        if !batch.evicted.is_empty() {
+            // Deletions first, on their own: the pipelines below run
+            // concurrently and must not race a write of the same key.
+            let mut dels = redis::pipe();
+            for id in &batch.evicted {
+                dels.del(&[self.key("user", id), self.key("recs", id)])
+                    .ignore();
+            }
+            self.run(vec![dels], stop).await?;
         }
         self.run(pipes, stop).await?;
         self.metrics.published("item", batch.items.len() as u64);

@@ -96,8 +96,8 @@ impl<S: OffsetStore + ?Sized> PublishStage<S> {
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         check.tick().await;
         loop {
+            // Unbiased: under a steady backlog the marker check still runs.
             let mut out = tokio::select! {
-                biased;
                 out = rx.recv() => match out {
                     Some(out) => out,
                     None => break,

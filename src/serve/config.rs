@@ -340,8 +340,12 @@ impl Settings {
         let env = Env::prefixed("THAW__")
             .filter(|k| !k.as_str().to_ascii_uppercase().starts_with(PROPERTIES_ENV))
             .split("__");
-        let props = std::env::vars()
-            .filter_map(|(k, v)| Some((property_name(k.strip_prefix("THAW__")?)?, v)))
+        // vars_os: a variable that is not UTF-8 must not panic here.
+        let props = std::env::vars_os()
+            .filter_map(|(k, v)| {
+                let name = property_name(k.to_str()?.strip_prefix("THAW__")?)?;
+                Some((name, v.into_string().ok()?))
+            })
             .collect();
         Self::load_with_env(file, env, props)
     }

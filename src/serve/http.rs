@@ -129,7 +129,16 @@ pub async fn serve_http(
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_timeout)
                 .serve_connection(TokioIo::new(stream), svc);
-            let _ = tokio::time::timeout(limits.connection_timeout, conn).await;
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = tokio::time::sleep(limits.connection_timeout) => {
+                    // At the deadline: finish the request in flight, then
+                    // close (a scrape on a kept-alive connection completes).
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(limits.header_timeout, conn).await;
+                }
+            }
         });
     }
     conns.shutdown().await;
@@ -200,33 +209,46 @@ mod tests {
     }
 
     /// Defect: 500 idle half-open connections stayed open for over 20 s.
+    /// Over the cap, a connection is closed at once; under it, an idle one
+    /// after the header timeout.
     #[tokio::test]
-    async fn idle_connections_are_closed_and_capped() {
+    async fn idle_connections_are_capped_then_closed() {
+        let header_timeout = Duration::from_millis(1500);
         let (addr, _health, stop) = start(Limits {
             max_connections: 40,
+            header_timeout,
             ..limits()
         })
         .await;
-        let mut idle = Vec::new();
-        for _ in 0..60 {
+        // Half a request line each, never finished.
+        let mut held = Vec::new();
+        for _ in 0..40 {
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            // Half a request line, never finished.
             s.write_all(b"GET /metr").await.unwrap();
-            idle.push(s);
+            held.push(s);
         }
+        tokio::time::sleep(Duration::from_millis(100)).await;
         let t0 = std::time::Instant::now();
-        for mut s in idle {
-            // Closed: the read reaches the end (after a 408, if any).
+        for _ in 0..20 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let _ = s.write_all(b"GET /metr").await;
+            let mut buf = Vec::new();
+            let r = tokio::time::timeout(Duration::from_millis(500), s.read_to_end(&mut buf)).await;
+            assert!(r.is_ok(), "a connection over the cap was left open");
+        }
+        assert!(t0.elapsed() < header_timeout, "{:?}", t0.elapsed());
+        // The 40 under the cap are still open (their header timeout runs)...
+        let mut buf = [0u8; 16];
+        let r = tokio::time::timeout(Duration::from_millis(50), held[0].read(&mut buf)).await;
+        assert!(r.is_err(), "closed before its header timeout");
+        // ... and closed by it.
+        for mut s in held {
             let mut buf = Vec::new();
             let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
-            assert!(
-                r.is_ok(),
-                "an idle connection was still open after {:?}",
-                t0.elapsed()
-            );
+            assert!(r.is_ok(), "an idle connection was still open after 5 s");
         }
-        assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
-        // Still serving afterwards.
+        assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+        // Slots are given back: still serving.
         assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
         stop();
     }

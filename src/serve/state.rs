@@ -326,8 +326,13 @@ pub struct Core {
 }
 
 /// How many users the engine keeps, and for how long (`users.max_users`,
-/// `users.ttl_secs`). Both act on event time and event order only, so a
-/// restored engine evicts exactly as the one before it did.
+/// `users.ttl_secs`). Checked at each interaction, never at batch edges: the
+/// TTL sweeps when event time crosses a multiple of `ttl/16`, the count
+/// when a new user passes it. Within a partition (a user's interactions)
+/// that is a function of the log; across partitions the read interleaving
+/// can differ after a restart, so a user right at the LRU edge may be
+/// evicted in one run and not the other (a returning user starts afresh,
+/// their behavioural-edge window too).
 #[derive(Debug, Clone, Copy)]
 pub struct UserBounds {
     /// Most users kept; above it, the least recently active (by their
@@ -409,8 +414,10 @@ impl Core {
     fn bound_users(&mut self) {
         let mut gone = Vec::new();
         let ttl = self.bounds.ttl_ms;
-        if ttl > 0 && self.now_ms >= self.last_sweep_ms.saturating_add(ttl / 16) {
-            // A sweep every sixteenth of the TTL: at most 1/16 late.
+        let step = (ttl / 16).max(1);
+        if ttl > 0 && self.now_ms / step > self.last_sweep_ms / step {
+            // A sweep each time event time enters a new sixteenth of the
+            // TTL: at most 1/16 late, at the same events in every run.
             self.last_sweep_ms = self.now_ms;
             let cutoff = self.now_ms.saturating_sub(ttl);
             self.users.retain(|id, u| {
@@ -444,6 +451,17 @@ impl Core {
         }
         self.metrics.users_evicted(gone.len() as u64);
         self.evicted.extend(gone);
+    }
+
+    /// The evicted users whose keys are to be deleted: those not back
+    /// since (a user evicted by one batch held back in catch-up may return
+    /// in the next), once each.
+    fn take_evicted(&mut self) -> Vec<String> {
+        let mut out = std::mem::take(&mut self.evicted);
+        out.retain(|id| !self.users.contains_key(id));
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 
     /// The text encoder, for the text stage.
@@ -530,6 +548,7 @@ impl Core {
                 Event::Relation(e) => self.apply_relation(e, m.kafka_ms, &mut work)?,
                 Event::Interaction(e) => {
                     self.apply_interaction(e, m.kafka_ms, mode, &mut work)?;
+                    self.bound_users();
                     true
                 }
             };
@@ -541,7 +560,6 @@ impl Core {
             *outcome.entry(topic).or_default() += 1;
         }
         if !msgs.is_empty() {
-            self.bound_users();
             self.metrics.set_users(self.users.len());
         }
         if msgs.is_empty() && !had_pending {
@@ -556,8 +574,9 @@ impl Core {
         }
         let (batch, stats) = self.propagate(&work.inputs)?;
         if mode == Mode::Restore {
-            // Their keys were deleted before the restart (or expire).
-            self.evicted.clear();
+            // Users evicted while restoring stay listed: their keys are
+            // deleted with the first live publish (a repeated DEL is
+            // harmless), in case the crash came before it.
             return Ok((Publish::default(), counts));
         }
         let out = self.publish_changes(work, &batch, &stats)?;
@@ -755,7 +774,7 @@ impl Core {
         stats: &ApplyStats,
     ) -> Result<Publish> {
         let mut out = Publish {
-            evicted: std::mem::take(&mut self.evicted),
+            evicted: self.take_evicted(),
             ..Default::default()
         };
         // Rows whose output changed in some relation (exact, or beyond the
@@ -840,7 +859,7 @@ impl Core {
             items: items.iter().map(|&s| self.item_out(s)).collect(),
             users: self.publish_users(&users),
             sources: Vec::new(),
-            evicted: std::mem::take(&mut self.evicted),
+            evicted: self.take_evicted(),
         })
     }
 
@@ -877,7 +896,7 @@ impl Core {
         if !self.changed_since_idle {
             return Ok(Publish {
                 items,
-                evicted: std::mem::take(&mut self.evicted),
+                evicted: self.take_evicted(),
                 ..Default::default()
             });
         }
@@ -892,7 +911,7 @@ impl Core {
             items,
             users: self.publish_users(&users),
             sources: Vec::new(),
-            evicted: std::mem::take(&mut self.evicted),
+            evicted: self.take_evicted(),
         })
     }
 

@@ -116,8 +116,7 @@ async fn redis_connection(
     redis::aio::MultiplexedConnection,
     Option<std::process::Child>,
 )> {
-    let client = redis::Client::open(url)
-        .map_err(|e| anyhow::anyhow!("invalid Redis URL {}: {e}", crate::redact::url(url)))?;
+    let client = publish::client(url)?;
     if let Ok(Ok(mut c)) = tokio::time::timeout(
         Duration::from_secs(2),
         client.get_multiplexed_async_connection(),

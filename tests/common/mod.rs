@@ -267,3 +267,10 @@ pub fn start_redis(port: u16) -> std::process::Child {
     }
     child
 }
+
+/// Deletes every key under `prefix` (a test's own).
+pub async fn clear(c: &mut redis::aio::MultiplexedConnection, prefix: &str) {
+    for k in keys(c, &format!("{prefix}:*")).await {
+        let _: () = redis::cmd("DEL").arg(k).query_async(c).await.unwrap();
+    }
+}
