@@ -148,10 +148,12 @@ image: models build
 ## image-test: the image built from the debug binary (`make unit` has compiled
 ## it already: the same recipe without a second, release, build in CI), run
 ## as the chart runs it against the embedded broker and Redis
-## (scripts/test-image.sh).
+## (scripts/test-image.sh). `cargo test --no-run` (not `cargo build`): the
+## binary the integration tests use, with their feature set, so nothing is
+## compiled again after `make unit` (`cargo build` recompiled for minutes).
 TEST_IMAGE ?= thaw:test
 image-test: data models redis helm-check
-	$(CARGO) build --locked --bin thaw
+	$(CARGO) test --locked --no-run
 	IMAGE=$(TEST_IMAGE) THAW_BIN=$(or $(CARGO_TARGET_DIR),target)/debug/thaw ./scripts/image.sh
 	IMAGE=$(TEST_IMAGE) SPLIT=$(SPLIT) DATA=$(DATA) ./scripts/test-image.sh
 
