@@ -19,18 +19,14 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use rdkafka::producer::FutureProducer;
+use thaw::ingest::batch::now_ms;
 use thaw::ingest::events::{sha256_hex, MAX_TS};
-use thaw::kafka::EmbeddedBroker;
 use thaw::serve::Engine;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_and_bad_messages_do_not_hold_the_stream() {
-    require_text_encoder();
-    let tmp = tempfile::tempdir().unwrap();
-    untrained_model(tmp.path());
-    let broker = EmbeddedBroker::start(None).await.unwrap();
+    let (_tmp, broker, mut s) = fixture("hostile").await;
     let brokers = broker.bootstrap_servers().to_string();
-    let mut s = settings(&brokers, tmp.path(), "hostile");
     // librdkafka's default record limit (the DLQ topic allows 3 MiB): the
     // poison's 1.33 MB base64 must be cut to fit.
     s.kafka
@@ -154,17 +150,10 @@ async fn poison_and_bad_messages_do_not_hold_the_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_far_future_timestamp_is_capped() {
-    require_text_encoder();
-    let tmp = tempfile::tempdir().unwrap();
-    untrained_model(tmp.path());
-    let broker = EmbeddedBroker::start(None).await.unwrap();
-    let s = settings(broker.bootstrap_servers(), tmp.path(), "future");
+    let (_tmp, _broker, s) = fixture("future").await;
     let prefix = s.redis.prefix.clone();
     let producer: FutureProducer = s.kafka.producer_config().create().unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
+    let now = now_ms() as u64;
     let mut events = vec![
         item("f1", "A film", now - 10_000),
         item("f2", "Another film", now - 9_000),
@@ -182,10 +171,7 @@ async fn a_far_future_timestamp_is_capped() {
         .query_async(&mut c)
         .await
         .unwrap();
-    let after = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
+    let after = now_ms() as u64;
     assert!(
         ts <= after + s.ingest.max_future_ms,
         "mallory's time {ts} is past now + tolerance"
@@ -208,19 +194,12 @@ async fn a_far_future_timestamp_is_capped() {
 /// Redis keys are deleted, and kept users' keys expire with the TTL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_are_bounded_by_ttl_and_count() {
-    require_text_encoder();
-    let tmp = tempfile::tempdir().unwrap();
-    untrained_model(tmp.path());
-    let broker = EmbeddedBroker::start(None).await.unwrap();
-    let mut s = settings(broker.bootstrap_servers(), tmp.path(), "bounded");
+    let (_tmp, _broker, mut s) = fixture("bounded").await;
     s.users.max_users = 32;
     s.users.ttl_secs = 60;
     let prefix = s.redis.prefix.clone();
     let producer: FutureProducer = s.kafka.producer_config().create().unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
+    let now = now_ms() as u64;
     let old = now - 600_000;
     let mut first: Vec<_> = (0..6)
         .map(|i| item(&format!("b{i}"), &format!("Bounded film {i}"), old))
@@ -297,11 +276,7 @@ async fn users_are_bounded_by_ttl_and_count() {
 /// publish must come long before the whole backlog is read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_batch_window_closes_under_a_backlog() {
-    require_text_encoder();
-    let tmp = tempfile::tempdir().unwrap();
-    untrained_model(tmp.path());
-    let broker = EmbeddedBroker::start(None).await.unwrap();
-    let mut s = settings(broker.bootstrap_servers(), tmp.path(), "window");
+    let (_tmp, _broker, mut s) = fixture("window").await;
     s.ingest.max_batch = 10_000_000;
     let prefix = s.redis.prefix.clone();
     let producer: FutureProducer = s.kafka.producer_config().create().unwrap();

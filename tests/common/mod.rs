@@ -119,6 +119,18 @@ pub async fn produce(p: &FutureProducer, events: &[Event]) {
     }
 }
 
+/// What an engine test starts from: the text encoder checked, an untrained
+/// model in a temporary folder (kept while the first value lives), the
+/// embedded broker, and [`settings`] for them under `tag`.
+pub async fn fixture(tag: &str) -> (tempfile::TempDir, thaw::kafka::EmbeddedBroker, Settings) {
+    require_text_encoder();
+    let tmp = tempfile::tempdir().unwrap();
+    untrained_model(tmp.path());
+    let broker = thaw::kafka::EmbeddedBroker::start(None).await.unwrap();
+    let s = settings(broker.bootstrap_servers(), tmp.path(), tag);
+    (tmp, broker, s)
+}
+
 pub fn settings(brokers: &str, model_dir: &Path, tag: &str) -> Settings {
     let mut s = Settings {
         kafka: KafkaSettings {
