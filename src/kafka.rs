@@ -146,6 +146,17 @@ pub struct EmbeddedBroker {
 }
 
 impl EmbeddedBroker {
+    /// Takes the broker down (`true`: connections refused, as in an
+    /// outage) or brings it back (chaos tests).
+    pub fn set_down(&self, down: bool) -> Result<()> {
+        if down {
+            self.cluster.broker_down(1)?;
+        } else {
+            self.cluster.broker_up(1)?;
+        }
+        Ok(())
+    }
+
     /// Starts a one-broker mock cluster and creates every topic of
     /// `streams/topics.json` (replication 1). With `listen`, a relay on that
     /// address forwards to the mock broker, and it is the bootstrap address

@@ -2,6 +2,7 @@
 //! propagation, fusion, adaptation and publishing, and the next live batch
 //! does them once for all. The state they lead to, and what an idle engine
 //! then publishes, is the state of an engine that published every batch.
+//! Snapshots: a state written, read back and loaded continues the same way.
 //!
 //! The engine's core with a real text encoder (`make models`) and an item
 //! model with MPKG's initial weights, fed a synthetic catalogue.
@@ -179,4 +180,115 @@ fn batches_held_back_then_flushed_reach_the_state_of_published_batches() {
         c.apply(&[], Mode::Live).unwrap().0.is_empty(),
         "then nothing"
     );
+}
+
+/// A snapshot taken between batches, written, read back and loaded into a
+/// fresh core, continues to the state of the core that never stopped; the
+/// restore passes over a snapshot the committed offsets do not cover, one
+/// of another model version, and a corrupt one.
+#[test]
+fn a_snapshot_loaded_into_a_fresh_core_continues_to_the_same_state() {
+    use thaw::serve::snapshot::{self, Covered};
+    assert!(
+        Path::new(TEXT_DIR).join("text_encoder.onnx").is_file(),
+        "no text encoder in {TEXT_DIR}: run `make models` first"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = thaw::train::TrainConfig {
+        text_model_dir: PathBuf::from(TEXT_DIR),
+        ..Default::default()
+    };
+    cfg.mpkg.seed = 12;
+    // With a behavioural relation, learnt from the clicks: its counts are
+    // part of the state.
+    thaw::train::write_untrained_model(
+        dir.path(),
+        vec![
+            "also_bought".into(),
+            "also_viewed".into(),
+            "co_interacted".into(),
+        ],
+        384 + cfg.kg_dim,
+        &cfg,
+        "t",
+    )
+    .unwrap();
+    let all = batches();
+    // Four users on items 0 and 1: pairs with two shared users, edges.
+    let shared: Vec<Msg> = (0..4)
+        .flat_map(|u| [0, 1].map(|i| (u, i)))
+        .map(|(u, i)| {
+            msg(
+                Event::Interaction(InteractionEvent {
+                    user_id: format!("u{u}"),
+                    item_id: format!("i{i}"),
+                    kind: Kind::Click,
+                    value: None,
+                    ts: 300,
+                }),
+                300,
+            )
+        })
+        .collect();
+    let mut whole = core(dir.path());
+    for b in [&all[0], &all[1], &shared] {
+        whole.apply(b, Mode::Live).unwrap();
+    }
+    let snaps = dir.path().join("snapshots");
+    let at = |n: i64| -> Covered { [(("items".to_string(), 0), n)].into_iter().collect() };
+    let (path, bytes) = snapshot::write(&snaps, &whole.state(), &at(52)).unwrap();
+    assert!(bytes > 0 && path.is_file());
+
+    // Ahead of the committed offsets, or of another model: passed over.
+    assert!(snapshot::latest(&snaps, "t", &at(51)).is_none());
+    assert!(snapshot::latest(&snaps, "t", &Covered::new()).is_none());
+    assert!(snapshot::latest(&snaps, "other", &at(52)).is_none());
+    let (_, state, header) = snapshot::latest(&snaps, "t", &at(60)).expect("the snapshot");
+    assert_eq!(header.covered(), at(52));
+    assert_eq!((header.items, header.users), (20, 4));
+
+    let mut restored = core(dir.path());
+    restored.set_state(state).unwrap();
+    restored.finish_restore().unwrap();
+    assert_eq!(restored.users(), whole.users());
+    assert_eq!(restored.graph().edge_counts(), whole.graph().edge_counts());
+    assert!(
+        whole.graph().edge_counts()[2] > 0,
+        "the clicks made behavioural edges"
+    );
+    let mut a = State::default();
+    let mut b = State::default();
+    for (core, st) in [(&mut whole, &mut a), (&mut restored, &mut b)] {
+        core.apply(&all[2], Mode::Live).unwrap();
+        core.idle().unwrap();
+        absorb(st, &core.publish_all().unwrap());
+    }
+    assert_eq!(a.0.len(), 30);
+    for (id, x) in &a.0 {
+        let y = &b.0[id];
+        let diff = x
+            .iter()
+            .zip(y)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-4, "item {id}: embeddings differ by {diff}");
+    }
+    assert_eq!(a.1, b.1, "the same lists");
+
+    // A corrupt payload is refused (its digest), the older intact one used.
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let (newer, _) = snapshot::write(&snaps, &whole.state(), &at(55)).unwrap();
+    let mut raw = std::fs::read(&newer).unwrap();
+    let last = raw.len() - 1;
+    raw[last] ^= 0xff;
+    std::fs::write(&newer, raw).unwrap();
+    assert!(snapshot::read(&newer).is_err());
+    let (used, _, _) = snapshot::latest(&snaps, "t", &at(60)).unwrap();
+    assert_eq!(used, path, "the intact older snapshot");
+    // A state of another model is refused by the core, which keeps its own.
+    let mut other = whole.state();
+    other.version = "other".into();
+    let users = restored.users();
+    assert!(restored.set_state(other).is_err());
+    assert_eq!(restored.users(), users);
 }

@@ -12,6 +12,12 @@
 //! 2. `kill_and_restart_converges`: `thaw serve` as a process, killed with
 //!    SIGKILL mid-stream and restarted, ends with the Redis state of an
 //!    uninterrupted run.
+//! 3. `chaos_kills_and_restarts_converge`: the chaos suite's kill points
+//!    (`make chaos` runs it with `CHAOS_KILLS=20`): `thaw serve` with
+//!    snapshots on, killed with SIGKILL at seeded points while the stream
+//!    is produced, with a Redis restart (its data lost) and a broker outage
+//!    among the kills; it ends with 0 keys different from an uninterrupted
+//!    run.
 
 mod common;
 
@@ -263,6 +269,16 @@ fn differences(a: &Snapshot, b: &Snapshot) -> Vec<String> {
 /// Runs `thaw serve` as a process with `s` (a TOML file plus environment
 /// variables), its log going to `log`.
 fn spawn_serve(s: &Settings, dir: &Path, log: &Path) -> std::process::Child {
+    spawn_serve_with(s, dir, log, &[])
+}
+
+/// [`spawn_serve`] with more environment variables.
+fn spawn_serve_with(
+    s: &Settings,
+    dir: &Path,
+    log: &Path,
+    env: &[(&str, String)],
+) -> std::process::Child {
     let cfg = dir.join(format!("{}.toml", s.redis.prefix));
     // Offsets committed every 100 ms, so the kill lands after some commits and
     // the restart exercises the restore from the log.
@@ -292,6 +308,7 @@ fn spawn_serve(s: &Settings, dir: &Path, log: &Path) -> std::process::Child {
         .env("THAW__USERS__TOP_K", s.users.top_k.to_string())
         .env("THAW__HTTP__LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "info")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stderr(err)
         .spawn()
         .expect("thaw serve starts")
@@ -542,4 +559,203 @@ async fn redis_outage_applies_backpressure() {
     let mut back = _redis_back;
     let _ = back.kill();
     let _ = back.wait();
+}
+
+/// A number from the environment, else `default`.
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name}={v}: not a number"))
+        })
+        .unwrap_or(default)
+}
+
+/// Messages re-read and whether a snapshot was loaded, from an engine's log
+/// (`None`: it was killed before its restore finished).
+fn restore_line(log: &str) -> Option<(u64, bool)> {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("state restored from the log"))?;
+    let n = line
+        .split("messages=")
+        .nth(1)?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()?;
+    Some((n, line.contains("from_snapshot=true")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_kills_and_restarts_converge() {
+    use rand::{Rng, SeedableRng};
+    require_text_encoder();
+    let kills = env_or("CHAOS_KILLS", 3).max(3);
+    let seed = env_or("CHAOS_SEED", 1);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    /// Killed on drop, a failed assertion included.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut redis_proc = Killed(start_redis(port));
+    let url = format!("redis://127.0.0.1:{port}");
+    let tmp = tempfile::tempdir().unwrap();
+    untrained_model(tmp.path());
+    let broker = EmbeddedBroker::start(None).await.unwrap();
+    let brokers = broker.bootstrap_servers().to_string();
+    let new_producer = || -> FutureProducer {
+        KafkaSettings::with_brokers(&brokers)
+            .producer_config()
+            .create()
+            .unwrap()
+    };
+    let mut producer = new_producer();
+
+    // The stream, produced in as many chunks as there are kill rounds (plus
+    // one): items, edges of two relations, clicks, in time order.
+    let n_items = 100 + 10 * kills;
+    let mut events = Vec::new();
+    for i in 0..n_items {
+        events.push(item(
+            &format!("i{i}"),
+            &format!("Item {i} of the catalogue"),
+            i,
+        ));
+        if i > 0 {
+            events.push(edge(
+                &format!("i{i}"),
+                &format!("i{}", (i * 7) % i),
+                "also_bought",
+                i,
+            ));
+            events.push(edge(
+                &format!("i{i}"),
+                &format!("i{}", i / 2),
+                "also_viewed",
+                i,
+            ));
+        }
+        if i % 3 == 0 {
+            let u = rng.random_range(0..n_items / 4);
+            let j = rng.random_range(0..=i);
+            events.push(click(&format!("u{u}"), &format!("i{j}"), i));
+        }
+    }
+    let chunk = events.len().div_ceil(kills as usize + 1);
+
+    let mut s = settings(&brokers, tmp.path(), "chaos");
+    s.redis.url = url.clone();
+    s.ingest.max_batch = 25;
+    let snaps = tmp.path().join("snapshots");
+    let env = [
+        ("THAW__SNAPSHOT__DIR", snaps.display().to_string()),
+        ("THAW__SNAPSHOT__EVERY_SECS", "1".to_string()),
+        ("THAW__REDIS__REPAIR_CHECK_MS", "500".to_string()),
+        ("THAW__REDIS__RETRY_MAX_MS", "500".to_string()),
+    ];
+    let (redis_round, broker_round) = (kills / 3, 2 * kills / 3);
+    let mut restores = Vec::new();
+    for k in 0..kills {
+        produce(
+            &producer,
+            &events[k as usize * chunk..((k as usize + 1) * chunk).min(events.len())],
+        )
+        .await;
+        producer_flush(&producer);
+        let log = tmp.path().join(format!("chaos-{k}.log"));
+        let mut p = spawn_serve_with(&s, tmp.path(), &log, &env);
+        // Seeded: from the start (model load, restore, group join) to well
+        // into the stream.
+        let delay = Duration::from_millis(rng.random_range(500..9000));
+        tokio::time::sleep(delay).await;
+        if k == redis_round {
+            // Redis restarts without its data while the engine runs.
+            drop(redis_proc);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            redis_proc = Killed(start_redis(port));
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        if k == broker_round {
+            broker.set_down(true).unwrap();
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            broker.set_down(false).unwrap();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            // The test's own producer may still be backing off its
+            // reconnects; the engine is what is under test.
+            producer = new_producer();
+        }
+        p.kill().unwrap();
+        p.wait().unwrap();
+        let text = std::fs::read_to_string(&log).unwrap();
+        restores.push(restore_line(&text));
+        eprintln!(
+            "kill {k} after {delay:?}: restore {:?}",
+            restores.last().unwrap()
+        );
+    }
+    produce(
+        &producer,
+        &events[(kills as usize * chunk).min(events.len())..],
+    )
+    .await;
+    producer_flush(&producer);
+
+    let mut c = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // The uninterrupted run, on the whole log.
+    let mut a = settings(&brokers, tmp.path(), "chaosref");
+    a.redis.url = url.clone();
+    a.ingest.max_batch = 25;
+    let mut p = spawn_serve(&a, tmp.path(), &tmp.path().join("reference.log"));
+    let whole = converge(&mut c, &a.redis.prefix, None).await;
+    p.kill().unwrap();
+    p.wait().unwrap();
+    assert_eq!(whole.items.len() as u64, n_items);
+
+    let log = tmp.path().join("chaos-final.log");
+    let mut p = spawn_serve_with(&s, tmp.path(), &log, &env);
+    let end = converge(&mut c, &s.redis.prefix, Some(&whole)).await;
+    p.kill().unwrap();
+    p.wait().unwrap();
+    let divergent = differences(&whole, &end).len();
+    let text = std::fs::read_to_string(&log).unwrap();
+    restores.push(restore_line(&text));
+    let from_snapshot = restores.iter().flatten().filter(|r| r.1).count();
+    let report = serde_json::json!({
+        "seed": seed,
+        "kill_points": kills,
+        "redis_restarts": 1,
+        "broker_outages": 1,
+        "messages": events.len(),
+        "restores": restores.iter().flatten().count(),
+        "restores_from_snapshot": from_snapshot,
+        "messages_reread": restores.iter().flatten().map(|r| r.0).collect::<Vec<_>>(),
+        "keys_compared": whole.items.len() + whole.users.len() + whole.recs.len(),
+        "divergent_keys": divergent,
+    });
+    eprintln!("chaos: {report}");
+    if let Ok(path) = std::env::var("CHAOS_REPORT") {
+        std::fs::write(path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+    }
+    assert_eq!(divergent, 0);
+    assert!(
+        from_snapshot >= 1,
+        "no restart loaded a snapshot: {restores:?}"
+    );
+    drop(redis_proc);
 }

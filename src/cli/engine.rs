@@ -282,6 +282,11 @@ pub struct BenchArgs {
     /// Draw edge sources by popularity too (else uniformly).
     #[arg(long)]
     pub link_both_ends: bool,
+    /// After the run, restart the engine twice on the same log and group:
+    /// from the snapshot its shutdown wrote, and from the log alone; report
+    /// both restart times.
+    #[arg(long)]
+    pub restart: bool,
 }
 
 /// `thaw bench`.
@@ -305,6 +310,7 @@ pub fn run_bench(a: BenchArgs) -> anyhow::Result<()> {
         seconds: a.seconds,
         item_share: a.item_share,
         graph_only: a.graph_only,
+        restart: a.restart,
         tolerance: a
             .tolerance
             .unwrap_or(crate::serve::config::GraphSettings::default().tolerance),

@@ -52,7 +52,7 @@ pub enum EdgeChange {
 }
 
 /// One behavioural relation over `u32` nodes (engine slots or dataset items).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CoGraph {
     cfg: CoConfig,
     /// Users per node.

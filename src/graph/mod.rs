@@ -62,7 +62,7 @@ mod pkg;
 mod propagate;
 
 pub use batch::Batch;
-pub use pkg::{inv_sqrt_degree, NormalizedAdjacency, Pkg};
+pub use pkg::{inv_sqrt_degree, NormalizedAdjacency, Pkg, PkgParts};
 pub use propagate::{ApplyStats, Propagator, PropagatorConfig, MAX_HOPS};
 
 /// Errors of the graph layer: bad indexes, shapes and batches. None of them
@@ -78,6 +78,9 @@ pub enum Error {
     /// An item index that is out of range or whose item was removed.
     #[error("unknown item index {0}")]
     UnknownItem(u32),
+    /// Parts of a graph ([`PkgParts`]) that do not fit together.
+    #[error("inconsistent graph parts: {0}")]
+    InvalidParts(String),
     /// An edge from an item to itself: the self-loop is implicit in `S_r`.
     #[error("self-loop on item {0}: self-loops are implicit in S_r and never stored")]
     SelfLoop(u32),

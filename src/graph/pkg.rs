@@ -63,6 +63,19 @@ pub struct Pkg {
     changes: Changes,
 }
 
+/// A [`Pkg`] as plain data ([`Pkg::to_parts`], [`Pkg::from_parts`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PkgParts {
+    /// Relation names, in index order.
+    pub relations: Vec<String>,
+    /// External id per slot; `None` for a free slot.
+    pub ext: Vec<Option<String>>,
+    /// Free slots, sorted descending.
+    pub free: Vec<u32>,
+    /// `adj[r][x]`: sorted neighbours of slot `x` under relation `r`.
+    pub adj: Vec<Vec<Vec<u32>>>,
+}
+
 /// Most edge edits one window logs ([`EdgeEdit`]); past this the window's
 /// log is dropped and a tolerant propagator recomputes the relations in full
 /// (24 bytes an entry: 48 MiB at most). The engine's windows hold a few
@@ -545,6 +558,116 @@ impl Pkg {
         Batch::from_changes(origin, touched, items, log)
     }
 
+    /// The graph as plain data, for a snapshot: relation names, the external
+    /// id of each slot (`None`: free), the free slots, and each slot's
+    /// neighbours per relation. Edits of the open window are included (the
+    /// window itself is not: [`Pkg::from_parts`] starts with a closed one).
+    pub fn to_parts(&self) -> PkgParts {
+        let mut free: Vec<u32> = self
+            .free
+            .iter()
+            .chain(&self.pending_free)
+            .copied()
+            .collect();
+        free.sort_unstable_by(|a, b| b.cmp(a));
+        PkgParts {
+            relations: self.relations.clone(),
+            ext: self
+                .ext
+                .iter()
+                .map(|e| e.as_deref().map(String::from))
+                .collect(),
+            free,
+            adj: self.adj.clone(),
+        }
+    }
+
+    /// The graph of [`Pkg::to_parts`] (a new graph identity, no open
+    /// changes: a propagator is built over it in full). Checks that the
+    /// parts are consistent: every neighbour list sorted, symmetric, within
+    /// the slots and between live items, and ids unique.
+    pub fn from_parts(parts: PkgParts) -> Result<Self> {
+        let PkgParts {
+            relations,
+            ext,
+            free,
+            adj,
+        } = parts;
+        let mut g = Self::new(relations)?;
+        let n = ext.len();
+        let bad = |why: String| Error::InvalidParts(why);
+        if adj.len() != g.relations.len() {
+            return Err(bad(format!(
+                "{} adjacency lists for {} relations",
+                adj.len(),
+                g.relations.len()
+            )));
+        }
+        let mut index = HashMap::with_capacity(n);
+        for (x, e) in ext.iter().enumerate() {
+            if let Some(id) = e {
+                if index
+                    .insert(Box::<str>::from(id.as_str()), x as u32)
+                    .is_some()
+                {
+                    return Err(bad(format!("item {id} in two slots")));
+                }
+            }
+        }
+        for &f in &free {
+            if ext.get(f as usize).is_none_or(Option::is_some) {
+                return Err(bad(format!(
+                    "free slot {f} holds an item or is out of range"
+                )));
+            }
+        }
+        let mut edges = vec![0; adj.len()];
+        for (r, rel) in adj.iter().enumerate() {
+            if rel.len() != n {
+                return Err(bad(format!(
+                    "relation {r}: {} rows for {n} slots",
+                    rel.len()
+                )));
+            }
+            for (x, list) in rel.iter().enumerate() {
+                if !list.is_empty() && ext[x].is_none() {
+                    return Err(bad(format!("free slot {x} has edges")));
+                }
+                if !list.windows(2).all(|w| w[0] < w[1]) {
+                    return Err(bad(format!(
+                        "relation {r}, slot {x}: neighbours not sorted"
+                    )));
+                }
+                for &y in list {
+                    let ok = y as usize != x
+                        && rel
+                            .get(y as usize)
+                            .is_some_and(|l| l.binary_search(&(x as u32)).is_ok());
+                    if !ok {
+                        return Err(bad(format!(
+                            "relation {r}: edge {x} - {y} is not symmetric"
+                        )));
+                    }
+                }
+                edges[r] += list.len();
+            }
+            edges[r] /= 2;
+        }
+        g.ext = ext
+            .into_iter()
+            .map(|e| e.map(String::into_boxed_str))
+            .collect();
+        g.index = index;
+        g.free = free;
+        g.adj = adj;
+        g.edges = edges;
+        for mark in &mut g.changes.touched_mark {
+            mark.resize(n, false);
+        }
+        g.changes.item_mark.resize(n, false);
+        Ok(g)
+    }
+
     /// Whether edits were made since the last [`Pkg::take_changes`].
     pub fn has_pending_changes(&self) -> bool {
         !self.changes.items.is_empty() || self.changes.touched.iter().any(|t| !t.is_empty())
@@ -596,6 +719,35 @@ impl NormalizedAdjacency {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parts_round_trip_and_are_checked() {
+        let mut g = path3();
+        let w = g.add_item("w");
+        g.add_edge(1, w, 0).unwrap();
+        g.remove_item("y").unwrap();
+        let parts = g.to_parts();
+        assert_eq!(parts.free, vec![1], "y's slot, freed in the open window");
+        let h = Pkg::from_parts(parts.clone()).unwrap();
+        assert_eq!(h.to_parts(), parts);
+        assert_eq!(h.edge_counts(), g.edge_counts());
+        assert_eq!(h.item_index("w"), Some(w));
+        assert!(!h.has_pending_changes());
+        // The freed slot is reused, new items and edges work.
+        let mut h = h;
+        assert_eq!(h.add_item("v"), 1);
+        h.add_edge(0, 1, w).unwrap();
+
+        let mut bad = parts.clone();
+        bad.adj[0][0].push(3); // 0 - 3 listed one way only
+        assert!(matches!(Pkg::from_parts(bad), Err(Error::InvalidParts(_))));
+        let mut bad = parts.clone();
+        bad.ext[2] = Some("x".into());
+        assert!(Pkg::from_parts(bad).is_err(), "an id in two slots");
+        let mut bad = parts;
+        bad.free = vec![0];
+        assert!(Pkg::from_parts(bad).is_err(), "a live slot listed free");
+    }
 
     fn path3() -> Pkg {
         let mut g = Pkg::new(["a", "b"]).unwrap();

@@ -1,6 +1,7 @@
 //! The state rebuilt at start: every input partition re-read from its
-//! beginning up to the group's committed offset, its events applied in
-//! restore mode (state only: their effects were published before).
+//! beginning, or from the offsets of the snapshot the engine loaded, up to
+//! the group's committed offset, its events applied in restore mode (state
+//! only: their effects were published before).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -18,12 +19,12 @@ use crate::serve::config::Settings;
 /// Events handed to `apply` at a time.
 const CHUNK: usize = 50_000;
 
-/// The committed offset of each partition to re-read: where the re-read ends.
-type Ends = BTreeMap<(String, i32), i64>;
+/// Per input partition `(topic, partition)`: an offset (the group's
+/// committed one, or where a re-read starts).
+pub type Ends = BTreeMap<(String, i32), i64>;
 
-/// Per input partition with committed messages: the committed offset (the
-/// end of the re-read) and the assignment that reads it from the beginning.
-fn committed_ends(group: &StreamConsumer) -> Result<(Ends, TopicPartitionList)> {
+/// The group's committed offset of each input partition that has one.
+pub fn committed(group: &StreamConsumer) -> Result<Ends> {
     let timeout = Duration::from_secs(30);
     let meta = group
         .fetch_metadata(None, timeout)
@@ -37,41 +38,72 @@ fn committed_ends(group: &StreamConsumer) -> Result<(Ends, TopicPartitionList)> 
         }
     }
     let mut ends = BTreeMap::new();
-    let mut assign = TopicPartitionList::new();
     if tpl.count() == 0 {
-        return Ok((ends, assign));
+        return Ok(ends);
     }
     let committed = group
         .committed_offsets(tpl, timeout)
         .context("reading the group's committed offsets")?;
     for e in committed.elements() {
-        let Offset::Offset(c) = e.offset() else {
-            continue;
-        };
-        if c <= 0 {
+        if let Offset::Offset(c) = e.offset() {
+            if c > 0 {
+                ends.insert((e.topic().to_string(), e.partition()), c);
+            }
+        }
+    }
+    Ok(ends)
+}
+
+/// The partitions to re-read, from `from` (default: their beginning) up to
+/// `ends`: those with messages in between, and their assignment.
+fn to_read(group: &StreamConsumer, ends: &Ends, from: &Ends) -> Result<(Ends, TopicPartitionList)> {
+    let timeout = Duration::from_secs(30);
+    let mut todo = BTreeMap::new();
+    let mut assign = TopicPartitionList::new();
+    for ((topic, partition), &end) in ends {
+        let start = from.get(&(topic.clone(), *partition)).copied().unwrap_or(0);
+        if start >= end {
             continue;
         }
         let (low, _) = group
-            .fetch_watermarks(e.topic(), e.partition(), timeout)
+            .fetch_watermarks(topic, *partition, timeout)
             .context("reading watermarks")?;
-        if low < c {
-            ends.insert((e.topic().to_string(), e.partition()), c);
-            assign.add_partition_offset(e.topic(), e.partition(), Offset::Beginning)?;
+        if low >= end {
+            continue;
         }
+        if low > start {
+            tracing::warn!(
+                topic = %topic,
+                partition,
+                start,
+                low,
+                "the log no longer holds the messages from the restore's start (retention): re-reading from its beginning"
+            );
+        }
+        todo.insert((topic.clone(), *partition), end);
+        let offset = if start > low {
+            Offset::Offset(start)
+        } else {
+            Offset::Beginning
+        };
+        assign.add_partition_offset(topic, *partition, offset)?;
     }
-    Ok((ends, assign))
+    Ok((todo, assign))
 }
 
-/// Re-reads every input partition of `group` from its beginning up to the
-/// group's committed offset and hands the accepted events to `apply`, in
-/// order, in chunks. Returns the number of messages re-read. Rejected
-/// messages were dead-lettered before the restart and are skipped.
+/// Re-reads every input partition of `group` from `from` (a snapshot's
+/// offsets; a partition not in it: its beginning) up to `ends` (the group's
+/// committed offsets, [`committed`]) and hands the accepted events to
+/// `apply`, in order, in chunks. Returns the number of messages re-read.
+/// Rejected messages were dead-lettered before the restart and are skipped.
 pub fn restore(
     settings: &Settings,
     group: &StreamConsumer,
+    ends: &Ends,
+    from: &Ends,
     mut apply: impl FnMut(Vec<Msg>) -> Result<()>,
 ) -> Result<u64> {
-    let (ends, assign) = committed_ends(group)?;
+    let (ends, assign) = to_read(group, ends, from)?;
     if ends.is_empty() {
         return Ok(0);
     }

@@ -31,6 +31,37 @@ pub struct Settings {
     pub http: HttpSettings,
     /// Incremental propagation over the product graph.
     pub graph: GraphSettings,
+    /// Checkpoints of the engine state, so that a restart reads only the
+    /// log after the latest one.
+    pub snapshot: SnapshotSettings,
+}
+
+/// Snapshots of the engine state ([`crate::serve::snapshot`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SnapshotSettings {
+    /// Folder for the snapshots (a persistent volume in Kubernetes). Unset:
+    /// no snapshots, and every start re-reads the log from its beginning up
+    /// to the committed offsets.
+    pub dir: Option<std::path::PathBuf>,
+    /// Least time between two snapshots, seconds. A snapshot is taken after
+    /// a published batch or when the stream goes idle, and at shutdown.
+    /// Default 300.
+    pub every_secs: u64,
+    /// Snapshots kept (the newest). At start the newest one the committed
+    /// offsets cover is used: a snapshot taken after a batch whose offsets
+    /// were not committed yet is passed over for an older one. Default 3.
+    pub keep: usize,
+}
+
+impl Default for SnapshotSettings {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            every_secs: 300,
+            keep: 3,
+        }
+    }
 }
 
 /// Incremental propagation.
@@ -378,6 +409,9 @@ impl Settings {
         }
         if self.redis.pipeline_commands < 16 {
             bail!("redis.pipeline_commands must be at least 16");
+        }
+        if self.snapshot.dir.is_some() && self.snapshot.keep == 0 {
+            bail!("snapshot.keep must be at least 1 (or leave snapshot.dir unset)");
         }
         Ok(())
     }

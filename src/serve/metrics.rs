@@ -191,6 +191,12 @@ pub struct Metrics {
     redis_seconds: Histogram,
     redis_errors: Counter,
     repairs: Counter,
+    snapshot_writes: Counter,
+    snapshot_failures: Counter,
+    snapshot_bytes: Gauge,
+    snapshot_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    restore_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    restore_messages: Gauge,
     redis_writes: Counter,
     adaptation_seconds: Histogram,
     users_adapted: Counter,
@@ -254,6 +260,42 @@ impl Metrics {
             "core_users_evicted",
             "Users evicted by users.max_users or users.ttl_secs (their Redis keys deleted)",
             users_evicted.clone(),
+        );
+        let snapshot_writes = Counter::default();
+        registry.register(
+            "snapshot_writes",
+            "State snapshots written (snapshot.dir)",
+            snapshot_writes.clone(),
+        );
+        let snapshot_failures = Counter::default();
+        registry.register(
+            "snapshot_failures",
+            "State snapshots that failed to write (the previous ones are kept)",
+            snapshot_failures.clone(),
+        );
+        let snapshot_bytes = Gauge::default();
+        registry.register(
+            "snapshot_last_size_bytes",
+            "Size of the last snapshot written",
+            snapshot_bytes.clone(),
+        );
+        let snapshot_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "snapshot_last_write_seconds",
+            "Time to serialise and write the last snapshot (off the core thread)",
+            snapshot_seconds.clone(),
+        );
+        let restore_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "restore_duration_seconds",
+            "Time the start-up restore took (snapshot load plus the log after it)",
+            restore_seconds.clone(),
+        );
+        let restore_messages = Gauge::default();
+        registry.register(
+            "restore_messages",
+            "Messages re-read from the log at start-up",
+            restore_messages.clone(),
         );
         let graph_items = Gauge::default();
         registry.register(
@@ -421,6 +463,12 @@ impl Metrics {
             redis_seconds,
             redis_errors,
             repairs,
+            snapshot_writes,
+            snapshot_failures,
+            snapshot_bytes,
+            snapshot_seconds,
+            restore_seconds,
+            restore_messages,
             redis_writes,
             adaptation_seconds,
             users_adapted,
@@ -619,6 +667,26 @@ impl Metrics {
     /// A repair of lost Redis data started.
     pub fn repair(&self) {
         self.repairs.inc();
+    }
+
+    /// A snapshot written (`Some((bytes, seconds))`) or failed (`None`).
+    pub fn snapshot(&self, written: Option<(u64, f64)>) {
+        match written {
+            Some((bytes, seconds)) => {
+                self.snapshot_writes.inc();
+                self.snapshot_bytes.set(bytes as i64);
+                self.snapshot_seconds.set(seconds);
+            }
+            None => {
+                self.snapshot_failures.inc();
+            }
+        }
+    }
+
+    /// The start-up restore: messages re-read and its duration.
+    pub fn restored(&self, messages: u64, seconds: f64) {
+        self.restore_messages.set(messages as i64);
+        self.restore_seconds.set(seconds);
     }
 
     /// A failed Redis write.

@@ -29,10 +29,12 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod snapshot;
 pub mod stage;
 pub mod state;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -198,9 +200,10 @@ async fn run(
     progress: Arc<Progress>,
     stop: watch::Receiver<bool>,
 ) -> Result<()> {
-    let (core, publisher, ingest) = prepare(&settings, &metrics, &health, &progress, &stop)
-        .await
-        .map_err(|e| fatal(&metrics, Stage::Start, e))?;
+    let (core, covered, publisher, ingest) =
+        prepare(&settings, &metrics, &health, &progress, &stop)
+            .await
+            .map_err(|e| fatal(&metrics, Stage::Start, e))?;
     ingest.subscribe()?;
     health.ready.store(true, Ordering::SeqCst);
     let consumer = ingest.consumer();
@@ -216,6 +219,10 @@ async fn run(
         Duration::from_millis(settings.graph.catch_up_ms),
         settings.model.clone(),
         metrics.clone(),
+    )
+    .with_snapshots(
+        snapshot::Snapshots::build(&settings.snapshot, metrics.clone()),
+        covered,
     );
     let core_task = tokio::task::spawn_blocking(move || core.run(rx_core, tx_pub));
     let publish = PublishStage::build(
@@ -296,7 +303,7 @@ async fn prepare(
     health: &Arc<Health>,
     progress: &Arc<Progress>,
     stop: &watch::Receiver<bool>,
-) -> Result<(Core, Publisher, Ingest)> {
+) -> Result<(Core, snapshot::Covered, Publisher, Ingest)> {
     let ms = settings.model.clone();
     let model = tokio::task::spawn_blocking(move || load_model(&ms)).await??;
     tracing::info!(
@@ -328,7 +335,7 @@ async fn prepare(
         health.clone(),
     )
     .await?;
-    let mut core = restore(settings, ingest.consumer(), core, progress).await?;
+    let (mut core, covered) = restore(settings, ingest.consumer(), core, metrics, progress).await?;
     if publisher.active_version(stop).await?.as_deref() != Some(version.as_str()) {
         let all = core.publish_all()?;
         publisher.publish(&all, &version, stop).await?;
@@ -338,36 +345,73 @@ async fn prepare(
             .await?;
         tracing::info!(version = %version, items = all.items.len(), users = all.users.len(), "published model version");
     }
-    Ok((core, publisher, ingest))
+    Ok((core, covered, publisher, ingest))
 }
 
-/// The state rebuilt from the log, up to the committed offsets.
+/// The state rebuilt up to the committed offsets: the newest snapshot they
+/// cover (`snapshot.dir`), then the log after it (all of it without one).
+/// Returns the state and the offsets it covers.
 async fn restore(
     settings: &Settings,
     consumer: Arc<StreamConsumer>,
     core: Core,
+    metrics: &Metrics,
     progress: &Progress,
-) -> Result<Core> {
+) -> Result<(Core, snapshot::Covered)> {
     let t0 = Instant::now();
     let s = settings.clone();
-    let (mut core, n) = tokio::task::spawn_blocking(move || -> Result<(Core, u64)> {
-        let mut core = core;
-        let n = crate::ingest::restore::restore(&s, &consumer, |msgs| {
-            core.apply(&msgs, Mode::Restore).map(drop)
-        })?;
-        Ok((core, n))
-    })
+    let (core, n, ends, from) = tokio::task::spawn_blocking(
+        move || -> Result<(Core, u64, snapshot::Covered, Option<PathBuf>)> {
+            let mut core = core;
+            let ends = crate::ingest::restore::committed(&consumer)?;
+            let mut start = snapshot::Covered::new();
+            let mut from = None;
+            if let Some(dir) = &s.snapshot.dir {
+                let version = core.card().version.clone();
+                if let Some((path, state, header)) = snapshot::latest(dir, &version, &ends) {
+                    let t = Instant::now();
+                    match core.set_state(state) {
+                        Ok(()) => {
+                            tracing::info!(
+                                file = %path.display(),
+                                items = header.items,
+                                users = header.users,
+                                seconds = t.elapsed().as_secs_f64(),
+                                "snapshot loaded"
+                            );
+                            start = header.covered();
+                            from = Some(path);
+                        }
+                        Err(e) => tracing::warn!(
+                            file = %path.display(),
+                            error = format!("{e:#}"),
+                            "snapshot not loaded: restoring from the whole log"
+                        ),
+                    }
+                }
+            }
+            let n = crate::ingest::restore::restore(&s, &consumer, &ends, &start, |msgs| {
+                core.apply(&msgs, Mode::Restore).map(drop)
+            })?;
+            Ok((core, n, ends, from))
+        },
+    )
     .await??;
+    let mut core = core;
     core.finish_restore()?;
     progress.restored.store(n, Ordering::SeqCst);
+    let seconds = t0.elapsed().as_secs_f64();
+    metrics.restored(n, seconds);
     tracing::info!(
         messages = n,
-        seconds = t0.elapsed().as_secs_f64(),
+        seconds,
+        from_snapshot = from.is_some(),
+        snapshot = from.as_ref().map(|p| p.display().to_string()),
         items = core.described_items(),
         users = core.users(),
         "state restored from the log"
     );
-    Ok(core)
+    Ok((core, ends))
 }
 
 /// The final synchronous commit of the stored offsets.

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use super::config::ModelSettings;
 use super::error::{EngineError, Stage};
 use super::metrics::Metrics;
+use super::snapshot::{Covered, Snapshots};
 use super::state::{Applied, Core, LoadedModel, Mode};
 use crate::ingest::batch::{coalesce, Batch, Work};
 use crate::publish::stage::Out;
@@ -33,6 +34,11 @@ pub struct CoreStage {
     held: Option<(Batch, Instant)>,
     /// Where a new model version is loaded from on [`Work::Reload`].
     model: ModelSettings,
+    /// Per input partition, the next offset: every message before it is in
+    /// the state.
+    covered: Covered,
+    /// The snapshot writer (`snapshot.dir`).
+    snapshots: Option<Snapshots>,
     metrics: Arc<Metrics>,
 }
 
@@ -51,7 +57,26 @@ impl CoreStage {
             catch_up,
             held: None,
             model,
+            covered: Covered::new(),
+            snapshots: None,
             metrics,
+        }
+    }
+
+    /// Takes snapshots with `snapshots`, of a state that starts covering
+    /// `covered` (the offsets the restore reached).
+    pub fn with_snapshots(mut self, snapshots: Option<Snapshots>, covered: Covered) -> Self {
+        self.snapshots = snapshots;
+        self.covered = covered;
+        self
+    }
+
+    /// A snapshot, when one is due (after a published batch or when idle).
+    fn maybe_snapshot(&mut self, idle: bool) {
+        if let Some(s) = self.snapshots.as_mut() {
+            if self.core.pending_batches() == 0 && s.due(&self.covered, idle) {
+                s.start(self.core.state(), self.covered.clone());
+            }
         }
     }
 
@@ -72,6 +97,7 @@ impl CoreStage {
                     break;
                 }
             }
+            let idle = matches!(w, Work::Idle);
             let out = match w {
                 Work::Batch(b) => match self.batch(Some(b), behind)? {
                     out if out.messages == 0 && out.offsets.is_empty() => continue,
@@ -92,10 +118,17 @@ impl CoreStage {
             if tx.blocking_send(out).is_err() {
                 break;
             }
+            self.maybe_snapshot(idle);
         }
         if self.held.is_some() {
             let out = self.batch(None, false)?;
             let _ = tx.blocking_send(out);
+        }
+        if let Some(s) = self.snapshots.as_mut() {
+            // Of what the drain applied; used at the next start once the
+            // final commit covers it.
+            let core = &self.core;
+            s.finish(|| core.state(), self.covered.clone());
         }
         Ok(())
     }
@@ -136,6 +169,10 @@ impl CoreStage {
             return Ok(Out::default());
         }
         let (b, _) = all;
+        for (&(topic, partition), &offset) in &b.offsets {
+            self.covered
+                .insert((topic.to_string(), partition), offset + 1);
+        }
         Ok(Out {
             publish,
             version: self.core.card().version.clone(),

@@ -17,11 +17,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use ndarray::{Array1, Array2, Array3, ArrayView2};
+use serde::{Deserialize, Serialize};
 
 use super::metrics::Metrics;
 use crate::adapt::{adapt_user, key, rank_users, AdaptConfig, Catalogue};
 use crate::graph::co::{CoGraph, EdgeChange};
-use crate::graph::{ApplyStats, Batch, Pkg, Propagator, PropagatorConfig};
+use crate::graph::{ApplyStats, Batch, Pkg, PkgParts, Propagator, PropagatorConfig};
 use crate::infer::item::{ItemModels, ItemModelsConfig};
 use crate::infer::stage::embed_texts;
 use crate::infer::text::{TextEncoder, TextEncoderConfig};
@@ -73,7 +74,7 @@ pub struct Applied {
     pub ignored: BTreeMap<&'static str, u64>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct ItemSlot {
     /// An item event was seen (else the slot is a placeholder for an id that
     /// only appeared in relations or interactions: in the graph, not ranked).
@@ -100,7 +101,7 @@ impl Default for ItemSlot {
     }
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct UserState {
     /// Distinct items, in the order the user reached them.
     items: Vec<u32>,
@@ -285,6 +286,40 @@ impl Ripple {
     }
 }
 
+/// The engine state as plain data, for a snapshot
+/// ([`crate::serve::snapshot`]): what the events applied so far left (the
+/// graph, the items' features and counts, the users, the behavioural
+/// relations, the clock), not what is recomputed from it (propagation,
+/// fusion, lists). [`Core::state`] takes it, [`Core::set_state`] puts it
+/// back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CoreState {
+    /// The model version the state was built with.
+    pub version: String,
+    pkg: PkgParts,
+    co: Option<CoGraph>,
+    liked: Option<CoGraph>,
+    slots: Vec<ItemSlot>,
+    /// By id.
+    users: Vec<(String, UserState)>,
+    now_ms: u64,
+    last_sweep_ms: u64,
+    /// Evicted users whose keys were perhaps not deleted yet.
+    evicted: Vec<String>,
+}
+
+impl CoreState {
+    /// Described items.
+    pub fn items(&self) -> usize {
+        self.slots.iter().filter(|s| s.described).count()
+    }
+
+    /// Users kept.
+    pub fn users(&self) -> usize {
+        self.users.len()
+    }
+}
+
 /// The engine state.
 pub struct Core {
     model: LoadedModel,
@@ -401,6 +436,103 @@ impl Core {
             evicted: Vec::new(),
             metrics,
         })
+    }
+
+    /// The state as plain data (a copy; [`CoreState`]).
+    pub fn state(&self) -> CoreState {
+        let mut users: Vec<(String, UserState)> = self
+            .users
+            .iter()
+            .map(|(id, u)| (id.clone(), u.clone()))
+            .collect();
+        users.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        CoreState {
+            version: self.model.card.version.clone(),
+            pkg: self.pkg.to_parts(),
+            co: self.behavioural.co.as_ref().map(|c| c.1.clone()),
+            liked: self.behavioural.liked.as_ref().map(|c| c.1.clone()),
+            slots: self.slots.clone(),
+            users,
+            now_ms: self.now_ms,
+            last_sweep_ms: self.last_sweep_ms,
+            evicted: self.evicted.clone(),
+        }
+    }
+
+    /// Replaces the state with `st` (from [`Core::state`], perhaps of another
+    /// process) and rebuilds the propagation from it; the items are fused by
+    /// [`Core::finish_restore`]. Fails, leaving the state as it was, when
+    /// `st` was built with another model version or does not fit together.
+    pub fn set_state(&mut self, st: CoreState) -> Result<()> {
+        let card = &self.model.card;
+        if st.version != card.version {
+            bail!(
+                "the snapshot is of model {}, the engine runs {}",
+                st.version,
+                card.version
+            );
+        }
+        if st.pkg.relations != card.relations {
+            bail!(
+                "the snapshot has relations {:?}, the model {:?}",
+                st.pkg.relations,
+                card.relations
+            );
+        }
+        let pkg = Pkg::from_parts(st.pkg).context("the snapshot's graph")?;
+        let n = pkg.slots();
+        if st.slots.len() != n {
+            bail!(
+                "the snapshot has {} item slots for {n} graph slots",
+                st.slots.len()
+            );
+        }
+        let d_in = self.model.items.d_in();
+        if let Some(s) = st
+            .slots
+            .iter()
+            .position(|s| !s.x.is_empty() && s.x.len() != d_in)
+        {
+            bail!("the snapshot's item slot {s} has features of another size than {d_in}");
+        }
+        if st.co.is_some() != self.behavioural.co.is_some()
+            || st.liked.is_some() != self.behavioural.liked.is_some()
+        {
+            bail!("the snapshot's behavioural relations are not the model's");
+        }
+        let known = |s: &u32| (*s as usize) < n;
+        if let Some((id, _)) = st
+            .users
+            .iter()
+            .find(|(_, u)| !u.items.iter().chain(&u.liked).all(known))
+        {
+            bail!("the snapshot's user {id} has items outside the slots");
+        }
+        let keys = (0..n as u32)
+            .map(|s| pkg.ext_id(s).map_or(0, key))
+            .collect();
+        self.pkg = pkg;
+        self.slots = st.slots;
+        self.keys = keys;
+        if let (Some(c), Some(g)) = (self.behavioural.co.as_mut(), st.co) {
+            c.1 = g;
+        }
+        if let (Some(c), Some(g)) = (self.behavioural.liked.as_mut(), st.liked) {
+            c.1 = g;
+        }
+        self.users = st.users.into_iter().collect();
+        self.now_ms = st.now_ms;
+        self.last_sweep_ms = st.last_sweep_ms;
+        self.evicted = st.evicted;
+        self.dirty_users.clear();
+        self.pending = Pending::default();
+        self.ripple.clear();
+        let cap = n.next_power_of_two().max(1024);
+        self.fused = Array2::zeros((cap, self.model.card.dim));
+        self.rebuild_propagation()?;
+        self.metrics.set_users(self.users.len());
+        self.report_graph();
+        Ok(())
     }
 
     /// Bounds the users kept (unbounded until called).
@@ -941,6 +1073,17 @@ impl Core {
     }
 
     fn recompute_all(&mut self) -> Result<()> {
+        let described = self.rebuild_propagation()?;
+        let d = self.model.card.dim;
+        if self.fused.ncols() != d {
+            self.fused = Array2::zeros((self.fused.nrows(), d));
+        }
+        self.fuse(&described)
+    }
+
+    /// Every item projected again from its stored features and the
+    /// propagation computed in full; returns the described items.
+    fn rebuild_propagation(&mut self) -> Result<Vec<u32>> {
         let (r_n, d) = (self.model.card.relations.len(), self.model.card.dim);
         let n = self.pkg.slots();
         let mut inputs = vec![Array2::<f32>::zeros((n, d)); r_n];
@@ -968,10 +1111,7 @@ impl Core {
             &self.pkg,
             &views,
         )?;
-        if self.fused.ncols() != d {
-            self.fused = Array2::zeros((self.fused.nrows(), d));
-        }
-        self.fuse(&described)
+        Ok(described)
     }
 
     fn project(&self, slots: &[u32]) -> Result<Array3<f32>> {

@@ -523,6 +523,9 @@ pub struct BenchOptions {
     pub tolerance: f32,
     /// How the catalogue's edges are drawn.
     pub links: LinkModel,
+    /// Restart the engine from its snapshot and from the log alone after
+    /// the run ([`RestartFigures`]).
+    pub restart: bool,
 }
 
 impl BenchOptions {
@@ -539,6 +542,7 @@ impl BenchOptions {
             graph_only: false,
             tolerance: crate::serve::config::GraphSettings::default().tolerance,
             links: LinkModel::default(),
+            restart: false,
         }
     }
 }
@@ -625,8 +629,58 @@ pub struct BenchReport {
     pub graph: GraphFigures,
     /// `large` only: every embedding from scratch.
     pub scratch: Option<ScratchFigures>,
+    /// With `--restart`: restart times from a snapshot and from the log.
+    pub restart: Option<RestartFigures>,
     /// Wall time of the whole benchmark.
     pub seconds: f64,
+}
+
+/// Restart figures (`--restart`): after the run the engine stops (its
+/// shutdown writes a snapshot), then starts twice on the same log and
+/// consumer group, ready when its state is restored and the group joined.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestartFigures {
+    /// Messages in the log up to the committed offsets.
+    pub messages_in_log: u64,
+    /// Start to ready with `snapshot.dir`, seconds.
+    pub with_snapshot_seconds: f64,
+    /// Messages re-read after the snapshot.
+    pub with_snapshot_messages_reread: u64,
+    /// Start to ready from the log alone, seconds.
+    pub without_snapshot_seconds: f64,
+    /// Messages re-read.
+    pub without_snapshot_messages_reread: u64,
+    /// Without over with.
+    pub speedup: f64,
+    /// The snapshot's size, bytes.
+    pub snapshot_bytes: u64,
+    /// Resident memory of this process after both restarts, bytes (the
+    /// engines ran in it).
+    pub rss_after_restarts_bytes: u64,
+}
+
+/// Starts an engine with `s`, waits until it is ready (restored, joined),
+/// stops it; seconds to ready and messages re-read.
+async fn restart_once(s: &Settings) -> Result<(f64, u64)> {
+    let t0 = Instant::now();
+    let engine = Engine::start(s.clone()).await?;
+    while !engine.health.is_ready() {
+        if engine.is_finished() {
+            engine.wait().await?;
+            bail!("the engine stopped while restoring");
+        }
+        if t0.elapsed() > Duration::from_secs(3600) {
+            bail!("not ready after an hour");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let n = engine
+        .progress
+        .restored
+        .load(std::sync::atomic::Ordering::SeqCst);
+    engine.shutdown().await?;
+    Ok((secs, n))
 }
 
 /// The catalogue phase: new items with a title, against the raw text
@@ -1017,6 +1071,7 @@ pub async fn run(o: &BenchOptions) -> Result<BenchReport> {
         bytes_per_edge: graph.bytes_per_edge,
         graph,
         scratch: None,
+        restart: None,
         seconds: 0.0,
     };
     if o.size == Size::Large {
@@ -1077,6 +1132,13 @@ pub async fn run(o: &BenchOptions) -> Result<BenchReport> {
     s.users.refresh_all_when_idle = false;
     s.users.top_k = 20;
     s.http.listen = "127.0.0.1:0".into();
+    let snapshots =
+        std::env::temp_dir().join(format!("thaw-bench-snapshots-{}", std::process::id()));
+    if o.restart {
+        // Only the snapshot the shutdown writes: none mid-run.
+        s.snapshot.dir = Some(snapshots.clone());
+        s.snapshot.every_secs = 1 << 40;
+    }
 
     // The limit of the catalogue phase, measured first on an idle machine:
     // the text stage's sessions called directly on a sample of the titles.
@@ -1192,6 +1254,33 @@ pub async fn run(o: &BenchOptions) -> Result<BenchReport> {
         wait_idle(&progress, &engine, published, "after a freshness phase").await?;
     }
     engine.shutdown().await?;
+    if o.restart {
+        eprintln!("restart from the snapshot");
+        let (with, with_n) = restart_once(&s).await?;
+        let snapshot_bytes = crate::serve::snapshot::list(&snapshots)
+            .first()
+            .and_then(|p| std::fs::metadata(p).ok())
+            .map_or(0, |m| m.len());
+        let mut bare = s.clone();
+        bare.snapshot.dir = None;
+        eprintln!("restart from the log alone");
+        let (without, without_n) = restart_once(&bare).await?;
+        eprintln!(
+            "restart: {with:.1} s from the snapshot ({with_n} messages re-read, {snapshot_bytes} bytes), {without:.1} s from the log ({without_n} messages): {:.1}x",
+            without / with.max(1e-9)
+        );
+        report.restart = Some(RestartFigures {
+            messages_in_log: without_n,
+            with_snapshot_seconds: with,
+            with_snapshot_messages_reread: with_n,
+            without_snapshot_seconds: without,
+            without_snapshot_messages_reread: without_n,
+            speedup: without / with.max(1e-9),
+            snapshot_bytes,
+            rss_after_restarts_bytes: rss_bytes(),
+        });
+        let _ = std::fs::remove_dir_all(&snapshots);
+    }
     // Clean up Redis keys of the run.
     if let Ok(mut c) = redis::Client::open(o.redis_url.as_str())?
         .get_multiplexed_async_connection()

@@ -55,6 +55,13 @@ integer settings refuse; thaw.toml.value writes whole numbers as integers.
 {{- $model := default dict (get $cfg "model") }}
 {{- $_ := set $model "dir" .Values.model.mountPath }}
 {{- $_ := set $cfg "model" $model }}
+{{- if .Values.snapshots.enabled }}
+{{- $snap := default dict (get $cfg "snapshot") }}
+{{- $_ := set $snap "dir" .Values.snapshots.mountPath }}
+{{- $_ := set $snap "every_secs" .Values.snapshots.everySecs }}
+{{- $_ := set $snap "keep" .Values.snapshots.keep }}
+{{- $_ := set $cfg "snapshot" $snap }}
+{{- end }}
 {{- include "thaw.toml.table" (dict "prefix" "" "table" $cfg) }}
 {{- end }}
 
