@@ -46,7 +46,7 @@ TRAIN_FLAGS ?= --kg-relations 4 --without fr --fresh-weight 256 --aware-fresh-we
 endif
 
 
-.PHONY: demo offline offline-all redis test data models build split train eval-baselines eval-mpkg compare lint unit bench bench-small bench-large bench-micro image image-test helm-check
+.PHONY: demo offline offline-all redis test data models build split train eval-baselines eval-mpkg compare lint unit bench bench-small bench-large bench-micro image image-test helm-check chaos fuzz
 
 ## demo: sets up (data, ONNX Runtime, text encoder), trains MPKG if no model
 ## exists, then runs the streaming demo: embedded Kafka broker + thaw serve +
@@ -130,6 +130,29 @@ bench-large: models build
 
 bench-micro: models
 	$(CARGO) bench --locked --bench micro
+
+## chaos: the chaos suite, reports in reports/chaos/: CHAOS_KILLS (20) seeded
+## kill -9 points of `thaw serve` with snapshots on, a Redis restart and a
+## broker outage among them, against an uninterrupted run (divergent keys);
+## 1,000,000 generated hostile messages through the decoder and dead-letter
+## path; the decoder fuzzed for FUZZ_SECONDS (300, nightly + cargo-fuzz);
+## restart time from a snapshot against from the log on the medium
+## catalogue. `make unit` (CI) runs the short version: 3 kill points and
+## 100,000 hostile messages.
+CHAOS_KILLS ?= 20
+FUZZ_SECONDS ?= 300
+chaos: data models redis build
+	@mkdir -p reports/chaos
+	CHAOS_KILLS=$(CHAOS_KILLS) CHAOS_REPORT=reports/chaos/kills.json $(CARGO) test --locked --test engine chaos_kills -- --nocapture
+	HOSTILE_MESSAGES=1000000 HOSTILE_REPORT=reports/chaos/hostile.json $(CARGO) test --locked --test hostile generated -- --nocapture
+	FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_REPORT=reports/chaos/fuzz.json ./scripts/fuzz.sh
+	$(THAW) bench --size medium --restart --out reports/chaos/restart-medium.json
+	@for f in kills hostile fuzz; do echo "$$f: $$(tr -d '\n' < reports/chaos/$$f.json)"; done
+	@echo "restart: $$(python3 -c 'import json; print(json.dumps(json.load(open("reports/chaos/restart-medium.json"))["restart"]))')"
+
+## fuzz: the decoder's fuzz target alone, for FUZZ_SECONDS.
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) ./scripts/fuzz.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

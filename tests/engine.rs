@@ -662,24 +662,27 @@ async fn chaos_kills_and_restarts_converge() {
     let env = [
         ("THAW__SNAPSHOT__DIR", snaps.display().to_string()),
         ("THAW__SNAPSHOT__EVERY_SECS", "1".to_string()),
+        // Rarer idle snapshots: kills then find the latest usable snapshot
+        // behind the committed offsets, and the restore reads the log after it.
+        ("THAW__INGEST__IDLE_MS", "3000".to_string()),
         ("THAW__REDIS__REPAIR_CHECK_MS", "500".to_string()),
         ("THAW__REDIS__RETRY_MAX_MS", "500".to_string()),
     ];
     let (redis_round, broker_round) = (kills / 3, 2 * kills / 3);
     let mut restores = Vec::new();
     for k in 0..kills {
-        produce(
-            &producer,
-            &events[k as usize * chunk..((k as usize + 1) * chunk).min(events.len())],
-        )
-        .await;
-        producer_flush(&producer);
+        let round = &events[k as usize * chunk..((k as usize + 1) * chunk).min(events.len())];
         let log = tmp.path().join(format!("chaos-{k}.log"));
         let mut p = spawn_serve_with(&s, tmp.path(), &log, &env);
         // Seeded: from the start (model load, restore, group join) to well
-        // into the stream.
+        // into the stream. The round's events are produced meanwhile, in ten
+        // steps, so that the kill lands while they arrive.
         let delay = Duration::from_millis(rng.random_range(500..9000));
-        tokio::time::sleep(delay).await;
+        for part in round.chunks(round.len().div_ceil(10).max(1)) {
+            produce(&producer, part).await;
+            producer_flush(&producer);
+            tokio::time::sleep(delay / 10).await;
+        }
         if k == redis_round {
             // Redis restarts without its data while the engine runs.
             drop(redis_proc);

@@ -412,9 +412,13 @@ fn generated_hostile_messages_each_get_a_reason() {
                     .collect()
             }
             8 => {
-                p = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000)).into_bytes();
+                let depth = rng.random_range(129..20_000);
+                p = format!("{}1{}", "[".repeat(depth), "]".repeat(depth)).into_bytes();
             }
-            _ => p.resize(rng.random_range(65_537..1_100_000), b' '),
+            // Over the decoder's 64 KiB; one in a hundred over the 1 MB
+            // record limit of the dead letter.
+            _ if k % 100 == 9 => p.resize(rng.random_range(1_000_000..1_100_000), b' '),
+            _ => p.resize(rng.random_range(65_537..100_000), b' '),
         }
         let key = (k % 3 == 0).then(|| format!("k{k}").into_bytes());
         match decode(*topic, key.as_deref(), &p, &limits) {
