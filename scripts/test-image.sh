@@ -109,6 +109,7 @@ EOF
 chmod 644 "$work/config/thaw.toml"
 engine="$tag-engine"
 docker run -d --name "$engine" --network host --read-only --tmpfs /tmp \
+  --tmpfs /var/lib/thaw/snapshots:mode=1777 \
   -e THAW__REDIS__URL="$redis_url" \
   -v "$work/config:/etc/thaw/config:ro" -v "$work/model:/opt/thaw/models/mpkg:ro" \
   "$image" serve --config /etc/thaw/config/thaw.toml >/dev/null
@@ -176,5 +177,7 @@ docker logs "$engine" >"$work/engine.log" 2>&1
 [ "$code" = 0 ] || { tail -n 20 "$work/engine.log" >&2; die "the engine exited $code on SIGTERM"; }
 grep -q 'offsets committed\|offsets already committed' "$work/engine.log" \
   || { tail -n 20 "$work/engine.log" >&2; die "no commit logged on SIGTERM"; }
-echo "image-test: SIGTERM drained and committed in $(( $(date +%s) - t0 )) s"
+grep -q 'snapshot written' "$work/engine.log" && ! grep -q 'snapshot failed\|snapshot folder cannot' "$work/engine.log" \
+  || { grep -i snapshot "$work/engine.log" | tail -n 5 >&2; die "no snapshot written into the chart's snapshot folder"; }
+echo "image-test: SIGTERM drained, committed and snapshotted in $(( $(date +%s) - t0 )) s"
 echo "image-test: ok in $(( $(date +%s) - t_start )) s"

@@ -50,7 +50,8 @@ pub struct SnapshotSettings {
     pub every_secs: u64,
     /// Snapshots kept (the newest). At start the newest one the committed
     /// offsets cover is used: a snapshot taken after a batch whose offsets
-    /// were not committed yet is passed over for an older one. Default 3.
+    /// were not committed yet is passed over for an older one, so at least
+    /// 2. Default 3.
     pub keep: usize,
 }
 
@@ -410,8 +411,10 @@ impl Settings {
         if self.redis.pipeline_commands < 16 {
             bail!("redis.pipeline_commands must be at least 16");
         }
-        if self.snapshot.dir.is_some() && self.snapshot.keep == 0 {
-            bail!("snapshot.keep must be at least 1 (or leave snapshot.dir unset)");
+        if self.snapshot.dir.is_some() && self.snapshot.keep < 2 {
+            // The newest is often ahead of the committed offsets: the one
+            // before it is what a crash right after a snapshot restores.
+            bail!("snapshot.keep must be at least 2 (or leave snapshot.dir unset)");
         }
         Ok(())
     }

@@ -263,37 +263,37 @@ impl Metrics {
         );
         let snapshot_writes = Counter::default();
         registry.register(
-            "snapshot_writes",
+            "core_snapshot_writes",
             "State snapshots written (snapshot.dir)",
             snapshot_writes.clone(),
         );
         let snapshot_failures = Counter::default();
         registry.register(
-            "snapshot_failures",
+            "core_snapshot_failures",
             "State snapshots that failed to write (the previous ones are kept)",
             snapshot_failures.clone(),
         );
         let snapshot_bytes = Gauge::default();
         registry.register(
-            "snapshot_last_size_bytes",
+            "core_snapshot_last_size_bytes",
             "Size of the last snapshot written",
             snapshot_bytes.clone(),
         );
         let snapshot_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register(
-            "snapshot_last_write_seconds",
+            "core_snapshot_last_write_seconds",
             "Time to serialise and write the last snapshot (off the core thread)",
             snapshot_seconds.clone(),
         );
         let restore_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register(
-            "restore_duration_seconds",
+            "serve_restore_duration_seconds",
             "Time the start-up restore took (snapshot load plus the log after it)",
             restore_seconds.clone(),
         );
         let restore_messages = Gauge::default();
         registry.register(
-            "restore_messages",
+            "serve_restore_messages",
             "Messages re-read from the log at start-up",
             restore_messages.clone(),
         );

@@ -246,9 +246,16 @@ async fn run(
     health.ready.store(false, Ordering::SeqCst);
     let text_res = text_task.await.map_err(|e| anyhow!("text thread: {e}"))?;
     let core_res = core_task.await.map_err(|e| anyhow!("core thread: {e}"))?;
+    let (core_res, final_snapshot) = match core_res {
+        Ok(f) => (Ok(()), f),
+        Err(e) => (Err(e), None),
+    };
     let pub_res = pub_task.await.map_err(|e| anyhow!("publisher: {e}"))?;
     lag_task.abort();
     commit(consumer).await;
+    if let Some(f) = final_snapshot {
+        let _ = tokio::task::spawn_blocking(move || f.write()).await;
+    }
     // Every stage's error is reported; the first in pipeline order returned.
     let errors: Vec<anyhow::Error> = [
         result.map_err(|e| fatal(&metrics, Stage::Ingest, e)).err(),
@@ -382,11 +389,14 @@ async fn restore(
                             start = header.covered();
                             from = Some(path);
                         }
-                        Err(e) => tracing::warn!(
-                            file = %path.display(),
-                            error = format!("{e:#}"),
-                            "snapshot not loaded: restoring from the whole log"
-                        ),
+                        Err(e) => {
+                            tracing::warn!(
+                                file = %path.display(),
+                                error = format!("{e:#}"),
+                                "snapshot not loaded (set aside as .bad): restoring from the whole log"
+                            );
+                            snapshot::set_aside(&path);
+                        }
                     }
                 }
             }

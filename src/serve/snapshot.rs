@@ -60,6 +60,18 @@ pub struct Header {
     pub payload_bytes: u64,
     /// SHA-256 of the payload, hex.
     pub payload_sha256: String,
+    /// SHA-256 of this header's JSON with this field empty, hex: the
+    /// offsets are checked too.
+    #[serde(default)]
+    pub header_sha256: String,
+}
+
+impl Header {
+    fn digest(&self) -> String {
+        let mut h = self.clone();
+        h.header_sha256 = String::new();
+        hex(&Sha256::digest(serde_json::to_vec(&h).unwrap_or_default()))
+    }
 }
 
 impl Header {
@@ -97,11 +109,19 @@ pub fn write(dir: &Path, state: &CoreState, covered: &Covered) -> Result<(PathBu
         users: state.users(),
         payload_bytes: payload.len() as u64,
         payload_sha256: hex(&Sha256::digest(&payload)),
+        header_sha256: String::new(),
     };
+    let mut header = header;
+    header.header_sha256 = header.digest();
     let head = serde_json::to_vec(&header)?;
+    // Named by a sequence number one past the newest (not the wall clock,
+    // which can step back): the order of the names is the order of writing.
+    let seq = list(dir)
+        .first()
+        .and_then(|p| sequence(p))
+        .map_or(1, |n| n + 1);
     let name = format!(
-        "snapshot-{:013}-{}{SUFFIX}",
-        header.created_ms.max(0),
+        "snapshot-{seq:013}-{}{SUFFIX}",
         &header.payload_sha256[..12]
     );
     let path = dir.join(&name);
@@ -126,6 +146,17 @@ pub fn write(dir: &Path, state: &CoreState, covered: &Covered) -> Result<(PathBu
     }
     let bytes = (MAGIC.len() + 8 + head.len() + payload.len()) as u64;
     Ok((path, bytes))
+}
+
+/// The sequence number in a snapshot's file name.
+fn sequence(path: &Path) -> Option<u64> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix("snapshot-")?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -160,6 +191,9 @@ fn open(path: &Path) -> Result<(Header, std::io::BufReader<std::fs::File>)> {
     r.read_exact(&mut head)?;
     let header: Header = serde_json::from_slice(&head)
         .with_context(|| format!("{}: reading the header", path.display()))?;
+    if header.header_sha256 != header.digest() {
+        bail!("{}: the header does not match its digest", path.display());
+    }
     Ok((header, r))
 }
 
@@ -171,7 +205,8 @@ pub fn header(path: &Path) -> Result<Header> {
 /// The header and state of the snapshot at `path`, its digest checked.
 pub fn read(path: &Path) -> Result<(Header, CoreState)> {
     let (header, mut r) = open(path)?;
-    let mut payload = Vec::with_capacity(header.payload_bytes.min(1 << 34) as usize);
+    let size = std::fs::metadata(path).map_or(0, |m| m.len());
+    let mut payload = Vec::with_capacity(header.payload_bytes.min(size) as usize);
     r.read_to_end(&mut payload)
         .with_context(|| format!("reading {}", path.display()))?;
     if payload.len() as u64 != header.payload_bytes
@@ -185,6 +220,16 @@ pub fn read(path: &Path) -> Result<(Header, CoreState)> {
     let state = postcard::from_bytes(&payload)
         .with_context(|| format!("{}: decoding the state", path.display()))?;
     Ok((header, state))
+}
+
+/// Renames a snapshot that could not be used to `<name>.bad`, so that later
+/// starts do not try it again (kept for inspection).
+pub fn set_aside(path: &Path) {
+    let mut bad = path.as_os_str().to_owned();
+    bad.push(".bad");
+    if let Err(e) = std::fs::rename(path, &bad) {
+        tracing::warn!(file = %path.display(), error = %e, "could not set the snapshot aside");
+    }
 }
 
 /// The snapshots in `dir`, newest first (none when it does not exist).
@@ -276,6 +321,10 @@ impl Snapshots {
     /// The writer of `s`; `None` when snapshots are off.
     pub fn build(s: &SnapshotSettings, metrics: Arc<Metrics>) -> Option<Self> {
         let dir = s.dir.clone()?;
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            // Not fatal: the engine runs, restarts read the whole log.
+            tracing::error!(dir = %dir.display(), error = %e, "the snapshot folder cannot be created: no snapshots");
+        }
         prune(&dir, s.keep.max(1), true);
         Some(Self {
             dir,
@@ -301,6 +350,11 @@ impl Snapshots {
         }
         let every = if idle { self.every / 10 } else { self.every };
         self.last.elapsed() >= every && self.last_covered.as_ref() != Some(covered)
+    }
+
+    /// The next snapshot is due whatever the offsets (the model changed).
+    pub fn forget(&mut self) {
+        self.last_covered = None;
     }
 
     /// Writes `state` (covering `covered`) on a thread of its own.
@@ -376,6 +430,7 @@ mod tests {
             users: 0,
             payload_bytes: 0,
             payload_sha256: String::new(),
+            header_sha256: String::new(),
         }
     }
 

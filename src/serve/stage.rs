@@ -21,6 +21,22 @@ pub fn load_model(s: &ModelSettings) -> Result<LoadedModel> {
     LoadedModel::load(&s.dir, &s.text_dir, s.ort_dylib.as_deref())
 }
 
+/// The snapshot a stopping core stage leaves to write.
+pub struct FinalSnapshot {
+    snapshots: Snapshots,
+    state: super::state::CoreState,
+    covered: Covered,
+}
+
+impl FinalSnapshot {
+    /// Writes it (after the write in flight), unless the last snapshot
+    /// covers the same offsets.
+    pub fn write(mut self) {
+        let state = self.state;
+        self.snapshots.finish(|| state, self.covered);
+    }
+}
+
 /// The core stage.
 pub struct CoreStage {
     core: Core,
@@ -85,7 +101,15 @@ impl CoreStage {
     /// batches waiting behind one are applied with it: one propagation and
     /// one publish for all of them; and while more keep waiting (a backlog),
     /// propagation and publishing are held back for up to `catch_up`.
-    pub fn run(mut self, mut rx: mpsc::Receiver<Work>, tx: mpsc::Sender<Out>) -> Result<()> {
+    ///
+    /// Returns the shutdown's snapshot, to write once the final commit is
+    /// done (so that the commit does not wait for it, and the snapshot is
+    /// within it).
+    pub fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Work>,
+        tx: mpsc::Sender<Out>,
+    ) -> Result<Option<FinalSnapshot>> {
         let mut held: Option<Work> = None;
         while let Some(w) = held.take().or_else(|| rx.blocking_recv()) {
             let w = coalesce(w, &mut rx, &mut held, self.max_coalesced);
@@ -115,22 +139,28 @@ impl CoreStage {
                 },
                 Work::Repair => self.repair()?,
             };
+            // Evictions handed over without offsets (idle, repair, reload)
+            // leave the state's list: a snapshot now, within the committed
+            // offsets, would forget them if Redis never got the deletions.
+            let unsafe_now = !out.publish.evicted.is_empty() && out.offsets.is_empty();
             if tx.blocking_send(out).is_err() {
                 break;
             }
-            self.maybe_snapshot(idle);
+            if !unsafe_now {
+                self.maybe_snapshot(idle);
+            }
         }
         if self.held.is_some() {
             let out = self.batch(None, false)?;
             let _ = tx.blocking_send(out);
         }
-        if let Some(s) = self.snapshots.as_mut() {
-            // Of what the drain applied; used at the next start once the
-            // final commit covers it.
-            let core = &self.core;
-            s.finish(|| core.state(), self.covered.clone());
-        }
-        Ok(())
+        // Of what the drain applied; used at the next start once the final
+        // commit covers it.
+        Ok(self.snapshots.take().map(|s| FinalSnapshot {
+            snapshots: s,
+            state: self.core.state(),
+            covered: self.covered.clone(),
+        }))
     }
 
     /// Applies `b` (none: only flush what was held back): held back while
@@ -233,6 +263,9 @@ impl CoreStage {
             .map_err(|e| failed(e, "model swap failed"))
             .ok()?;
         tracing::info!(version = %v, "switching model");
+        if let Some(s) = self.snapshots.as_mut() {
+            s.forget();
+        }
         let card = self.core.card();
         Some(Out {
             publish,

@@ -308,6 +308,21 @@ pub struct CoreState {
     evicted: Vec<String>,
 }
 
+/// The event-derived parts of a [`Core`], exchanged whole by
+/// [`Core::set_state`] so that a failure can put the old ones back.
+struct Swap {
+    pkg: Pkg,
+    slots: Vec<ItemSlot>,
+    keys: Vec<u64>,
+    co: Option<CoGraph>,
+    liked: Option<CoGraph>,
+    users: HashMap<String, UserState>,
+    now_ms: u64,
+    last_sweep_ms: u64,
+    evicted: Vec<String>,
+    fused: Array2<f32>,
+}
+
 impl CoreState {
     /// Described items.
     pub fn items(&self) -> usize {
@@ -462,7 +477,8 @@ impl Core {
     /// Replaces the state with `st` (from [`Core::state`], perhaps of another
     /// process) and rebuilds the propagation from it; the items are fused by
     /// [`Core::finish_restore`]. Fails, leaving the state as it was, when
-    /// `st` was built with another model version or does not fit together.
+    /// `st` was built with another model version, does not fit together, or
+    /// cannot be propagated.
     pub fn set_state(&mut self, st: CoreState) -> Result<()> {
         let card = &self.model.card;
         if st.version != card.version {
@@ -511,28 +527,51 @@ impl Core {
         let keys = (0..n as u32)
             .map(|s| pkg.ext_id(s).map_or(0, key))
             .collect();
-        self.pkg = pkg;
-        self.slots = st.slots;
-        self.keys = keys;
-        if let (Some(c), Some(g)) = (self.behavioural.co.as_mut(), st.co) {
-            c.1 = g;
+        let cap = n.next_power_of_two().max(1024);
+        let mut new = Swap {
+            pkg,
+            slots: st.slots,
+            keys,
+            co: st.co,
+            liked: st.liked,
+            users: st.users.into_iter().collect(),
+            now_ms: st.now_ms,
+            last_sweep_ms: st.last_sweep_ms,
+            evicted: st.evicted,
+            fused: Array2::zeros((cap, self.model.card.dim)),
+        };
+        self.swap(&mut new);
+        if let Err(e) = self.rebuild_propagation() {
+            // Back to the state before, propagation included.
+            self.swap(&mut new);
+            self.rebuild_propagation()
+                .context("rebuilding the propagation of the state before the snapshot")?;
+            return Err(e.context("propagating the snapshot's state"));
         }
-        if let (Some(c), Some(g)) = (self.behavioural.liked.as_mut(), st.liked) {
-            c.1 = g;
-        }
-        self.users = st.users.into_iter().collect();
-        self.now_ms = st.now_ms;
-        self.last_sweep_ms = st.last_sweep_ms;
-        self.evicted = st.evicted;
         self.dirty_users.clear();
         self.pending = Pending::default();
         self.ripple.clear();
-        let cap = n.next_power_of_two().max(1024);
-        self.fused = Array2::zeros((cap, self.model.card.dim));
-        self.rebuild_propagation()?;
         self.metrics.set_users(self.users.len());
         self.report_graph();
         Ok(())
+    }
+
+    /// Exchanges the event-derived state with `other` ([`Core::set_state`]).
+    fn swap(&mut self, other: &mut Swap) {
+        std::mem::swap(&mut self.pkg, &mut other.pkg);
+        std::mem::swap(&mut self.slots, &mut other.slots);
+        std::mem::swap(&mut self.keys, &mut other.keys);
+        if let (Some(c), Some(g)) = (self.behavioural.co.as_mut(), other.co.as_mut()) {
+            std::mem::swap(&mut c.1, g);
+        }
+        if let (Some(c), Some(g)) = (self.behavioural.liked.as_mut(), other.liked.as_mut()) {
+            std::mem::swap(&mut c.1, g);
+        }
+        std::mem::swap(&mut self.users, &mut other.users);
+        std::mem::swap(&mut self.now_ms, &mut other.now_ms);
+        std::mem::swap(&mut self.last_sweep_ms, &mut other.last_sweep_ms);
+        std::mem::swap(&mut self.evicted, &mut other.evicted);
+        std::mem::swap(&mut self.fused, &mut other.fused);
     }
 
     /// Bounds the users kept (unbounded until called).
