@@ -1004,14 +1004,20 @@ impl Core {
         Ok(out)
     }
 
-    /// After the last restored batch: fuses every item (nothing is published:
-    /// it was before the restart), and marks every user for the next idle
-    /// refresh.
+    /// After the last restored batch: fuses every item, queues every item
+    /// for the next ripple flush, and marks every user for the next idle
+    /// refresh. The items go out once more because the engine before the
+    /// restart may have died with some in its ripple queue (changed by
+    /// propagation alone, their batch's offsets committed, not yet
+    /// republished): nothing else would publish them.
     pub fn finish_restore(&mut self) -> Result<()> {
         let all: Vec<u32> = (0..self.slots.len() as u32)
             .filter(|&s| self.slots[s as usize].described && self.pkg.contains_item(s))
             .collect();
         self.fuse(&all)?;
+        for &s in &all {
+            self.ripple.insert(s);
+        }
         self.dirty_users.clear();
         self.changed_since_idle = true;
         Ok(())
