@@ -33,6 +33,30 @@ fn core(dir: &Path) -> Core {
     .unwrap()
 }
 
+/// A folder with an item model of MPKG's initial weights (seeded) over
+/// `relations`, version `t`; fails when the text encoder is missing.
+fn untrained(relations: &[&str], seed: u64) -> tempfile::TempDir {
+    assert!(
+        Path::new(TEXT_DIR).join("text_encoder.onnx").is_file(),
+        "no text encoder in {TEXT_DIR}: run `make models` first"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = thaw::train::TrainConfig {
+        text_model_dir: PathBuf::from(TEXT_DIR),
+        ..Default::default()
+    };
+    cfg.mpkg.seed = seed;
+    thaw::train::write_untrained_model(
+        dir.path(),
+        relations.iter().map(|r| r.to_string()).collect(),
+        384 + cfg.kg_dim,
+        &cfg,
+        "t",
+    )
+    .unwrap();
+    dir
+}
+
 fn msg(event: Event, ms: i64) -> Msg {
     Msg::new(event, Some(ms))
 }
@@ -106,24 +130,7 @@ fn absorb(state: &mut State, p: &Publish) {
 
 #[test]
 fn batches_held_back_then_flushed_reach_the_state_of_published_batches() {
-    assert!(
-        Path::new(TEXT_DIR).join("text_encoder.onnx").is_file(),
-        "no text encoder in {TEXT_DIR}: run `make models` first"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = thaw::train::TrainConfig {
-        text_model_dir: PathBuf::from(TEXT_DIR),
-        ..Default::default()
-    };
-    cfg.mpkg.seed = 11;
-    thaw::train::write_untrained_model(
-        dir.path(),
-        vec!["also_bought".into(), "also_viewed".into()],
-        384 + cfg.kg_dim,
-        &cfg,
-        "t",
-    )
-    .unwrap();
+    let dir = untrained(&["also_bought", "also_viewed"], 11);
 
     let mut live = core(dir.path());
     let mut live_state = State::default();
@@ -189,30 +196,9 @@ fn batches_held_back_then_flushed_reach_the_state_of_published_batches() {
 #[test]
 fn a_snapshot_loaded_into_a_fresh_core_continues_to_the_same_state() {
     use thaw::serve::snapshot::{self, Covered};
-    assert!(
-        Path::new(TEXT_DIR).join("text_encoder.onnx").is_file(),
-        "no text encoder in {TEXT_DIR}: run `make models` first"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = thaw::train::TrainConfig {
-        text_model_dir: PathBuf::from(TEXT_DIR),
-        ..Default::default()
-    };
-    cfg.mpkg.seed = 12;
     // With a behavioural relation, learnt from the clicks: its counts are
     // part of the state.
-    thaw::train::write_untrained_model(
-        dir.path(),
-        vec![
-            "also_bought".into(),
-            "also_viewed".into(),
-            "co_interacted".into(),
-        ],
-        384 + cfg.kg_dim,
-        &cfg,
-        "t",
-    )
-    .unwrap();
+    let dir = untrained(&["also_bought", "also_viewed", "co_interacted"], 12);
     let all = batches();
     // Four users on items 0 and 1: pairs with two shared users, edges.
     let shared: Vec<Msg> = (0..4)

@@ -376,14 +376,14 @@ impl Snapshots {
 
     /// At shutdown: waits for the write in flight, then writes `state` now
     /// unless the last snapshot covers the same offsets.
-    pub fn finish(&mut self, state: impl FnOnce() -> CoreState, covered: Covered) {
+    pub fn finish(&mut self, state: CoreState, covered: Covered) {
         if let Some(h) = self.writing.take() {
             let _ = h.join();
         }
         if self.last_covered.as_ref() == Some(&covered) || covered.is_empty() {
             return;
         }
-        write_logged(&self.dir, self.keep, &state(), &covered, &self.metrics);
+        write_logged(&self.dir, self.keep, &state, &covered, &self.metrics);
         self.last_covered = Some(covered);
     }
 }

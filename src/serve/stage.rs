@@ -32,8 +32,7 @@ impl FinalSnapshot {
     /// Writes it (after the write in flight), unless the last snapshot
     /// covers the same offsets.
     pub fn write(mut self) {
-        let state = self.state;
-        self.snapshots.finish(|| state, self.covered);
+        self.snapshots.finish(self.state, self.covered);
     }
 }
 
