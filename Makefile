@@ -137,8 +137,9 @@ bench-micro: models
 ## 1,000,000 generated hostile messages through the decoder and dead-letter
 ## path; the decoder fuzzed for FUZZ_SECONDS (300, nightly + cargo-fuzz);
 ## restart time from a snapshot against from the log on the medium
-## catalogue. `make unit` (CI) runs the short version: 3 kill points and
-## 100,000 hostile messages.
+## catalogue; the peak RSS through a burst of 200,000 interactions from
+## 86,000 new users against memory.budget_mb. `make unit` (CI) runs the short
+## version: 3 kill points and 100,000 hostile messages (and the same burst).
 CHAOS_KILLS ?= 20
 FUZZ_SECONDS ?= 300
 chaos: data models redis build
@@ -146,7 +147,9 @@ chaos: data models redis build
 	CHAOS_KILLS=$(CHAOS_KILLS) CHAOS_REPORT=reports/chaos/kills.json $(CARGO) test --locked --test engine chaos_kills -- --nocapture
 	HOSTILE_MESSAGES=1000000 HOSTILE_REPORT=reports/chaos/hostile.json $(CARGO) test --locked --test hostile generated -- --nocapture
 	FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_REPORT=reports/chaos/fuzz.json ./scripts/fuzz.sh
+	MEMORY_REPORT=reports/chaos/memory.json $(CARGO) test --locked --test memory -- --nocapture
 	$(THAW) bench --size medium --restart --out reports/chaos/restart-medium.json
+	@python3 -c 'import json; r=json.load(open("reports/chaos/memory.json")); r.pop("rss_series_ms_mb"); print("memory:", json.dumps(r))'
 	@for f in kills hostile fuzz; do echo "$$f: $$(tr -d '\n' < reports/chaos/$$f.json)"; done
 	@echo "restart: $$(python3 -c 'import json; print(json.dumps(json.load(open("reports/chaos/restart-medium.json"))["restart"]))')"
 

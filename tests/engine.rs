@@ -22,7 +22,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -30,7 +29,6 @@ use common::*;
 use rdkafka::producer::FutureProducer;
 use thaw::ingest::Event;
 use thaw::kafka::{EmbeddedBroker, KafkaSettings};
-use thaw::serve::config::Settings;
 use thaw::serve::Engine;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,54 +262,6 @@ fn differences(a: &Snapshot, b: &Snapshot) -> Vec<String> {
         }
     }
     out
-}
-
-/// Runs `thaw serve` as a process with `s` (a TOML file plus environment
-/// variables), its log going to `log`.
-fn spawn_serve(s: &Settings, dir: &Path, log: &Path) -> std::process::Child {
-    spawn_serve_with(s, dir, log, &[])
-}
-
-/// [`spawn_serve`] with more environment variables.
-fn spawn_serve_with(
-    s: &Settings,
-    dir: &Path,
-    log: &Path,
-    env: &[(&str, String)],
-) -> std::process::Child {
-    let cfg = dir.join(format!("{}.toml", s.redis.prefix));
-    // Offsets committed every 100 ms, so the kill lands after some commits and
-    // the restart exercises the restore from the log.
-    std::fs::write(
-        &cfg,
-        "[kafka.properties]\n\"auto.commit.interval.ms\" = \"100\"\n",
-    )
-    .unwrap();
-    let err = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    std::process::Command::new(env!("CARGO_BIN_EXE_thaw"))
-        .arg("serve")
-        .arg("--config")
-        .arg(&cfg)
-        .env("THAW__KAFKA__BROKERS", &s.kafka.brokers)
-        .env("THAW__KAFKA__GROUP_ID", &s.kafka.group_id)
-        .env("THAW__REDIS__URL", &s.redis.url)
-        .env("THAW__REDIS__PREFIX", &s.redis.prefix)
-        .env("THAW__MODEL__DIR", &s.model.dir)
-        .env("THAW__MODEL__TEXT_DIR", &s.model.text_dir)
-        .env("THAW__MODEL__RELOAD_CHECK_SECS", "0")
-        .env("THAW__INGEST__IDLE_MS", "300")
-        .env("THAW__INGEST__MAX_BATCH", s.ingest.max_batch.to_string())
-        .env("THAW__USERS__TOP_K", s.users.top_k.to_string())
-        .env("THAW__HTTP__LISTEN", "127.0.0.1:0")
-        .env("RUST_LOG", "info")
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stderr(err)
-        .spawn()
-        .expect("thaw serve starts")
 }
 
 async fn converge(

@@ -269,6 +269,86 @@ async fn users_are_bounded_by_ttl_and_count() {
     clear(&mut c, &prefix).await;
 }
 
+/// Placeholder slots (ids named by relations or interactions whose item
+/// event never comes) used to be kept for ever, each as costly as an item.
+/// Those not named for `graph.placeholder_ttl_secs` (event time) go, then,
+/// above `graph.max_placeholders`, the least recently named; their edges go
+/// with them, and an id that comes back starts afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placeholders_expire_by_ttl_and_count() {
+    let (_tmp, _broker, mut s) = fixture("placeholders").await;
+    s.graph.max_placeholders = 20;
+    s.graph.placeholder_ttl_secs = 60;
+    let prefix = s.redis.prefix.clone();
+    let producer: FutureProducer = s.kafka.producer_config().create().unwrap();
+    let now = now_ms() as u64;
+    let old = now - 600_000;
+    let gauge = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("{name} exported"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    // Six items, each with edges to ghosts g0..g9 that are never described.
+    let mut first: Vec<_> = (0..6)
+        .map(|i| item(&format!("p{i}"), &format!("Placeholder test film {i}"), old))
+        .collect();
+    for g in 0..10 {
+        first.push(edge(
+            &format!("p{}", g % 6),
+            &format!("g{g}"),
+            "also_bought",
+            old + g,
+        ));
+    }
+    produce(&producer, &first).await;
+    let engine = Engine::start(s.clone()).await.expect("engine started");
+    let mut sent = first.len() as u64;
+    wait_for(&engine.progress, sent, "the ghosts' edges").await;
+    let m = engine.metrics.encode();
+    assert_eq!(gauge(&m, "thaw_graph_placeholders"), 10.0);
+    assert_eq!(gauge(&m, "thaw_graph_items"), 16.0);
+
+    // Ten minutes later (event time): clicks on 30 more ghosts. The first
+    // sweeps g0..g9 out (past the TTL); past 20, the oldest go down to 18.
+    let second: Vec<_> = (0..30)
+        .map(|i| click(&format!("pu{}", i % 4), &format!("h{i:02}"), now + i))
+        .collect();
+    produce(&producer, &second).await;
+    sent += second.len() as u64;
+    wait_for(&engine.progress, sent, "clicks on new ghosts").await;
+    let m = engine.metrics.encode();
+    let kept = gauge(&m, "thaw_graph_placeholders");
+    assert!(
+        (18.0..=20.0).contains(&kept),
+        "{kept} placeholders kept, max 20"
+    );
+    let expired = gauge(&m, "thaw_graph_placeholders_expired_total");
+    assert_eq!(expired, 40.0 - kept, "every placeholder is kept or expired");
+    assert!(
+        m.contains("thaw_graph_edges{relation=\"also_bought\"} 0"),
+        "the ghosts' edges went with them"
+    );
+    assert_eq!(gauge(&m, "thaw_graph_items"), 6.0 + kept);
+
+    // A ghost described at last starts afresh: a new item, published.
+    let third = vec![item("g0", "Placeholder test film g0", now + 100)];
+    produce(&producer, &third).await;
+    sent += 1;
+    wait_for(&engine.progress, sent, "g0 described").await;
+    let mut c = redis().await;
+    assert!(
+        emb(&mut c, &format!("{prefix}:item:g0")).await.is_some(),
+        "g0 published"
+    );
+    let m = engine.metrics.encode();
+    assert_eq!(gauge(&m, "thaw_graph_placeholders"), kept);
+    engine.shutdown().await.expect("clean shutdown");
+    clear(&mut c, &prefix).await;
+}
+
 /// Defect: while messages kept arriving, the batch window never fired (the
 /// read that would time out always had a message waiting), so a batch
 /// closed only at `max_batch` messages. Here a backlog of 150,000 messages

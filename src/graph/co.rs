@@ -130,6 +130,40 @@ impl CoGraph {
         out.into_iter().collect()
     }
 
+    /// Forgets `node` (an item leaving the graph): its user count, its
+    /// co-occurrence counts on both sides, and every edge it is in, which
+    /// are returned as removals, sorted. The lists that held it are one
+    /// shorter until their node's next interaction re-selects them; the
+    /// node can be reused (its key set again) by a new item.
+    pub fn remove(&mut self, node: u32) -> Vec<EdgeChange> {
+        let x = node as usize;
+        if x >= self.users.len() {
+            return Vec::new();
+        }
+        let mut gone: BTreeSet<(u32, u32)> = self.lists[x]
+            .iter()
+            .map(|&(j, _)| (node.min(j), node.max(j)))
+            .collect();
+        // Counts are symmetric and lists are drawn from counts: the nodes
+        // that list `node` are among its co-occurring ones.
+        let partners: Vec<u32> = self.co[x].keys().copied().collect();
+        for j in partners {
+            let j_ = j as usize;
+            self.co[j_].remove(&node);
+            if let Some(p) = self.lists[j_].iter().position(|p| p.0 == node) {
+                self.lists[j_].remove(p);
+                gone.insert((node.min(j), node.max(j)));
+            }
+        }
+        self.co[x] = HashMap::new();
+        self.lists[x] = Vec::new();
+        self.users[x] = 0;
+        self.keys[x] = 0;
+        gone.into_iter()
+            .map(|(a, b)| EdgeChange::Remove(a, b))
+            .collect()
+    }
+
     fn score(&self, a: u32, b: u32, c: u32) -> f32 {
         let (na, nb) = (self.users[a as usize], self.users[b as usize]);
         c as f32 / ((na as f32) * (nb as f32)).sqrt()
@@ -314,6 +348,33 @@ mod tests {
         assert_eq!(edges.into_iter().collect::<Vec<_>>(), g.edges());
     }
 
+    #[test]
+    fn a_removed_node_leaves_no_edge_or_count_behind() {
+        let mut g = CoGraph::new(cfg(10, 1, 50));
+        let before = replay(&mut g, &[(0, 1), (0, 2), (0, 3), (1, 2), (1, 3)]);
+        assert!(before.contains(&(1, 2)) && before.contains(&(2, 3)));
+        let removed = g.remove(2);
+        assert_eq!(
+            removed,
+            vec![EdgeChange::Remove(1, 2), EdgeChange::Remove(2, 3)]
+        );
+        assert_eq!(g.edges(), vec![(1, 3)]);
+        assert!(g.co.iter().all(|c| !c.contains_key(&2)));
+        assert_eq!(g.users[2], 0);
+        // Reused by a new item: it starts from nothing.
+        g.set_key(2, 99);
+        let mut edges: BTreeSet<(u32, u32)> = g.edges().into_iter().collect();
+        for ch in g.interact(&[1], 2) {
+            match ch {
+                EdgeChange::Add(a, b) => assert!(edges.insert((a, b))),
+                EdgeChange::Remove(a, b) => assert!(edges.remove(&(a, b))),
+            }
+        }
+        assert_eq!(edges.into_iter().collect::<Vec<_>>(), g.edges());
+        assert_eq!(g.users[2], 1);
+        assert!(g.remove(1000).is_empty(), "an unknown node is a no-op");
+    }
+
     proptest! {
         /// The returned changes always describe the graph's edge set, and the
         /// same pairs give the same graph (determinism).
@@ -337,6 +398,49 @@ mod tests {
             for n in 0..30 {
                 prop_assert!(g.neighbours(n).count() <= k);
             }
+        }
+
+        /// With nodes removed among the interactions (and dropped from the
+        /// users' histories, as the engine does), the changes still describe
+        /// the edge set, and no count is left on a removed node.
+        #[test]
+        fn removals_track_the_edge_set(
+            ops in prop::collection::vec((0u32..12, 0u32..30, prop::bool::weighted(0.1)), 0..300),
+            k in 1usize..5, min in 1usize..3, window in 1usize..8,
+        ) {
+            let key = |n: u32| (n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let mut g = CoGraph::new(cfg(k, min, window));
+            for n in 0..30 {
+                g.set_key(n, key(n));
+            }
+            let mut hist: HashMap<u32, Vec<u32>> = HashMap::new();
+            let mut edges = BTreeSet::new();
+            for (u, i, remove) in ops {
+                let changes = if remove {
+                    for h in hist.values_mut() {
+                        h.retain(|&x| x != i);
+                    }
+                    let ch = g.remove(i);
+                    prop_assert!(g.co.iter().all(|c| !c.contains_key(&i)));
+                    g.set_key(i, key(i));
+                    ch
+                } else {
+                    let h = hist.entry(u).or_default();
+                    if h.contains(&i) {
+                        continue;
+                    }
+                    let ch = g.interact(h, i);
+                    h.push(i);
+                    ch
+                };
+                for ch in changes {
+                    match ch {
+                        EdgeChange::Add(a, b) => prop_assert!(edges.insert((a, b)), "added twice"),
+                        EdgeChange::Remove(a, b) => prop_assert!(edges.remove(&(a, b)), "absent removed"),
+                    }
+                }
+            }
+            prop_assert_eq!(edges.into_iter().collect::<Vec<_>>(), g.edges());
         }
     }
 }

@@ -83,6 +83,13 @@ pub struct Ingest {
     health: Arc<Health>,
     /// The model version last seen in the model folder.
     version: String,
+    /// Memory pressure ([`crate::serve::memory`]): while it is on, batches
+    /// are cut at [`Ingest::pressure_batch`] and nothing more is read until
+    /// what is in flight is published.
+    pressure: Option<Arc<crate::serve::memory::Pressure>>,
+    /// With a memory budget, the most messages in flight, whatever the
+    /// pressure ([`crate::serve::memory::in_flight_cap`]).
+    in_flight_cap: Option<u64>,
 }
 
 impl Ingest {
@@ -96,20 +103,32 @@ impl Ingest {
         health: Arc<Health>,
     ) -> Result<Self> {
         let kafka = &s.kafka;
-        let consumer = kafka
-            .client_config(&[
-                ("group.id", kafka.group_id.as_str()),
-                ("enable.auto.commit", "true"),
-                ("enable.auto.offset.store", "false"),
-                ("auto.commit.interval.ms", "1000"),
-                ("auto.offset.reset", "earliest"),
-                // librdkafka's default is 500 ms; a broker that answers a fetch
-                // only when this runs out (librdkafka's mock cluster does) would
-                // add up to that much to every event's freshness. A real broker
-                // answers as soon as data arrives, so this only costs more
-                // empty fetches on an idle topic. Override in kafka.properties.
-                ("fetch.wait.max.ms", "10"),
-            ])
+        // With a memory budget, librdkafka's prefetch queue (64 MiB by
+        // default) takes at most a 32nd of it.
+        let queued_kb = (s.memory.budget_mb > 0).then(|| {
+            (s.memory.budget_mb * 1024 / 32)
+                .clamp(1024, 65536)
+                .to_string()
+        });
+        let mut consumer_config = kafka.client_config(&[
+            ("group.id", kafka.group_id.as_str()),
+            ("enable.auto.commit", "true"),
+            ("enable.auto.offset.store", "false"),
+            ("auto.commit.interval.ms", "1000"),
+            ("auto.offset.reset", "earliest"),
+            // librdkafka's default is 500 ms; a broker that answers a fetch
+            // only when this runs out (librdkafka's mock cluster does) would
+            // add up to that much to every event's freshness. A real broker
+            // answers as soon as data arrives, so this only costs more
+            // empty fetches on an idle topic. Override in kafka.properties.
+            ("fetch.wait.max.ms", "10"),
+        ]);
+        if let Some(kb) = &queued_kb {
+            if !kafka.properties.contains_key("queued.max.messages.kbytes") {
+                consumer_config.set("queued.max.messages.kbytes", kb);
+            }
+        }
+        let consumer = consumer_config
             .create()
             .context("creating the Kafka consumer")?;
         let dlq =
@@ -122,7 +141,51 @@ impl Ingest {
             progress,
             health,
             version,
+            pressure: None,
+            in_flight_cap: (s.memory.budget_mb > 0).then(|| {
+                crate::serve::memory::in_flight_cap(s.memory.budget_mb.saturating_mul(1 << 20))
+            }),
         })
+    }
+
+    /// Honours `pressure` (see the field).
+    pub fn with_pressure(mut self, pressure: Arc<crate::serve::memory::Pressure>) -> Self {
+        self.pressure = Some(pressure);
+        self
+    }
+
+    /// Under pressure, the most messages in flight (read, not yet
+    /// published), and so the largest batch: a 20th of `max_batch`, at
+    /// least 100.
+    fn pressure_batch(&self) -> usize {
+        (self.cfg.max_batch / 20).max(100)
+    }
+
+    /// The most messages in flight now: unbounded without a budget,
+    /// [`Ingest::pressure_batch`] under pressure, the budget's cap else.
+    fn in_flight_limit(&self) -> Option<u64> {
+        if self.pressure.as_ref().is_some_and(|p| p.on()) {
+            return Some(self.pressure_batch() as u64);
+        }
+        self.in_flight_cap
+    }
+
+    /// As many messages in flight as allowed: read nothing more now.
+    fn held_back(&self) -> bool {
+        let Some(limit) = self.in_flight_limit() else {
+            return false;
+        };
+        let received = self.progress.received.load(Ordering::Relaxed);
+        let published = self.progress.messages.load(Ordering::SeqCst);
+        received.saturating_sub(published) >= limit
+    }
+
+    /// The batch size in force: `max_batch`, within the in-flight limit.
+    fn batch_limit(&self) -> usize {
+        match self.in_flight_limit() {
+            Some(l) => self.cfg.max_batch.min(l as usize),
+            None => self.cfg.max_batch,
+        }
     }
 
     /// The group consumer (for the restore, the offsets and the lag).
@@ -160,6 +223,21 @@ impl Ingest {
                     break;
                 }
             }
+            if self.held_back() {
+                // What is open goes now; the rest waits in Kafka until what
+                // is in flight is published (or the pressure is over).
+                if batch.opened().is_some() {
+                    if !self.send(&mut batch, &tx, &shutdown).await {
+                        break;
+                    }
+                    continue;
+                }
+                tokio::select! {
+                    _ = shutdown.changed() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                }
+                continue;
+            }
             if batch.is_due(self.cfg.window) {
                 // A steady stream never lets the read below time out.
                 if !self.send(&mut batch, &tx, &shutdown).await {
@@ -193,7 +271,7 @@ impl Ingest {
                 Ok(Ok(m)) => {
                     idle_sent = false;
                     self.take(&m, &mut batch);
-                    close = batch.is_full(self.cfg.max_batch);
+                    close = batch.is_full(self.batch_limit());
                 }
             }
             if close && !self.send(&mut batch, &tx, &shutdown).await {

@@ -34,6 +34,35 @@ pub struct Settings {
     /// Checkpoints of the engine state, so that a restart reads only the
     /// log after the latest one.
     pub snapshot: SnapshotSettings,
+    /// The engine's memory: a budget for its resident set.
+    pub memory: MemorySettings,
+}
+
+/// The engine's resident memory ([`crate::serve::memory`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemorySettings {
+    /// Budget for the process's resident set, MiB; 0 (the default): none.
+    /// The state is bounded by `users.max_users` and
+    /// `graph.max_placeholders` (a start whose bounds cannot fit the budget
+    /// says so); the budget bounds what is in flight: at most a tenth of it
+    /// in messages read and not yet published (4 KB each), and above 80% of
+    /// it ingest takes smaller batches and waits for each to be published
+    /// before reading on, so a burst waits in Kafka rather than in memory,
+    /// and freed memory is handed back to the operating system. Set it to
+    /// about 80% of the container's memory limit.
+    pub budget_mb: u64,
+    /// How often the resident set is read, ms. Default 250.
+    pub check_ms: u64,
+}
+
+impl Default for MemorySettings {
+    fn default() -> Self {
+        Self {
+            budget_mb: 0,
+            check_ms: 250,
+        }
+    }
 }
 
 /// Snapshots of the engine state ([`crate::serve::snapshot`]).
@@ -98,6 +127,18 @@ pub struct GraphSettings {
     /// after its effects are in Redis. Default 2000. 0: every batch is
     /// propagated and published as it comes.
     pub catch_up_ms: u64,
+    /// A placeholder (the slot of an id seen only in relations or
+    /// interactions, whose item event has not come) that no event has named
+    /// for this long, event time, is removed from the graph with its edges,
+    /// and from the users' histories; the id starts afresh if it comes back.
+    /// Default 604,800 (7 days). 0: never.
+    pub placeholder_ttl_secs: u64,
+    /// Most placeholders kept; above it, the least recently named are
+    /// removed, down to 90%. Each costs a described item's propagation rows
+    /// (`relations × (hops + 1) × dim` floats). Default 10,000: enough for
+    /// events that come before their item event, not for a stream that
+    /// names ids it never describes.
+    pub max_placeholders: usize,
 }
 
 impl Default for GraphSettings {
@@ -106,6 +147,8 @@ impl Default for GraphSettings {
             tolerance: 1e-2,
             ripple_ms: 1000,
             catch_up_ms: 2000,
+            placeholder_ttl_secs: 7 * 24 * 3600,
+            max_placeholders: 10_000,
         }
     }
 }
@@ -269,7 +312,8 @@ pub struct UserSettings {
     /// or only users with new interactions (false).
     pub refresh_all_when_idle: bool,
     /// Most users kept in memory (and in Redis); above it the least recently
-    /// active are evicted, down to 90%. Default 1,000,000 (about 1 GB).
+    /// active are evicted, down to 90%. Default 1,000,000 (about 1 GB,
+    /// [`crate::serve::memory::USER_BYTES`] each).
     pub max_users: usize,
     /// A user without an interaction for this long (event time) is evicted,
     /// and their Redis keys expire after it; 0 (the default): never.

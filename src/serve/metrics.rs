@@ -179,6 +179,13 @@ pub struct Metrics {
     future_ts: Counter,
     users: Gauge,
     users_evicted: Counter,
+    placeholders: Gauge,
+    placeholders_expired: Counter,
+    memory_resident: Gauge,
+    memory_budget: Gauge,
+    memory_pressure: Gauge,
+    memory_pressure_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    memory_trims: Counter,
     /// Unknown relation names logged so far (at most 100).
     unknown_seen: Mutex<std::collections::BTreeSet<String>>,
     graph_items: Gauge,
@@ -296,6 +303,48 @@ impl Metrics {
             "serve_restore_messages",
             "Messages re-read from the log at start-up",
             restore_messages.clone(),
+        );
+        let placeholders = Gauge::default();
+        registry.register(
+            "graph_placeholders",
+            "Item slots for ids seen only in relations or interactions (no item event yet)",
+            placeholders.clone(),
+        );
+        let placeholders_expired = Counter::default();
+        registry.register(
+            "graph_placeholders_expired",
+            "Placeholder slots removed by graph.placeholder_ttl_secs or graph.max_placeholders",
+            placeholders_expired.clone(),
+        );
+        let memory_resident = Gauge::default();
+        registry.register(
+            "memory_resident_bytes",
+            "Resident set of the engine process",
+            memory_resident.clone(),
+        );
+        let memory_budget = Gauge::default();
+        registry.register(
+            "memory_budget_bytes",
+            "memory.budget_mb (0: none)",
+            memory_budget.clone(),
+        );
+        let memory_pressure = Gauge::default();
+        registry.register(
+            "memory_pressure",
+            "1 while the resident set is above 80% of the budget (ingest holds back)",
+            memory_pressure.clone(),
+        );
+        let memory_pressure_seconds = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "memory_pressure_seconds",
+            "Time spent above 80% of the memory budget",
+            memory_pressure_seconds.clone(),
+        );
+        let memory_trims = Counter::default();
+        registry.register(
+            "memory_trims",
+            "Times freed heap memory was handed back to the operating system",
+            memory_trims.clone(),
         );
         let graph_items = Gauge::default();
         registry.register(
@@ -452,6 +501,13 @@ impl Metrics {
             future_ts,
             users,
             users_evicted,
+            placeholders,
+            placeholders_expired,
+            memory_resident,
+            memory_budget,
+            memory_pressure,
+            memory_pressure_seconds,
+            memory_trims,
             unknown_seen: Mutex::new(Default::default()),
             graph_items,
             graph_edges,
@@ -662,6 +718,35 @@ impl Metrics {
     /// `n` users evicted.
     pub fn users_evicted(&self, n: u64) {
         self.users_evicted.inc_by(n);
+    }
+
+    /// Placeholder slots kept.
+    pub fn set_placeholders(&self, n: usize) {
+        self.placeholders.set(n as i64);
+    }
+
+    /// `n` placeholder slots expired.
+    pub fn placeholders_expired(&self, n: u64) {
+        self.placeholders_expired.inc_by(n);
+    }
+
+    /// A reading of the resident set against the budget (bytes; 0: none).
+    pub fn set_memory(&self, resident: u64, budget: u64) {
+        self.memory_resident.set(resident as i64);
+        self.memory_budget.set(budget as i64);
+    }
+
+    /// Under pressure or not; `secs` more spent under it.
+    pub fn memory_pressure(&self, on: bool, secs: f64) {
+        self.memory_pressure.set(on as i64);
+        if secs > 0.0 {
+            self.memory_pressure_seconds.inc_by(secs);
+        }
+    }
+
+    /// Freed heap memory handed back.
+    pub fn memory_trim(&self) {
+        self.memory_trims.inc();
     }
 
     /// A repair of lost Redis data started.
@@ -892,7 +977,7 @@ mod tests {
     fn names_follow_the_stage_convention() {
         let t = Metrics::new().encode();
         let stages = [
-            "ingest", "infer", "graph", "core", "adapt", "publish", "serve", "quality",
+            "ingest", "infer", "graph", "core", "adapt", "publish", "serve", "quality", "memory",
         ];
         for line in t.lines().filter(|l| l.starts_with("# TYPE ")) {
             let name = line.split_whitespace().nth(2).unwrap();

@@ -28,6 +28,7 @@
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod memory;
 pub mod metrics;
 pub mod snapshot;
 pub mod stage;
@@ -204,6 +205,10 @@ async fn run(
         prepare(&settings, &metrics, &health, &progress, &stop)
             .await
             .map_err(|e| fatal(&metrics, Stage::Start, e))?;
+    memory::check_budget(&settings, core.slot_bytes());
+    let governor = memory::Governor::build(&settings.memory, metrics.clone());
+    let ingest = ingest.with_pressure(governor.pressure());
+    let memory_task = tokio::spawn(governor.run(stop.clone()));
     ingest.subscribe()?;
     health.ready.store(true, Ordering::SeqCst);
     let consumer = ingest.consumer();
@@ -252,6 +257,7 @@ async fn run(
     };
     let pub_res = pub_task.await.map_err(|e| anyhow!("publisher: {e}"))?;
     lag_task.abort();
+    memory_task.abort();
     commit(consumer).await;
     if let Some(f) = final_snapshot {
         let _ = tokio::task::spawn_blocking(move || f.write()).await;

@@ -36,7 +36,10 @@ use super::metrics::Metrics;
 use super::state::CoreState;
 
 const MAGIC: &[u8; 8] = b"THAWSNAP";
-const FORMAT: u32 = 1;
+/// The layout of [`CoreState`] in postcard (which carries no schema): bump it with
+/// every change to the state's types, and record the new layout digest in
+/// `state::tests::the_snapshot_layout_is_the_recorded_one`.
+pub(crate) const FORMAT: u32 = 2;
 const SUFFIX: &str = ".thawsnap";
 
 /// Per input partition `(topic, partition)`: the next offset to read (every

@@ -87,6 +87,9 @@ struct ItemSlot {
     first_ms: u64,
     /// Universal features X (empty for placeholders).
     x: Vec<f32>,
+    /// Latest time of an event naming the item, ms (a placeholder expires
+    /// by it).
+    touched_ms: u64,
 }
 
 impl Default for ItemSlot {
@@ -97,6 +100,7 @@ impl Default for ItemSlot {
             count: 0,
             first_ms: u64::MAX,
             x: Vec::new(),
+            touched_ms: 0,
         }
     }
 }
@@ -304,6 +308,7 @@ pub struct CoreState {
     users: Vec<(String, UserState)>,
     now_ms: u64,
     last_sweep_ms: u64,
+    last_placeholder_sweep_ms: u64,
     /// Evicted users whose keys were perhaps not deleted yet.
     evicted: Vec<String>,
 }
@@ -319,6 +324,7 @@ struct Swap {
     users: HashMap<String, UserState>,
     now_ms: u64,
     last_sweep_ms: u64,
+    last_placeholder_sweep_ms: u64,
     evicted: Vec<String>,
     fused: Array2<f32>,
 }
@@ -372,7 +378,37 @@ pub struct Core {
     last_sweep_ms: u64,
     /// Users evicted since the last publish (their keys are deleted).
     evicted: Vec<String>,
+    /// How many placeholders are kept, and for how long.
+    placeholder_bounds: PlaceholderBounds,
+    /// Placeholders in the graph (slots of ids without an item event).
+    placeholders: usize,
+    /// Event time of the last placeholder TTL sweep, ms.
+    last_placeholder_sweep_ms: u64,
     metrics: Arc<Metrics>,
+}
+
+/// How many placeholder slots the engine keeps, and for how long
+/// (`graph.max_placeholders`, `graph.placeholder_ttl_secs`). Checked as
+/// [`UserBounds`] are: the TTL when event time crosses a multiple of
+/// `ttl/16`, the count when a new placeholder passes it.
+#[derive(Debug, Clone, Copy)]
+pub struct PlaceholderBounds {
+    /// Most placeholders kept; above it the least recently named (ties by
+    /// slot) are removed down to 90% of it.
+    pub max: usize,
+    /// A placeholder not named by an event for this long (event time, ms)
+    /// is removed; 0: never.
+    pub ttl_ms: u64,
+}
+
+impl PlaceholderBounds {
+    /// The bounds of `graph`'s settings.
+    pub fn of(graph: &crate::serve::config::GraphSettings) -> Self {
+        Self {
+            max: graph.max_placeholders.max(1),
+            ttl_ms: graph.placeholder_ttl_secs.saturating_mul(1000),
+        }
+    }
 }
 
 /// How many users the engine keeps, and for how long (`users.max_users`,
@@ -449,6 +485,9 @@ impl Core {
             bounds: UserBounds::default(),
             last_sweep_ms: 0,
             evicted: Vec::new(),
+            placeholder_bounds: PlaceholderBounds::of(graph),
+            placeholders: 0,
+            last_placeholder_sweep_ms: 0,
             metrics,
         })
     }
@@ -470,6 +509,7 @@ impl Core {
             users,
             now_ms: self.now_ms,
             last_sweep_ms: self.last_sweep_ms,
+            last_placeholder_sweep_ms: self.last_placeholder_sweep_ms,
             evicted: self.evicted.clone(),
         }
     }
@@ -516,13 +556,13 @@ impl Core {
         {
             bail!("the snapshot's behavioural relations are not the model's");
         }
-        let known = |s: &u32| (*s as usize) < n;
+        let known = |s: &u32| pkg.contains_item(*s);
         if let Some((id, _)) = st
             .users
             .iter()
             .find(|(_, u)| !u.items.iter().chain(&u.liked).all(known))
         {
-            bail!("the snapshot's user {id} has items outside the slots");
+            bail!("the snapshot's user {id} has items that are not in the graph");
         }
         let keys = (0..n as u32)
             .map(|s| pkg.ext_id(s).map_or(0, key))
@@ -537,6 +577,7 @@ impl Core {
             users: st.users.into_iter().collect(),
             now_ms: st.now_ms,
             last_sweep_ms: st.last_sweep_ms,
+            last_placeholder_sweep_ms: st.last_placeholder_sweep_ms,
             evicted: st.evicted,
             fused: Array2::zeros((cap, self.model.card.dim)),
         };
@@ -551,7 +592,9 @@ impl Core {
         self.dirty_users.clear();
         self.pending = Pending::default();
         self.ripple.clear();
+        self.placeholders = self.count_placeholders();
         self.metrics.set_users(self.users.len());
+        self.metrics.set_placeholders(self.placeholders);
         self.report_graph();
         Ok(())
     }
@@ -570,6 +613,10 @@ impl Core {
         std::mem::swap(&mut self.users, &mut other.users);
         std::mem::swap(&mut self.now_ms, &mut other.now_ms);
         std::mem::swap(&mut self.last_sweep_ms, &mut other.last_sweep_ms);
+        std::mem::swap(
+            &mut self.last_placeholder_sweep_ms,
+            &mut other.last_placeholder_sweep_ms,
+        );
         std::mem::swap(&mut self.evicted, &mut other.evicted);
         std::mem::swap(&mut self.fused, &mut other.fused);
     }
@@ -635,6 +682,78 @@ impl Core {
         out
     }
 
+    /// Removes the placeholders past the TTL, then, above the most kept,
+    /// the least recently named down to 90% of it ([`PlaceholderBounds`]).
+    fn bound_placeholders(&mut self, work: &mut Pending) {
+        let b = self.placeholder_bounds;
+        let mut gone = Vec::new();
+        let step = (b.ttl_ms / 16).max(1);
+        if b.ttl_ms > 0 && self.now_ms / step > self.last_placeholder_sweep_ms / step {
+            self.last_placeholder_sweep_ms = self.now_ms;
+            let cutoff = self.now_ms.saturating_sub(b.ttl_ms);
+            gone.extend(
+                self.placeholder_slots()
+                    .filter(|&(t, _)| t < cutoff)
+                    .map(|(_, s)| s),
+            );
+        }
+        if self.placeholders - gone.len() > b.max {
+            let swept: std::collections::HashSet<u32> = gone.iter().copied().collect();
+            let mut order: Vec<(u64, u32)> = self
+                .placeholder_slots()
+                .filter(|p| !swept.contains(&p.1))
+                .collect();
+            order.sort_unstable();
+            let target = b.max - b.max / 10;
+            let n = order.len() - target;
+            gone.extend(order[..n].iter().map(|p| p.1));
+        }
+        if !gone.is_empty() {
+            self.expire(&gone, work);
+        }
+    }
+
+    /// `(last named, slot)` of every placeholder, in slot order.
+    fn placeholder_slots(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|&(s, x)| !x.described && self.pkg.contains_item(s as u32))
+            .map(|(s, x)| (x.touched_ms, s as u32))
+    }
+
+    fn count_placeholders(&self) -> usize {
+        self.placeholder_slots().count()
+    }
+
+    /// Removes the placeholders `gone` from the graph (their edges go, and
+    /// their neighbours are propagated and republished with the batch),
+    /// from the behavioural relations and from the users' histories; their
+    /// slots are free for new items from the next propagation on.
+    fn expire(&mut self, gone: &[u32], work: &mut Pending) {
+        for &s in gone {
+            for rel in [&mut self.behavioural.co, &mut self.behavioural.liked] {
+                if let Some((_, g)) = rel.as_mut() {
+                    g.remove(s);
+                }
+            }
+            self.pkg.remove_item_at(s);
+            self.slots[s as usize] = ItemSlot::default();
+            self.keys[s as usize] = 0;
+            work.inputs.remove(&s);
+            self.ripple.remove(s);
+        }
+        let set: std::collections::HashSet<u32> = gone.iter().copied().collect();
+        for u in self.users.values_mut() {
+            u.items.retain(|s| !set.contains(s));
+            u.liked.retain(|s| !set.contains(s));
+            u.last.retain(|s| !set.contains(s));
+        }
+        self.placeholders -= gone.len();
+        self.metrics.placeholders_expired(gone.len() as u64);
+        tracing::debug!(n = gone.len(), "placeholders expired");
+    }
+
     /// The text encoder, for the text stage.
     pub fn text_encoder(&self) -> Arc<TextEncoder> {
         self.model.text.clone()
@@ -655,6 +774,15 @@ impl Core {
         &self.model.card
     }
 
+    /// What one item slot costs in memory, bytes, about: its propagation
+    /// rows (inputs and every hop's output, per relation), its fused row and
+    /// its features.
+    pub fn slot_bytes(&self) -> u64 {
+        let c = &self.model.card;
+        let (r, m, d) = (c.relations.len() as u64, c.hops as u64, c.dim as u64);
+        4 * (r * (m + 2) * d + d + self.model.items.d_in() as u64)
+    }
+
     /// Items with an item event (ranked and published).
     pub fn described_items(&self) -> usize {
         self.slots.iter().filter(|s| s.described).count()
@@ -672,8 +800,12 @@ impl Core {
         self.users.len()
     }
 
-    fn slot(&mut self, id: &str) -> (u32, bool) {
+    /// The slot of item `id`, named by an event at `ts` (ms); a new one is
+    /// a placeholder until its item event comes. True when new.
+    fn slot(&mut self, id: &str, ts: u64) -> (u32, bool) {
         if let Some(s) = self.pkg.item_index(id) {
+            let slot = &mut self.slots[s as usize];
+            slot.touched_ms = slot.touched_ms.max(ts);
             return (s, false);
         }
         let s = self.pkg.add_item(id);
@@ -685,6 +817,8 @@ impl Core {
             self.slots[s as usize] = ItemSlot::default();
         }
         self.keys[s as usize] = key(id);
+        self.slots[s as usize].touched_ms = ts;
+        self.placeholders += 1;
         if self.fused.nrows() < n {
             let cap = n.next_power_of_two().max(1024);
             let mut f = Array2::zeros((cap, self.model.card.dim));
@@ -716,10 +850,15 @@ impl Core {
                     texts.insert(s, k);
                     true
                 }
-                Event::Relation(e) => self.apply_relation(e, m.kafka_ms, &mut work)?,
+                Event::Relation(e) => {
+                    let applied = self.apply_relation(e, m.kafka_ms, &mut work)?;
+                    self.bound_placeholders(&mut work);
+                    applied
+                }
                 Event::Interaction(e) => {
                     self.apply_interaction(e, m.kafka_ms, mode, &mut work)?;
                     self.bound_users();
+                    self.bound_placeholders(&mut work);
                     true
                 }
             };
@@ -732,6 +871,7 @@ impl Core {
         }
         if !msgs.is_empty() {
             self.metrics.set_users(self.users.len());
+            self.metrics.set_placeholders(self.placeholders);
         }
         if msgs.is_empty() && !had_pending {
             return Ok((Publish::default(), counts));
@@ -769,11 +909,14 @@ impl Core {
         kafka_ms: Option<i64>,
         work: &mut Pending,
     ) -> u32 {
-        let (s, new) = self.slot(&e.item_id);
+        let (s, new) = self.slot(&e.item_id, e.ts);
         if new {
             work.inputs.insert(s);
         }
         let slot = &mut self.slots[s as usize];
+        if !slot.described {
+            self.placeholders -= 1;
+        }
         slot.described = true;
         slot.ts = slot.ts.max(e.ts);
         if let Some(k) = kafka_ms {
@@ -799,8 +942,8 @@ impl Core {
             // (DESIGN.md, "Events").
             return Ok(false);
         }
-        let (u, nu) = self.slot(&e.src);
-        let (v, nv) = self.slot(&e.dst);
+        let (u, nu) = self.slot(&e.src, e.ts);
+        let (v, nv) = self.slot(&e.dst, e.ts);
         for (s, new) in [(u, nu), (v, nv)] {
             if new {
                 work.inputs.insert(s);
@@ -826,7 +969,7 @@ impl Core {
         mode: Mode,
         work: &mut Pending,
     ) -> Result<()> {
-        let (s, new) = self.slot(&e.item_id);
+        let (s, new) = self.slot(&e.item_id, e.ts);
         if new {
             work.inputs.insert(s);
         }
@@ -1344,5 +1487,71 @@ impl Core {
             .zip(self.pkg.edge_counts().iter().copied())
             .collect();
         self.metrics.set_graph(self.pkg.num_items(), &edges);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::co::CoConfig;
+
+    /// A state with every field set (one entry per map: postcard writes a
+    /// `HashMap` in its iteration order).
+    fn sample() -> CoreState {
+        let mut pkg = Pkg::new(["co_interacted", "also_bought"]).unwrap();
+        let a = pkg.add_item("a");
+        let b = pkg.add_item("b");
+        pkg.add_edge(1, a, b).unwrap();
+        let mut co = CoGraph::new(CoConfig {
+            neighbours: 4,
+            min_co_users: 1,
+            window: 8,
+        });
+        co.set_key(a, 1);
+        co.set_key(b, 2);
+        co.interact(&[a], b);
+        CoreState {
+            version: "v".into(),
+            pkg: pkg.to_parts(),
+            co: Some(co),
+            liked: None,
+            slots: vec![
+                ItemSlot {
+                    described: true,
+                    ts: 1,
+                    count: 2,
+                    first_ms: 3,
+                    x: vec![0.5],
+                    touched_ms: 4,
+                },
+                ItemSlot::default(),
+            ],
+            users: vec![(
+                "u".into(),
+                UserState {
+                    items: vec![0, 1],
+                    liked: vec![0],
+                    ts: 5,
+                    last: vec![1],
+                },
+            )],
+            now_ms: 6,
+            last_sweep_ms: 7,
+            last_placeholder_sweep_ms: 8,
+            evicted: vec!["x".into()],
+        }
+    }
+
+    /// postcard writes no schema: a snapshot of another layout would be
+    /// misread, not refused, unless `snapshot::FORMAT` changes with it.
+    #[test]
+    fn the_snapshot_layout_is_the_recorded_one() {
+        let bytes = postcard::to_allocvec(&sample()).unwrap();
+        let digest = crate::ingest::events::sha256_hex(&bytes);
+        assert_eq!(
+            (crate::serve::snapshot::FORMAT, digest.as_str()),
+            (2, "61ae70f3fdf7c820cda2ff72c9635babc874030bab2b231ef991da675f2f9d8a"),
+            "the layout of CoreState changed: bump snapshot::FORMAT and record the new digest here, so that a start passes an older snapshot over instead of misreading it"
+        );
     }
 }
