@@ -135,22 +135,24 @@ bench-micro: models
 ## kill -9 points of `thaw serve` with snapshots on, a Redis restart and a
 ## broker outage among them, against an uninterrupted run (divergent keys);
 ## 1,000,000 generated hostile messages through the decoder and dead-letter
-## path; the decoder fuzzed for FUZZ_SECONDS (300, nightly + cargo-fuzz);
+## path, and HOSTILE_ENGINE_MESSAGES (1,000,000) through the engine itself; the decoder fuzzed for FUZZ_SECONDS (300, nightly + cargo-fuzz);
 ## restart time from a snapshot against from the log on the medium
 ## catalogue; the peak RSS through a burst of 200,000 interactions from
 ## 86,000 new users against memory.budget_mb. `make unit` (CI) runs the short
 ## version: 3 kill points and 100,000 hostile messages (and the same burst).
 CHAOS_KILLS ?= 20
+HOSTILE_ENGINE_MESSAGES ?= 1000000
 FUZZ_SECONDS ?= 300
 chaos: data models redis build
 	@mkdir -p reports/chaos
 	CHAOS_KILLS=$(CHAOS_KILLS) CHAOS_REPORT=reports/chaos/kills.json $(CARGO) test --locked --test engine chaos_kills -- --nocapture
-	HOSTILE_MESSAGES=1000000 HOSTILE_REPORT=reports/chaos/hostile.json $(CARGO) test --locked --test hostile generated -- --nocapture
+	HOSTILE_MESSAGES=1000000 HOSTILE_REPORT=reports/chaos/hostile.json $(CARGO) test --locked --test hostile generated_hostile_messages_each -- --nocapture
+	HOSTILE_ENGINE_MESSAGES=$(HOSTILE_ENGINE_MESSAGES) HOSTILE_ENGINE_REPORT=reports/chaos/hostile-engine.json $(CARGO) test --locked --test hostile generated_hostile_messages_through -- --nocapture
 	FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_REPORT=reports/chaos/fuzz.json ./scripts/fuzz.sh
 	MEMORY_REPORT=reports/chaos/memory.json $(CARGO) test --locked --test memory -- --nocapture
 	$(THAW) bench --size medium --restart --out reports/chaos/restart-medium.json
 	@python3 -c 'import json; r=json.load(open("reports/chaos/memory.json")); r.pop("rss_series_ms_mb"); print("memory:", json.dumps(r))'
-	@for f in kills hostile fuzz; do echo "$$f: $$(tr -d '\n' < reports/chaos/$$f.json)"; done
+	@for f in kills hostile hostile-engine fuzz; do echo "$$f: $$(tr -d '\n' < reports/chaos/$$f.json)"; done
 	@echo "restart: $$(python3 -c 'import json; print(json.dumps(json.load(open("reports/chaos/restart-medium.json"))["restart"]))')"
 
 ## fuzz: the decoder's fuzz target alone, for FUZZ_SECONDS.

@@ -389,6 +389,125 @@ async fn the_batch_window_closes_under_a_backlog() {
     clear(&mut c, &prefix).await;
 }
 
+/// Hostile messages: mutations of the valid examples in
+/// `streams/examples/` (cut, bytes flipped or inserted, values of the wrong
+/// type or out of range, ids too long, invalid UTF-8, deep nesting, huge
+/// payloads) and random bytes, seeded.
+struct Hostile {
+    rng: rand_chacha::ChaCha8Rng,
+    examples: Vec<(thaw::ingest::Topic, Vec<u8>)>,
+    k: usize,
+}
+
+const VALUES: [&[u8]; 14] = [
+    b"null",
+    b"1e400",
+    b"-1",
+    b"18446744073709551616",
+    b"\"\"",
+    b"[]",
+    b"{}",
+    b"true",
+    b"NaN",
+    b"\"\\ud800\"",
+    b"0.5",
+    b"\"x\"",
+    b"9007199254740993",
+    b"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]",
+];
+
+impl Hostile {
+    fn new(seed: u64) -> Self {
+        use rand::SeedableRng;
+        use thaw::ingest::Topic;
+        let examples = [
+            (Topic::Items, "items"),
+            (Topic::ItemRelations, "item-relations"),
+            (Topic::Interactions, "interactions"),
+        ]
+        .iter()
+        .flat_map(|(t, f)| {
+            std::fs::read_to_string(format!("streams/examples/{f}.valid.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| (*t, l.as_bytes().to_vec()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+        Self {
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+            examples,
+            k: 0,
+        }
+    }
+
+    /// The next message: its topic, key and payload.
+    fn next(&mut self) -> (thaw::ingest::Topic, Option<Vec<u8>>, Vec<u8>) {
+        use rand::Rng;
+        let k = self.k;
+        self.k += 1;
+        let (topic, base) = &self.examples[self.rng.random_range(0..self.examples.len())];
+        let mut p = base.clone();
+        match k % 10 {
+            0 => p.truncate(self.rng.random_range(0..p.len())),
+            1 => {
+                for _ in 0..self.rng.random_range(1..4) {
+                    let i = self.rng.random_range(0..p.len());
+                    p[i] = self.rng.random();
+                }
+            }
+            2 => {
+                let i = self.rng.random_range(0..p.len());
+                let junk: Vec<u8> = (0..self.rng.random_range(1..8))
+                    .map(|_| self.rng.random())
+                    .collect();
+                p.splice(i..i, junk);
+            }
+            3 | 4 => {
+                // A value of the wrong type or range: after a random `":`.
+                let colons: Vec<usize> = p
+                    .windows(2)
+                    .enumerate()
+                    .filter(|(_, w)| w == b"\":")
+                    .map(|(i, _)| i + 2)
+                    .collect();
+                let at = colons[self.rng.random_range(0..colons.len())];
+                let end = p[at..]
+                    .iter()
+                    .position(|&c| c == b',' || c == b'}')
+                    .map_or(p.len(), |e| at + e);
+                let v = VALUES[self.rng.random_range(0..VALUES.len())];
+                p.splice(at..end, v.iter().copied());
+            }
+            5 => {
+                // An id far over the limit.
+                let long = "x".repeat(self.rng.random_range(257..5000));
+                p = String::from_utf8(p)
+                    .unwrap()
+                    .replacen("\"i1\"", &format!("\"{long}\""), 1)
+                    .replacen("\"u1\"", &format!("\"{long}\""), 1)
+                    .into_bytes();
+            }
+            6 => p.extend_from_slice(&[0xff, 0xfe, 0xc0]),
+            7 => {
+                p = (0..self.rng.random_range(0..300))
+                    .map(|_| self.rng.random())
+                    .collect()
+            }
+            8 => {
+                let depth = self.rng.random_range(129..20_000);
+                p = format!("{}1{}", "[".repeat(depth), "]".repeat(depth)).into_bytes();
+            }
+            // Over the decoder's 64 KiB; one in a hundred over the 1 MB
+            // record limit of the dead letter.
+            _ if k % 100 == 9 => p.resize(self.rng.random_range(1_000_000..1_100_000), b' '),
+            _ => p.resize(self.rng.random_range(65_537..100_000), b' '),
+        }
+        let key = k.is_multiple_of(3).then(|| format!("k{k}").into_bytes());
+        (*topic, key, p)
+    }
+}
+
 /// Generated hostile messages (`HOSTILE_MESSAGES`, default 100,000; `make
 /// chaos` sends 1,000,000) through ingest's decode-and-dead-letter path,
 /// the code `Ingest::take` runs per message: mutations of the valid
@@ -401,107 +520,21 @@ async fn the_batch_window_closes_under_a_backlog() {
 /// partition, not a million dead letters).
 #[test]
 fn generated_hostile_messages_each_get_a_reason() {
-    use rand::{Rng, SeedableRng};
     use std::collections::BTreeMap;
     use thaw::ingest::events::Source;
-    use thaw::ingest::{decode, DeadLetter, Limits, Topic};
+    use thaw::ingest::{decode, DeadLetter, Limits};
 
     let n: usize = std::env::var("HOSTILE_MESSAGES")
         .ok()
         .map_or(100_000, |v| v.parse().expect("HOSTILE_MESSAGES: a number"));
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(16);
-    let examples: Vec<(Topic, Vec<u8>)> = [
-        (Topic::Items, "items"),
-        (Topic::ItemRelations, "item-relations"),
-        (Topic::Interactions, "interactions"),
-    ]
-    .iter()
-    .flat_map(|(t, f)| {
-        std::fs::read_to_string(format!("streams/examples/{f}.valid.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| (*t, l.as_bytes().to_vec()))
-            .collect::<Vec<_>>()
-    })
-    .collect();
-    let values: [&[u8]; 14] = [
-        b"null",
-        b"1e400",
-        b"-1",
-        b"18446744073709551616",
-        b"\"\"",
-        b"[]",
-        b"{}",
-        b"true",
-        b"NaN",
-        b"\"\\ud800\"",
-        b"0.5",
-        b"\"x\"",
-        b"9007199254740993",
-        b"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]",
-    ];
+    let mut gen = Hostile::new(16);
     let limits = Limits::default();
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     let (mut accepted, mut refused) = (0usize, 0usize);
     let t0 = Instant::now();
     for k in 0..n {
-        let (topic, base) = &examples[rng.random_range(0..examples.len())];
-        let mut p = base.clone();
-        match k % 10 {
-            0 => p.truncate(rng.random_range(0..p.len())),
-            1 => {
-                for _ in 0..rng.random_range(1..4) {
-                    let i = rng.random_range(0..p.len());
-                    p[i] = rng.random();
-                }
-            }
-            2 => {
-                let i = rng.random_range(0..p.len());
-                let junk: Vec<u8> = (0..rng.random_range(1..8)).map(|_| rng.random()).collect();
-                p.splice(i..i, junk);
-            }
-            3 | 4 => {
-                // A value of the wrong type or range: after a random `":`.
-                let colons: Vec<usize> = p
-                    .windows(2)
-                    .enumerate()
-                    .filter(|(_, w)| w == b"\":")
-                    .map(|(i, _)| i + 2)
-                    .collect();
-                let at = colons[rng.random_range(0..colons.len())];
-                let end = p[at..]
-                    .iter()
-                    .position(|&c| c == b',' || c == b'}')
-                    .map_or(p.len(), |e| at + e);
-                let v = values[rng.random_range(0..values.len())];
-                p.splice(at..end, v.iter().copied());
-            }
-            5 => {
-                // An id far over the limit.
-                let long = "x".repeat(rng.random_range(257..5000));
-                p = String::from_utf8(p)
-                    .unwrap()
-                    .replacen("\"i1\"", &format!("\"{long}\""), 1)
-                    .replacen("\"u1\"", &format!("\"{long}\""), 1)
-                    .into_bytes();
-            }
-            6 => p.extend_from_slice(&[0xff, 0xfe, 0xc0]),
-            7 => {
-                p = (0..rng.random_range(0..300))
-                    .map(|_| rng.random())
-                    .collect()
-            }
-            8 => {
-                let depth = rng.random_range(129..20_000);
-                p = format!("{}1{}", "[".repeat(depth), "]".repeat(depth)).into_bytes();
-            }
-            // Over the decoder's 64 KiB; one in a hundred over the 1 MB
-            // record limit of the dead letter.
-            _ if k % 100 == 9 => p.resize(rng.random_range(1_000_000..1_100_000), b' '),
-            _ => p.resize(rng.random_range(65_537..100_000), b' '),
-        }
-        let key = (k % 3 == 0).then(|| format!("k{k}").into_bytes());
-        match decode(*topic, key.as_deref(), &p, &limits) {
+        let (topic, key, p) = gen.next();
+        match decode(topic, key.as_deref(), &p, &limits) {
             Ok(event) => {
                 event.validate(&limits).expect("an accepted event is valid");
                 accepted += 1;
@@ -543,4 +576,126 @@ fn generated_hostile_messages_each_get_a_reason() {
         });
         std::fs::write(path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
     }
+}
+
+/// The generated hostile messages through the engine itself: the embedded
+/// broker, ingest, the dead-letter producer, the core, Redis
+/// (`HOSTILE_ENGINE_MESSAGES`, default 20,000; `make chaos` sends
+/// 1,000,000). The broker keeps 5 MiB a partition (older messages roll
+/// off), so they go in chunks, each produced once the engine has read the
+/// one before. No panic, the engine ready throughout; each message the
+/// decoder refuses (counted here by the same decoder and limits) is
+/// dead-lettered with its reason, reason by reason, and every other one is
+/// applied or ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_hostile_messages_through_the_engine() {
+    use std::collections::BTreeMap;
+    use thaw::ingest::{decode, Limits};
+
+    let n: usize = std::env::var("HOSTILE_ENGINE_MESSAGES")
+        .ok()
+        .map_or(20_000, |v| {
+            v.parse().expect("HOSTILE_ENGINE_MESSAGES: a number")
+        });
+    let (_tmp, broker, s) = fixture("hostile-engine").await;
+    let prefix = s.redis.prefix.clone();
+    let mut pc = s.kafka.producer_config();
+    pc.set("message.max.bytes", "2000000");
+    let producer: FutureProducer = pc.create().unwrap();
+    let engine = Engine::start(s.clone()).await.expect("engine started");
+    let limits = Limits::default();
+    let mut gen = Hostile::new(17);
+    let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
+    let (mut accepted, mut refused) = (0u64, 0u64);
+    let t0 = Instant::now();
+    let mut sent = 0usize;
+    while sent < n {
+        // About 18 KB a message on average: a chunk is well within the
+        // broker's 5 MiB on each of its partitions.
+        let chunk: Vec<_> = (0..500.min(n - sent)).map(|_| gen.next()).collect();
+        for (topic, key, p) in &chunk {
+            match decode(*topic, key.as_deref(), p, &limits) {
+                Ok(_) => accepted += 1,
+                Err(r) => {
+                    refused += 1;
+                    *reasons
+                        .entry(r.reason_code().as_str().to_string())
+                        .or_default() += 1;
+                }
+            }
+        }
+        let sends = chunk
+            .iter()
+            .map(|(t, k, p)| produce_raw(&producer, t.name(), k.as_deref(), p));
+        futures::future::join_all(sends).await;
+        sent += chunk.len();
+        let t_chunk = Instant::now();
+        while engine.progress.received.load(Ordering::SeqCst) < sent as u64 {
+            assert!(
+                !engine.is_finished(),
+                "the engine stopped after {sent} messages"
+            );
+            assert!(
+                t_chunk.elapsed() < Duration::from_secs(120),
+                "{} of {sent} messages read after 120 s",
+                engine.progress.received.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    wait_for(&engine.progress, n as u64, "the hostile messages").await;
+    let elapsed = t0.elapsed().as_secs_f64();
+    assert!(!engine.is_finished(), "the engine stopped");
+    let m = engine.metrics.encode();
+    let family = |name: &str| -> BTreeMap<String, u64> {
+        m.lines()
+            .filter_map(|l| l.strip_prefix(name))
+            .filter_map(|l| {
+                let (labels, v) = l.rsplit_once(' ')?;
+                Some((labels.to_string(), v.parse::<f64>().ok()? as u64))
+            })
+            .collect()
+    };
+    let letters: BTreeMap<String, u64> = family("thaw_ingest_dead_letters_total{reason=\"")
+        .into_iter()
+        .map(|(l, v)| (l.trim_end_matches("\"}").to_string(), v))
+        .filter(|(_, v)| *v > 0)
+        .collect();
+    let outcomes = family("thaw_ingest_events_total{");
+    let count = |outcome: &str| -> u64 {
+        outcomes
+            .iter()
+            .filter(|(l, _)| l.contains(&format!("outcome=\"{outcome}\"")))
+            .map(|(_, v)| v)
+            .sum()
+    };
+    eprintln!(
+        "hostile through the engine: {n} in {elapsed:.1} s; {refused} refused ({reasons:?}), {accepted} accepted; engine: {letters:?}, applied {} ignored {}",
+        count("applied"),
+        count("ignored")
+    );
+    if let Ok(path) = std::env::var("HOSTILE_ENGINE_REPORT") {
+        let report = serde_json::json!({
+            "sent": n, "seconds": elapsed, "refused_by_decoder": refused,
+            "accepted_by_decoder": accepted, "reasons": reasons,
+            "dead_letters_by_reason": letters,
+            "applied": count("applied"), "ignored": count("ignored"),
+            "dead_lettered": engine.progress.dead_lettered.load(Ordering::SeqCst),
+            "panics": 0,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+    }
+    assert_eq!(letters, reasons, "dead letters by reason");
+    assert_eq!(count("dead_lettered"), refused);
+    assert_eq!(
+        engine.progress.dead_lettered.load(Ordering::SeqCst),
+        refused
+    );
+    assert_eq!(count("applied") + count("ignored"), accepted);
+    let health = &engine.health;
+    assert!(health.ready.load(Ordering::SeqCst), "ready at the end");
+    engine.shutdown().await.expect("clean shutdown");
+    let mut c = redis().await;
+    clear(&mut c, &prefix).await;
+    drop(broker);
 }

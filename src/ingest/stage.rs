@@ -87,9 +87,6 @@ pub struct Ingest {
     /// are cut at [`Ingest::pressure_batch`] and nothing more is read until
     /// what is in flight is published.
     pressure: Option<Arc<crate::serve::memory::Pressure>>,
-    /// With a memory budget, the most messages in flight, whatever the
-    /// pressure ([`crate::serve::memory::in_flight_cap`]).
-    in_flight_cap: Option<u64>,
 }
 
 impl Ingest {
@@ -142,9 +139,6 @@ impl Ingest {
             health,
             version,
             pressure: None,
-            in_flight_cap: (s.memory.budget_mb > 0).then(|| {
-                crate::serve::memory::in_flight_cap(s.memory.budget_mb.saturating_mul(1 << 20))
-            }),
         })
     }
 
@@ -162,12 +156,14 @@ impl Ingest {
     }
 
     /// The most messages in flight now: unbounded without a budget,
-    /// [`Ingest::pressure_batch`] under pressure, the budget's cap else.
+    /// [`Ingest::pressure_batch`] under pressure, the room below the
+    /// threshold else ([`crate::serve::memory::allowance`]).
     fn in_flight_limit(&self) -> Option<u64> {
-        if self.pressure.as_ref().is_some_and(|p| p.on()) {
+        let p = self.pressure.as_ref()?;
+        if p.on() {
             return Some(self.pressure_batch() as u64);
         }
-        self.in_flight_cap
+        p.allowance()
     }
 
     /// As many messages in flight as allowed: read nothing more now.

@@ -45,9 +45,9 @@ pub struct MemorySettings {
     /// Budget for the process's resident set, MiB; 0 (the default): none.
     /// The state is bounded by `users.max_users` and
     /// `graph.max_placeholders` (a start whose bounds cannot fit the budget
-    /// says so); the budget bounds what is in flight: at most a tenth of it
-    /// in messages read and not yet published (4 KB each), and above 80% of
-    /// it ingest takes smaller batches and waits for each to be published
+    /// says so); the budget bounds what is in flight: messages read and not
+    /// yet published take at most the room left below 80% of it (8 KB
+    /// each), and above 80% ingest takes smaller batches and waits for each to be published
     /// before reading on, so a burst waits in Kafka rather than in memory,
     /// and freed memory is handed back to the operating system. Set it to
     /// about 80% of the container's memory limit.

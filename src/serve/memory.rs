@@ -1,22 +1,24 @@
 //! The engine's resident memory against `memory.budget_mb`.
 //!
-//! What the engine holds is bounded by counts that are a function of the
-//! log, so that a restarted engine converges to the same state:
+//! What the engine holds is bounded by counts that follow from the events
+//! (event time and order), never from a reading of memory, so that a
+//! restarted engine converges to the same state:
 //! `users.max_users` and `users.ttl_secs`, `graph.max_placeholders` and
 //! `graph.placeholder_ttl_secs`, and the catalogue itself. What is in
 //! flight is not: in a burst, batches of up to `ingest.max_batch` messages
 //! queue in front of each stage and their outputs in front of Redis, and the
 //! allocator keeps what they freed. The budget bounds that part.
 //!
-//! With a budget, ingest keeps at most [`in_flight_cap`] messages in flight
-//! (a tenth of the budget's worth), batches included. A [`Governor`] reads
+//! With a budget, ingest keeps at most [`allowance`] messages in flight:
+//! what the room below the pressure threshold holds at 8 KB a message. A [`Governor`] reads
 //! the resident set every `memory.check_ms`. Above 80%
 //! of the budget it raises the pressure flag, which ingest honours
 //! ([`crate::ingest::stage::Ingest::with_pressure`]): it sends smaller
 //! batches and reads nothing more until what is in flight is published, so a
 //! burst waits in Kafka, not in memory. Under pressure and when it ends,
 //! freed heap memory is handed back to the operating system
-//! (`malloc_trim`), so the resident set comes back down after a burst. Below
+//! (`malloc_trim`); so is any free heap memory over 64 MiB, budget or not,
+//! so the resident set comes back down after a burst. Below
 //! 70% the flag drops. The reading, the budget and the time under pressure
 //! are exported (`thaw_memory_*`).
 
@@ -99,18 +101,12 @@ pub fn tune_allocator() -> bool {
     }
 }
 
-/// What a message in flight costs at most, about: its decoded event, its
+/// What a message in flight is reckoned to cost: its decoded event, its
 /// share of the batch's work in the core (a new user's adaptation and list)
-/// and of the publish (measured here: a batch of 20,000 interactions from
-/// 18,500 new users took 70–100 MB while it was processed).
-pub const IN_FLIGHT_MESSAGE_BYTES: u64 = 4096;
-
-/// With a budget of `budget` bytes, the most messages in flight (read by
-/// ingest, not yet published): a tenth of the budget at
-/// [`IN_FLIGHT_MESSAGE_BYTES`] each, at least 1,000.
-pub fn in_flight_cap(budget: u64) -> u64 {
-    (budget / 10 / IN_FLIGHT_MESSAGE_BYTES).max(1000)
-}
+/// and of the publish. Measured here, a batch of 20,000 interactions from
+/// 18,500 new users took 70–100 MB while it was processed (3.5–5 KB a
+/// message); this leaves a factor of about two.
+pub const IN_FLIGHT_MESSAGE_BYTES: u64 = 8192;
 
 /// What a kept user costs, about: the id, the item lists, the last
 /// published list and the map entry (`users.max_users`' default of 1M is
@@ -153,19 +149,82 @@ pub fn check_budget(s: &super::config::Settings, slot_bytes: u64) -> Option<u64>
     Some(need)
 }
 
+/// Free memory the allocator holds in its heaps, bytes (glibc's
+/// `mallinfo2().fordblks`), where it says.
+pub fn free_heap_bytes() -> Option<u64> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        #[repr(C)]
+        struct MallInfo2 {
+            arena: usize,
+            ordblks: usize,
+            smblks: usize,
+            hblks: usize,
+            hblkhd: usize,
+            usmblks: usize,
+            fsmblks: usize,
+            uordblks: usize,
+            fordblks: usize,
+            keepcost: usize,
+        }
+        extern "C" {
+            fn mallinfo2() -> MallInfo2;
+        }
+        // SAFETY: mallinfo2 (glibc 2.33+) only reads the arenas' statistics
+        // under their locks and returns them by value.
+        let info = unsafe { mallinfo2() };
+        Some(info.fordblks as u64)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        None
+    }
+}
+
+/// Free heap memory above which it is handed back, budget or not: after a
+/// burst the allocator would otherwise keep it for good.
+const TRIM_FREE_BYTES: u64 = 64 << 20;
+
 /// Whether the engine is over its memory threshold: shared with ingest.
 #[derive(Debug, Default)]
-pub struct Pressure(AtomicBool);
+pub struct Pressure {
+    on: AtomicBool,
+    /// Messages allowed in flight (0: no budget, no limit).
+    allowance: std::sync::atomic::AtomicU64,
+}
 
 impl Pressure {
     /// Under pressure now.
     pub fn on(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.on.load(Ordering::Relaxed)
     }
 
     fn set(&self, on: bool) {
-        self.0.store(on, Ordering::Relaxed);
+        self.on.store(on, Ordering::Relaxed);
     }
+
+    /// The most messages in flight now ([`allowance`]); `None` without a
+    /// budget.
+    pub fn allowance(&self) -> Option<u64> {
+        match self.allowance.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(n),
+        }
+    }
+
+    fn set_allowance(&self, n: u64) {
+        self.allowance.store(n, Ordering::Relaxed);
+    }
+}
+
+/// The most messages in flight, given `in_flight` of them now with `rss`
+/// resident against `budget`: those, plus what the room left below the
+/// pressure threshold holds at [`IN_FLIGHT_MESSAGE_BYTES`] each; at least
+/// 1,000. A budget with room to spare lets a burst through at full speed
+/// (the core then coalesces what queues up); a tight one lets in what fits.
+pub fn allowance(budget: u64, rss: u64, in_flight: u64) -> u64 {
+    let high = (budget as f64 * HIGH) as u64;
+    (in_flight + high.saturating_sub(rss) / IN_FLIGHT_MESSAGE_BYTES).max(1000)
 }
 
 /// Reads the resident set against the budget and raises [`Pressure`].
@@ -174,20 +233,29 @@ pub struct Governor {
     every: Duration,
     pressure: Arc<Pressure>,
     metrics: Arc<Metrics>,
+    /// Messages read and published (what is in flight).
+    progress: Arc<super::Progress>,
 }
 
 impl Governor {
-    /// The governor of `s` (budget 0: it only exports the reading). With a
-    /// budget the allocator is tuned ([`tune_allocator`]).
-    pub fn build(s: &MemorySettings, metrics: Arc<Metrics>) -> Self {
-        if s.budget_mb > 0 && !tune_allocator() {
-            tracing::info!("memory budget: the allocator is not glibc's, left as it is");
+    /// The governor of `s` (budget 0: it only exports the reading).
+    pub fn build(
+        s: &MemorySettings,
+        metrics: Arc<Metrics>,
+        progress: Arc<super::Progress>,
+    ) -> Self {
+        let budget = s.budget_mb.saturating_mul(1 << 20);
+        let pressure = Arc::new(Pressure::default());
+        if budget > 0 {
+            // Until the first reading: a tenth of the budget's worth.
+            pressure.set_allowance((budget / 10 / IN_FLIGHT_MESSAGE_BYTES).max(1000));
         }
         Self {
-            budget: s.budget_mb.saturating_mul(1 << 20),
+            budget,
             every: Duration::from_millis(s.check_ms.max(10)),
-            pressure: Arc::new(Pressure::default()),
+            pressure,
             metrics,
+            progress,
         }
     }
 
@@ -220,6 +288,10 @@ impl Governor {
         let mut tick = tokio::time::interval(self.every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last = Instant::now();
+        let mut last_trim: Option<Instant> = None;
+        let mut last_heap = Instant::now();
+        let mut since: Option<Instant> = None;
+        let mut warned = false;
         loop {
             tokio::select! {
                 _ = stop.changed() => return,
@@ -232,6 +304,15 @@ impl Governor {
                 continue;
             };
             self.metrics.set_memory(rss, self.budget);
+            if self.budget > 0 {
+                let received = self.progress.received.load(Ordering::Relaxed);
+                let published = self.progress.messages.load(Ordering::Relaxed);
+                self.pressure.set_allowance(allowance(
+                    self.budget,
+                    rss,
+                    received.saturating_sub(published),
+                ));
+            }
             let was = self.pressure.on();
             let on = self.next(was, rss);
             let dt = last.elapsed().as_secs_f64();
@@ -249,10 +330,36 @@ impl Governor {
                     tracing::info!(resident_mb = rss >> 20, "memory pressure over");
                 }
             }
-            // At each reading under pressure, and once as it ends: what the
-            // burst's batches freed goes back to the system.
-            if (on || was) && tokio::task::spawn_blocking(trim).await.unwrap_or(false) {
+            // Under pressure at most once a second (a trim walks every arena
+            // under its lock), and once as it ends: what the burst's batches
+            // freed goes back to the system.
+            let due = last_trim.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+            // The heap's free memory is read at most once a second (it walks
+            // the free lists).
+            let idle_heap = due && last_heap.elapsed() >= Duration::from_secs(1) && {
+                last_heap = Instant::now();
+                free_heap_bytes().is_some_and(|f| f > TRIM_FREE_BYTES)
+            };
+            if ((on && due) || (was && !on) || idle_heap)
+                && tokio::task::spawn_blocking(trim).await.unwrap_or(false)
+            {
+                last_trim = Some(Instant::now());
                 self.metrics.memory_trim();
+            }
+            // Pressure that does not end is a budget too small for the
+            // state, not a burst: ingest stays throttled. Said once.
+            since = if on {
+                since.or(Some(Instant::now()))
+            } else {
+                None
+            };
+            if since.is_some_and(|t| t.elapsed() > Duration::from_secs(120)) && !warned {
+                warned = true;
+                tracing::warn!(
+                    resident_mb = rss >> 20,
+                    budget_mb = self.budget >> 20,
+                    "under memory pressure for 2 minutes: the state itself is near the budget; raise memory.budget_mb or lower users.max_users"
+                );
             }
         }
     }
@@ -270,6 +377,7 @@ mod tests {
                 check_ms: 100,
             },
             Arc::new(Metrics::new()),
+            Default::default(),
         );
         let mb = |m: u64| m << 20;
         assert!(!g.next(false, mb(80)), "at 80% not yet");
@@ -282,8 +390,18 @@ mod tests {
                 check_ms: 100,
             },
             Arc::new(Metrics::new()),
+            Default::default(),
         );
         assert!(!none.next(false, u64::MAX), "no budget, no pressure");
+        assert_eq!(none.pressure().allowance(), None);
+        assert_eq!(
+            g.pressure().allowance(),
+            Some(1280),
+            "a tenth of 100 MiB in 8 KiB"
+        );
+        // 80 MiB threshold, 60 resident, 500 in flight: 20 MiB more.
+        assert_eq!(allowance(mb(100), mb(60), 500), 500 + 2560);
+        assert_eq!(allowance(mb(100), mb(90), 0), 1000, "over: the floor");
     }
 
     #[test]

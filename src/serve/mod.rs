@@ -106,6 +106,10 @@ impl Engine {
     /// engine loads its model, restores its state and joins the group in
     /// the background (`/readyz` answers 200 once it reads).
     pub async fn start(settings: Settings) -> Result<EngineHandle> {
+        // Before the model and the state are loaded (their arenas).
+        if settings.memory.budget_mb > 0 && !memory::tune_allocator() {
+            tracing::info!("memory budget: the allocator is not glibc's, left as it is");
+        }
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(Health::default());
         let progress = Arc::new(Progress::default());
@@ -206,7 +210,7 @@ async fn run(
             .await
             .map_err(|e| fatal(&metrics, Stage::Start, e))?;
     memory::check_budget(&settings, core.slot_bytes());
-    let governor = memory::Governor::build(&settings.memory, metrics.clone());
+    let governor = memory::Governor::build(&settings.memory, metrics.clone(), progress.clone());
     let ingest = ingest.with_pressure(governor.pressure());
     let memory_task = tokio::spawn(governor.run(stop.clone()));
     ingest.subscribe()?;

@@ -382,6 +382,10 @@ pub struct Core {
     placeholder_bounds: PlaceholderBounds,
     /// Placeholders in the graph (slots of ids without an item event).
     placeholders: usize,
+    /// The users who reached each placeholder (its expiry drops it from
+    /// their histories); an entry goes when the item is described. Ids of
+    /// users evicted since may linger until then.
+    placeholder_users: HashMap<u32, Vec<String>>,
     /// Event time of the last placeholder TTL sweep, ms.
     last_placeholder_sweep_ms: u64,
     metrics: Arc<Metrics>,
@@ -487,6 +491,7 @@ impl Core {
             evicted: Vec::new(),
             placeholder_bounds: PlaceholderBounds::of(graph),
             placeholders: 0,
+            placeholder_users: HashMap::new(),
             last_placeholder_sweep_ms: 0,
             metrics,
         })
@@ -593,6 +598,17 @@ impl Core {
         self.pending = Pending::default();
         self.ripple.clear();
         self.placeholders = self.count_placeholders();
+        self.placeholder_users = HashMap::new();
+        for (id, u) in &self.users {
+            for &s in &u.items {
+                if !self.slots[s as usize].described {
+                    self.placeholder_users
+                        .entry(s)
+                        .or_default()
+                        .push(id.clone());
+                }
+            }
+        }
         self.metrics.set_users(self.users.len());
         self.metrics.set_placeholders(self.placeholders);
         self.report_graph();
@@ -699,14 +715,18 @@ impl Core {
         }
         if self.placeholders - gone.len() > b.max {
             let swept: std::collections::HashSet<u32> = gone.iter().copied().collect();
-            let mut order: Vec<(u64, u32)> = self
+            // Least recently named first, ties by id (never by slot: which
+            // slot an id gets depends on when freed slots became reusable).
+            let mut order: Vec<(u64, &str, u32)> = self
                 .placeholder_slots()
                 .filter(|p| !swept.contains(&p.1))
+                .map(|(t, s)| (t, self.pkg.ext_id(s).unwrap_or_default(), s))
                 .collect();
             order.sort_unstable();
             let target = b.max - b.max / 10;
             let n = order.len() - target;
-            gone.extend(order[..n].iter().map(|p| p.1));
+            let out: Vec<u32> = order[..n].iter().map(|p| p.2).collect();
+            gone.extend(out);
         }
         if !gone.is_empty() {
             self.expire(&gone, work);
@@ -743,11 +763,15 @@ impl Core {
             work.inputs.remove(&s);
             self.ripple.remove(s);
         }
-        let set: std::collections::HashSet<u32> = gone.iter().copied().collect();
-        for u in self.users.values_mut() {
-            u.items.retain(|s| !set.contains(s));
-            u.liked.retain(|s| !set.contains(s));
-            u.last.retain(|s| !set.contains(s));
+        // Only the users who reached them (published lists never hold a
+        // placeholder).
+        for &s in gone {
+            for id in self.placeholder_users.remove(&s).unwrap_or_default() {
+                if let Some(u) = self.users.get_mut(&id) {
+                    u.items.retain(|&x| x != s);
+                    u.liked.retain(|&x| x != s);
+                }
+            }
         }
         self.placeholders -= gone.len();
         self.metrics.placeholders_expired(gone.len() as u64);
@@ -850,15 +874,10 @@ impl Core {
                     texts.insert(s, k);
                     true
                 }
-                Event::Relation(e) => {
-                    let applied = self.apply_relation(e, m.kafka_ms, &mut work)?;
-                    self.bound_placeholders(&mut work);
-                    applied
-                }
+                Event::Relation(e) => self.apply_relation(e, m.kafka_ms, &mut work)?,
                 Event::Interaction(e) => {
                     self.apply_interaction(e, m.kafka_ms, mode, &mut work)?;
                     self.bound_users();
-                    self.bound_placeholders(&mut work);
                     true
                 }
             };
@@ -870,6 +889,10 @@ impl Core {
             *outcome.entry(topic).or_default() += 1;
         }
         if !msgs.is_empty() {
+            // After the whole batch: an id named by a relation before its
+            // item event in the same batch (a catalogue loaded in bulk) is
+            // described by now, whatever order the topics were read in.
+            self.bound_placeholders(&mut work);
             self.metrics.set_users(self.users.len());
             self.metrics.set_placeholders(self.placeholders);
         }
@@ -916,6 +939,7 @@ impl Core {
         let slot = &mut self.slots[s as usize];
         if !slot.described {
             self.placeholders -= 1;
+            self.placeholder_users.remove(&s);
         }
         slot.described = true;
         slot.ts = slot.ts.max(e.ts);
@@ -983,6 +1007,12 @@ impl Core {
             }
             learn(&mut self.behavioural.co, &mut self.pkg, &user.items, s, key)?;
             user.items.push(s);
+            if !self.slots[s as usize].described {
+                self.placeholder_users
+                    .entry(s)
+                    .or_default()
+                    .push(e.user_id.clone());
+            }
             let slot = &mut self.slots[s as usize];
             slot.count += 1;
             slot.first_ms = slot.first_ms.min(e.ts);
