@@ -582,8 +582,8 @@ fn generated_hostile_messages_each_get_a_reason() {
 /// broker, ingest, the dead-letter producer, the core, Redis
 /// (`HOSTILE_ENGINE_MESSAGES`, default 20,000; `make chaos` sends
 /// 1,000,000). The broker keeps 5 MiB a partition (older messages roll
-/// off), so they go in chunks, each produced once the engine has read the
-/// one before. No panic, the engine ready throughout; each message the
+/// off), so they go round-robin over 16 partitions a topic, in chunks, each
+/// produced once the engine has read the one before. No panic, the engine ready throughout; each message the
 /// decoder refuses (counted here by the same decoder and limits) is
 /// dead-lettered with its reason, reason by reason, and every other one is
 /// applied or ignored.
@@ -597,7 +597,24 @@ async fn generated_hostile_messages_through_the_engine() {
         .map_or(20_000, |v| {
             v.parse().expect("HOSTILE_ENGINE_MESSAGES: a number")
         });
-    let (_tmp, broker, s) = fixture("hostile-engine").await;
+    // 16 partitions a topic, each message to the next: the broker keeps
+    // 5 MiB a partition and drops the oldest beyond it, so no partition may
+    // take more than that between two reads (a chunk holds about ten of the
+    // 1 MB messages).
+    const PARTITIONS: i32 = 16;
+    require_text_encoder();
+    let _tmp = tempfile::tempdir().unwrap();
+    untrained_model(_tmp.path());
+    let broker = thaw::kafka::EmbeddedBroker::start_with_partitions(
+        None,
+        &["items", "item-relations", "interactions"]
+            .iter()
+            .map(|t| (t.to_string(), PARTITIONS))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    let s = settings(broker.bootstrap_servers(), _tmp.path(), "hostile-engine");
     let prefix = s.redis.prefix.clone();
     let mut pc = s.kafka.producer_config();
     pc.set("message.max.bytes", "2000000");
@@ -610,8 +627,7 @@ async fn generated_hostile_messages_through_the_engine() {
     let t0 = Instant::now();
     let mut sent = 0usize;
     while sent < n {
-        // About 18 KB a message on average: a chunk is well within the
-        // broker's 5 MiB on each of its partitions.
+        // About 18 KB a message on average.
         let chunk: Vec<_> = (0..500.min(n - sent)).map(|_| gen.next()).collect();
         for (topic, key, p) in &chunk {
             match decode(*topic, key.as_deref(), p, &limits) {
@@ -624,9 +640,21 @@ async fn generated_hostile_messages_through_the_engine() {
                 }
             }
         }
-        let sends = chunk
-            .iter()
-            .map(|(t, k, p)| produce_raw(&producer, t.name(), k.as_deref(), p));
+        let sends = chunk.iter().enumerate().map(|(i, (t, k, p))| {
+            let mut rec = rdkafka::producer::FutureRecord::<[u8], [u8]>::to(t.name())
+                .payload(p)
+                .partition(((sent + i) as i32) % PARTITIONS);
+            if let Some(k) = k {
+                rec = rec.key(k);
+            }
+            let producer = &producer;
+            async move {
+                producer
+                    .send(rec, Duration::from_secs(10))
+                    .await
+                    .expect("delivered");
+            }
+        });
         futures::future::join_all(sends).await;
         sent += chunk.len();
         let t_chunk = Instant::now();
