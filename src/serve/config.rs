@@ -131,7 +131,11 @@ pub struct GraphSettings {
     /// interactions, whose item event has not come) that no event has named
     /// for this long, event time, is removed from the graph with its edges,
     /// and from the users' histories; the id starts afresh if it comes back.
-    /// Default 604,800 (7 days). 0: never.
+    /// 0 (the default): never, and `max_placeholders` alone bounds them.
+    /// Off by default because event time is the data's own: replaying
+    /// months of history (the demo does), a TTL removes the placeholders of
+    /// ids whose item event was refused, edges and all, where offline
+    /// evaluation keeps them, and the lists drift from `thaw eval`'s.
     pub placeholder_ttl_secs: u64,
     /// Most placeholders kept; above it, the least recently named are
     /// removed, down to 90%. Each costs a described item's propagation rows
@@ -147,7 +151,7 @@ impl Default for GraphSettings {
             tolerance: 1e-2,
             ripple_ms: 1000,
             catch_up_ms: 2000,
-            placeholder_ttl_secs: 7 * 24 * 3600,
+            placeholder_ttl_secs: 0,
             max_placeholders: 10_000,
         }
     }
