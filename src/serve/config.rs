@@ -132,16 +132,21 @@ pub struct GraphSettings {
     /// for this long, event time, is removed from the graph with its edges,
     /// and from the users' histories; the id starts afresh if it comes back.
     /// 0 (the default): never, and `max_placeholders` alone bounds them.
-    /// Off by default because event time is the data's own: replaying
-    /// months of history (the demo does), a TTL removes the placeholders of
-    /// ids whose item event was refused, edges and all, where offline
-    /// evaluation keeps them, and the lists drift from `thaw eval`'s.
+    /// Off by default because event time is the data's own and the engine's
+    /// clock is the latest event time of any partition: replaying months of
+    /// history (the demo does), one topic read ahead of another can move the
+    /// clock past placeholders whose item events are still unread, and a
+    /// TTL removes them, edges and all, where offline evaluation keeps them
+    /// (with 7 days, 293 of 333 demo lists stayed equal to `thaw eval`'s;
+    /// off, 311).
     pub placeholder_ttl_secs: u64,
     /// Most placeholders kept; above it, the least recently named are
     /// removed, down to 90%. Each costs a described item's propagation rows
-    /// (`relations × (hops + 1) × dim` floats). Default 10,000: enough for
-    /// events that come before their item event, not for a stream that
-    /// names ids it never describes.
+    /// (`relations × (hops + 1) × dim` floats, about 5 KB with the
+    /// reference model). Default 100,000: a replay that reads its
+    /// interactions topic ahead of its items topic names many ids before
+    /// their item events (Last.FM has 17,632 items), and those must not be
+    /// expired; a stream that names ids it never describes stops here.
     pub max_placeholders: usize,
 }
 
@@ -152,7 +157,7 @@ impl Default for GraphSettings {
             ripple_ms: 1000,
             catch_up_ms: 2000,
             placeholder_ttl_secs: 0,
-            max_placeholders: 10_000,
+            max_placeholders: 100_000,
         }
     }
 }
