@@ -551,14 +551,6 @@ async fn chaos_kills_and_restarts_converge() {
         .local_addr()
         .unwrap()
         .port();
-    /// Killed on drop, a failed assertion included.
-    struct Killed(std::process::Child);
-    impl Drop for Killed {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let mut redis_proc = Killed(start_redis(port));
     let url = format!("redis://127.0.0.1:{port}");
     let tmp = tempfile::tempdir().unwrap();

@@ -34,18 +34,9 @@ fn env_or(name: &str, default: u64) -> u64 {
     }
 }
 
-/// Resident set of `pid`, bytes (`VmRSS` in `/proc/PID/status`).
+/// Resident set of `pid`, bytes.
 fn rss(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: u64 = s
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
+    thaw::serve::memory::resident_bytes_of(&pid.to_string())
 }
 
 /// `/metrics` of the engine at `port` (empty while it does not answer).
@@ -134,13 +125,6 @@ async fn rss_stays_under_the_budget_through_a_burst() {
     produce(&producer, &steady).await;
     let mut sent = steady.len() as u64;
 
-    struct Killed(std::process::Child);
-    impl Drop for Killed {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let log = tmp.path().join("memory.log");
     let env = [
         ("THAW__MEMORY__BUDGET_MB", budget_mb.to_string()),

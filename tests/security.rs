@@ -6,11 +6,14 @@
 //! One test in this binary: it sets `SSL_CERT_FILE` for the process before
 //! any TLS connection is made.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::Killed;
 use thaw::publish::{read_recs, Publish, Publisher, UserOut};
 use thaw::serve::config::RedisSettings;
 use thaw::serve::metrics::{Health, Metrics};
@@ -39,17 +42,6 @@ fn certificate(dir: &Path) {
         .status()
         .expect("openssl runs (Debian package openssl)");
     assert!(ok.success(), "openssl req -x509 failed");
-}
-
-/// A child process killed when dropped (an assertion failing midway
-/// leaves no server behind).
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// `redis-server` with TLS only (no plain port) and a password.

@@ -38,7 +38,12 @@ const LOW: f64 = 0.7;
 
 /// The resident set of this process, bytes (`VmRSS`), where `/proc` has it.
 pub fn resident_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    resident_bytes_of("self")
+}
+
+/// The resident set of process `pid` (a number, or `self`), bytes.
+pub fn resident_bytes_of(pid: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: u64 = s
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))?
@@ -369,29 +374,26 @@ impl Governor {
 mod tests {
     use super::*;
 
-    #[test]
-    fn pressure_has_hysteresis() {
-        let g = Governor::build(
+    fn governor(budget_mb: u64) -> Governor {
+        Governor::build(
             &MemorySettings {
-                budget_mb: 100,
+                budget_mb,
                 check_ms: 100,
             },
             Arc::new(Metrics::new()),
             Default::default(),
-        );
+        )
+    }
+
+    #[test]
+    fn pressure_has_hysteresis() {
+        let g = governor(100);
         let mb = |m: u64| m << 20;
         assert!(!g.next(false, mb(80)), "at 80% not yet");
         assert!(g.next(false, mb(81)));
         assert!(g.next(true, mb(75)), "stays on down to 70%");
         assert!(!g.next(true, mb(69)));
-        let none = Governor::build(
-            &MemorySettings {
-                budget_mb: 0,
-                check_ms: 100,
-            },
-            Arc::new(Metrics::new()),
-            Default::default(),
-        );
+        let none = governor(0);
         assert!(!none.next(false, u64::MAX), "no budget, no pressure");
         assert_eq!(none.pressure().allowance(), None);
         assert_eq!(

@@ -301,15 +301,7 @@ impl Synth {
 }
 
 fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
+    crate::serve::memory::resident_bytes().unwrap_or(0)
 }
 
 /// Graph figures: memory per item and edge, full vs incremental propagation.

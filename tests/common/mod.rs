@@ -334,3 +334,14 @@ pub fn spawn_serve_with(
         .spawn()
         .expect("thaw serve starts")
 }
+
+/// A child process killed when dropped (an assertion failing midway leaves
+/// no server behind).
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
