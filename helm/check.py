@@ -4,8 +4,10 @@ the example values, and validate every manifest offline.
 - lint: Helm v4's linter (helm-python-sdk), strict (a warning fails), with
   each values file;
 - render: values.schema.json checked, then the templates rendered as an
-  install would; the schema must also refuse replicaCount: 2 (horizontal
-  scale is not built) and a redis.url in the ConfigMap;
+  install would; the schema must also refuse replicaCount: 2 without
+  scaleOut (two instances in one group would split the catalogue topics)
+  and a redis.url in the ConfigMap; scaled out, the workload must be a
+  StatefulSet whose pods take their name as kafka.replica_id;
 - validate: every Kubernetes object against Kubernetes' own OpenAPI schemas
   (kubernetes-validate, strict: unknown fields fail) at the chart's oldest
   supported version and the newest the tool knows; the ServiceMonitor, a CRD
@@ -35,6 +37,7 @@ SERVICE_MONITOR_SCHEMA = json.loads((ROOT / "schemas" / "servicemonitor-v1.json"
 VALUE_SETS = {
     "default": None,
     "example": CHART / "ci" / "example-values.yaml",
+    "scale-out": CHART / "ci" / "scale-out-values.yaml",
 }
 failures = []
 
@@ -135,13 +138,24 @@ def check_config(name, docs, values):
             fail(f"{name}: the dashboard ConfigMap differs from dashboards/thaw.json")
         elif dash[0]["metadata"].get("labels", {}).get("grafana_dashboard") != "1":
             fail(f"{name}: the dashboard ConfigMap lacks the label grafana_dashboard: \"1\"")
-    deploy = next(d for _, d in docs if d["kind"] == "Deployment")
+    scaled = merged["scaleOut"]["enabled"]
+    kind = "StatefulSet" if scaled else "Deployment"
+    deploy = next((d for _, d in docs if d["kind"] == kind), None)
+    if deploy is None:
+        fail(f"{name}: no {kind} rendered")
+        return
     spec = deploy["spec"]["template"]["spec"]
     c = spec["containers"][0]
     if c["livenessProbe"]["httpGet"]["path"] != "/healthz" or c["readinessProbe"]["httpGet"]["path"] != "/readyz":
         fail(f"{name}: probes are not /healthz and /readyz")
-    if deploy["spec"].get("replicas", 1) != 1:
-        fail(f"{name}: {deploy['spec']['replicas']} replicas")
+    if not scaled and deploy["spec"].get("replicas", 1) != 1:
+        fail(f"{name}: {deploy['spec']['replicas']} replicas of one instance")
+    env = {e["name"]: e for e in c.get("env", [])}
+    replica = env.get("THAW__KAFKA__REPLICA_ID", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+    if scaled and replica != "metadata.name":
+        fail(f"{name}: scaled out, but kafka.replica_id is not the pod's name ({env.get('THAW__KAFKA__REPLICA_ID')})")
+    if not scaled and "THAW__KAFKA__REPLICA_ID" in env:
+        fail(f"{name}: one instance with a replica id")
     if spec["securityContext"].get("runAsNonRoot") is not True:
         fail(f"{name}: the pod may run as root")
 
@@ -160,6 +174,10 @@ for name, path in VALUE_SETS.items():
         for k in ("ServiceMonitor", "HorizontalPodAutoscaler", "PodDisruptionBudget"):
             if k not in kinds:
                 fail(f"example: no {k} rendered")
+    if name == "scale-out":
+        hpa = next((d for _, d in docs if d["kind"] == "HorizontalPodAutoscaler"), None)
+        if hpa is None or hpa["spec"]["scaleTargetRef"]["kind"] != "StatefulSet":
+            fail("scale-out: the HPA does not scale the StatefulSet")
 refused(chart, {"replicaCount": 2}, "replicaCount: 2")
 refused(chart, {"autoscaling": {"enabled": True, "maxReplicas": 3}}, "autoscaling.maxReplicas: 3")
 refused(chart, {"config": {"redis": {"url": "redis://:secret@r:6379"}}}, "a Redis URL in the ConfigMap")

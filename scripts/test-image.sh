@@ -140,10 +140,16 @@ users_in_split=$(cat "$split/meta_training.txt" "$split"/*_support.txt | awk '{p
 # The sum of the samples of a family whose line matches an extended regex.
 metric() { curl -s "$http/metrics" | { grep -E "^$1" || true; } | awk '{s += $NF} END {printf "%d", s}'; }
 count() { redis-cli -u "$redis_url" --scan --pattern "$1" | wc -l; }
+# Data keys are under the version the marker names: `$tag:model` `root`.
+root() { redis-cli -u "$redis_url" hget "$tag:model" root; }
 for _ in $(seq 600); do
   counted=$(metric 'thaw_ingest_events_total[{]')
-  n_items=$(count "$tag:item:*")
-  n_recs=$(count "$tag:recs:*")
+  r=$(root)
+  n_items=0 n_recs=0
+  if [ -n "$r" ]; then
+    n_items=$(count "$r:item:*")
+    n_recs=$(count "$r:recs:*")
+  fi
   lag=$(metric 'thaw_ingest_consumer_lag_messages[{]')
   [ "$counted" -ge "$events" ] && [ "$n_items" -ge "$items_in_data" ] && [ "$n_recs" -ge "$users_in_split" ] && [ "$lag" = 0 ] && break
   [ "$(docker inspect -f '{{.State.Running}}' "$engine")" = true ] || { docker logs "$engine" 2>&1 | tail -n 30 >&2; die "the engine stopped"; }
@@ -160,7 +166,7 @@ echo "image-test: replay and engine done in ${elapsed} s: $counted of $events ev
 [ "$counted" = "$events" ] || die "the engine counted $counted events, the replay sent $events"
 [ "$n_recs" = "$users_in_split" ] || die "$n_recs lists in Redis, $users_in_split users in the stream"
 [ "$n_items" -ge "$items_in_data" ] || die "$n_items of $items_in_data items have an embedding in Redis"
-emb_len=$(redis-cli -u "$redis_url" --no-raw hstrlen "$(redis-cli -u "$redis_url" --scan --pattern "$tag:item:*" | head -1)" emb | tr -dc 0-9)
+emb_len=$(redis-cli -u "$redis_url" --no-raw hstrlen "$(redis-cli -u "$redis_url" --scan --pattern "$(root):item:*" | head -1)" emb | tr -dc 0-9)
 [ "${emb_len:-0}" -gt 0 ] || die "an item's emb is empty"
 [ "$served" = "$model_version" ] || die "thaw:model is '$served', expected the trained model's '$model_version'"
 grep -qE '^thaw_infer_provider_info[{]provider="CPUExecutionProvider"[}] 1$' "$work/metrics.txt" \

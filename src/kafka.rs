@@ -35,6 +35,13 @@ pub struct KafkaSettings {
     /// librdkafka properties passed through verbatim to every client
     /// (SASL/SSL, timeouts, ...). They override thaw's own settings.
     pub properties: BTreeMap<String, String>,
+    /// Scale-out: this replica's name, unique among the replicas and stable
+    /// across its restarts (a StatefulSet pod's name). Empty: one instance.
+    /// With a name, the replica reads every topic in full in a group of its
+    /// own (`{group_id}.{replica_id}`) and publishes the users of the
+    /// `interactions` partitions that `group_id` assigns it
+    /// ([`crate::serve::replica`]).
+    pub replica_id: String,
 }
 
 impl std::fmt::Debug for KafkaSettings {
@@ -43,6 +50,7 @@ impl std::fmt::Debug for KafkaSettings {
             .field("brokers", &self.brokers)
             .field("group_id", &self.group_id)
             .field("properties", &crate::redact::properties(&self.properties))
+            .field("replica_id", &self.replica_id)
             .finish()
     }
 }
@@ -53,6 +61,7 @@ impl Default for KafkaSettings {
             brokers: "127.0.0.1:9092".into(),
             group_id: "thaw".into(),
             properties: BTreeMap::new(),
+            replica_id: String::new(),
         }
     }
 }
@@ -63,6 +72,16 @@ impl KafkaSettings {
         Self {
             brokers: brokers.into(),
             ..Self::default()
+        }
+    }
+
+    /// The group of the consumer that reads the topics: `group_id`, or a
+    /// group of this replica's own when scaled out.
+    pub fn reader_group(&self) -> String {
+        if self.replica_id.is_empty() {
+            self.group_id.clone()
+        } else {
+            format!("{}.{}", self.group_id, self.replica_id)
         }
     }
 

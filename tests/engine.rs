@@ -8,7 +8,9 @@
 //!    messages among them; every item gets an embedding, a zero-shot item
 //!    published later gets one, a user with three interactions gets a list
 //!    without their items, the malformed messages are in the DLQ with their
-//!    reasons, and nothing else is lost.
+//!    reasons, and nothing else is lost. A new model in the folder is
+//!    written under its own version before `thaw:model` flips to it; the
+//!    example reader (`examples/reader.rs`) reads one version throughout.
 //! 2. `kill_and_restart_converges`: `thaw serve` as a process, killed with
 //!    SIGKILL mid-stream and restarted, ends with the Redis state of an
 //!    uninterrupted run.
@@ -20,6 +22,9 @@
 //!    run.
 
 mod common;
+/// The serving-side reader of `examples/`, run against the engine's keys.
+#[path = "../examples/reader.rs"]
+mod reader;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -93,12 +98,12 @@ async fn serve_end_to_end() {
     wait_for(&progress, first, "first batch").await;
     let mut c = redis().await;
     for i in 0..30 {
-        let e = emb(&mut c, &format!("{prefix}:item:m{i}")).await;
+        let e = emb(&mut c, &format!("{prefix}:test-1:item:m{i}")).await;
         let e = e.unwrap_or_else(|| panic!("item m{i} has no embedding"));
         assert_eq!(e.len(), 64);
         assert!(e.iter().all(|x| x.is_finite()));
     }
-    let alice = recs(&mut c, &format!("{prefix}:recs:alice")).await;
+    let alice = recs(&mut c, &format!("{prefix}:test-1:recs:{{alice}}")).await;
     assert_eq!(alice.len(), 10, "top 10 of 27 candidates");
     for (id, _) in &alice {
         assert!(
@@ -107,7 +112,9 @@ async fn serve_end_to_end() {
         );
     }
     assert!(alice.windows(2).all(|w| w[0].1 >= w[1].1));
-    assert!(emb(&mut c, &format!("{prefix}:user:alice")).await.is_some());
+    assert!(emb(&mut c, &format!("{prefix}:test-1:user:{{alice}}"))
+        .await
+        .is_some());
     let model: BTreeMap<String, String> = redis::cmd("HGETALL")
         .arg(format!("{prefix}:model"))
         .query_async(&mut c)
@@ -116,16 +123,20 @@ async fn serve_end_to_end() {
     assert_eq!(model.get("version").map(String::as_str), Some("test-1"));
 
     // A zero-shot item arrives after startup, linked to m0.
-    let before_m0 = emb(&mut c, &format!("{prefix}:item:m0")).await.unwrap();
+    let before_m0 = emb(&mut c, &format!("{prefix}:test-1:item:m0"))
+        .await
+        .unwrap();
     let later = vec![
         item("fresh", "A brand new film nobody has seen", 9_000),
         edge("fresh", "m0", "also_viewed", 9_001),
     ];
     produce(&producer, &later).await;
     wait_for(&progress, first + 2, "zero-shot item").await;
-    let fresh = emb(&mut c, &format!("{prefix}:item:fresh")).await;
+    let fresh = emb(&mut c, &format!("{prefix}:test-1:item:fresh")).await;
     assert!(fresh.is_some(), "the zero-shot item has an embedding");
-    let after_m0 = emb(&mut c, &format!("{prefix}:item:m0")).await.unwrap();
+    let after_m0 = emb(&mut c, &format!("{prefix}:test-1:item:m0"))
+        .await
+        .unwrap();
     assert_ne!(
         before_m0, after_m0,
         "m0's embedding follows its new neighbour"
@@ -143,8 +154,14 @@ async fn serve_end_to_end() {
     assert!(reasons.contains(&"oversized".to_string()), "{reasons:?}");
     assert_eq!(progress.dead_lettered.load(Ordering::SeqCst), 4);
     // Nothing lost: 31 items and 2 users published, the unknown relation counted.
-    assert_eq!(keys(&mut c, &format!("{prefix}:item:*")).await.len(), 31);
-    assert_eq!(keys(&mut c, &format!("{prefix}:recs:*")).await.len(), 2);
+    assert_eq!(
+        keys(&mut c, &format!("{prefix}:test-1:item:*")).await.len(),
+        31
+    );
+    assert_eq!(
+        keys(&mut c, &format!("{prefix}:test-1:recs:*")).await.len(),
+        2
+    );
     let text = metrics.encode();
     assert!(
         text.contains("thaw_core_unknown_relations_total 1"),
@@ -176,7 +193,33 @@ async fn serve_end_to_end() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    for k in keys(&mut c, &format!("{prefix}:item:*")).await {
+    // The new version's keys, written in full before the flip; the old
+    // version's left to expire (redis.old_version_ttl_secs).
+    let root: Option<String> = redis::cmd("HGET")
+        .arg(format!("{prefix}:model"))
+        .arg("root")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(root, Some(format!("{prefix}:test-2")));
+    assert_eq!(
+        keys(&mut c, &format!("{prefix}:test-2:item:*")).await.len(),
+        31
+    );
+    assert_eq!(
+        keys(&mut c, &format!("{prefix}:test-2:recs:*")).await.len(),
+        2
+    );
+    let old_ttl: i64 = redis::cmd("TTL")
+        .arg(format!("{prefix}:test-1:item:m0"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(
+        (1..=300).contains(&old_ttl),
+        "the old version expires after the grace period: TTL {old_ttl}"
+    );
+    for k in keys(&mut c, &format!("{prefix}:test-2:item:*")).await {
         let m: String = redis::cmd("HGET")
             .arg(&k)
             .arg("model")
@@ -188,119 +231,21 @@ async fn serve_end_to_end() {
             "{k} still under the old version after the flip"
         );
     }
-    let swapped_m0 = emb(&mut c, &format!("{prefix}:item:m0")).await.unwrap();
+    let swapped_m0 = emb(&mut c, &format!("{prefix}:test-2:item:m0"))
+        .await
+        .unwrap();
+    let view = reader::read_user(&mut c, &prefix, "alice")
+        .await
+        .unwrap()
+        .expect("a model is published");
+    assert_eq!(view.version, "test-2");
+    assert_eq!(view.recs.len(), 10);
+    assert_eq!(view.embedding.map(|e| e.len()), Some(64));
     assert_ne!(swapped_m0, after_m0, "new weights, new embedding");
     assert!(text.contains("thaw_infer_provider_info"));
 
     engine.shutdown().await.expect("clean shutdown");
     clear(&mut c, &prefix).await;
-}
-
-/// Everything under `prefix`, decoded: item and user embeddings, lists.
-#[derive(Debug, Default)]
-struct Snapshot {
-    items: BTreeMap<String, Vec<f32>>,
-    users: BTreeMap<String, Vec<f32>>,
-    recs: BTreeMap<String, Vec<(String, f64)>>,
-}
-
-async fn snapshot(c: &mut redis::aio::MultiplexedConnection, prefix: &str) -> Snapshot {
-    let mut s = Snapshot::default();
-    for k in keys(c, &format!("{prefix}:item:*")).await {
-        let e = emb(c, &k).await.unwrap();
-        s.items.insert(k[prefix.len() + 6..].to_string(), e);
-    }
-    for k in keys(c, &format!("{prefix}:user:*")).await {
-        let e = emb(c, &k).await.unwrap();
-        s.users.insert(k[prefix.len() + 6..].to_string(), e);
-    }
-    for k in keys(c, &format!("{prefix}:recs:*")).await {
-        let r = recs(c, &k).await;
-        s.recs.insert(k[prefix.len() + 6..].to_string(), r);
-    }
-    s
-}
-
-/// Equal up to float rounding: the restarted engine assigned graph slots in
-/// another order, so sums ran in another order. Lists must hold the same
-/// items, but two items whose scores are within rounding may swap places.
-fn differences(a: &Snapshot, b: &Snapshot) -> Vec<String> {
-    let mut out = Vec::new();
-    let close = |x: &[f32], y: &[f32], tol: f32| {
-        x.len() == y.len() && x.iter().zip(y).all(|(p, q)| (p - q).abs() <= tol)
-    };
-    for (what, x, y) in [("item", &a.items, &b.items), ("user", &a.users, &b.users)] {
-        if x.keys().ne(y.keys()) {
-            out.push(format!("{what} keys differ: {} vs {}", x.len(), y.len()));
-            continue;
-        }
-        for (k, v) in x {
-            if !close(v, &y[k], 1e-4) {
-                out.push(format!("{what} {k} differs"));
-            }
-        }
-    }
-    if a.recs.keys().ne(b.recs.keys()) {
-        out.push(format!(
-            "recs keys differ: {} vs {}",
-            a.recs.len(),
-            b.recs.len()
-        ));
-    } else {
-        for (k, x) in &a.recs {
-            let y = &b.recs[k];
-            let sx: BTreeMap<&str, f64> = x.iter().map(|(i, s)| (i.as_str(), *s)).collect();
-            let sy: BTreeMap<&str, f64> = y.iter().map(|(i, s)| (i.as_str(), *s)).collect();
-            let last = x.last().map_or(f64::NEG_INFINITY, |l| l.1);
-            for (i, s) in &sx {
-                match sy.get(i) {
-                    Some(t) if (s - t).abs() <= 1e-3 => {}
-                    None if (s - last).abs() <= 1e-3 => {} // a tie at the cut
-                    other => out.push(format!("recs {k}: {i} {s} vs {other:?}")),
-                }
-            }
-        }
-    }
-    out
-}
-
-async fn converge(
-    c: &mut redis::aio::MultiplexedConnection,
-    prefix: &str,
-    want: Option<&Snapshot>,
-) -> Snapshot {
-    // Settled: the snapshot stops changing (idle refresh done) or equals `want`.
-    let t0 = Instant::now();
-    let mut prev: Option<Snapshot> = None;
-    loop {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let s = snapshot(c, prefix).await;
-        if let Some(w) = want {
-            if differences(w, &s).is_empty() {
-                return s;
-            }
-        } else if let Some(p) = &prev {
-            if !s.items.is_empty()
-                && !s.recs.is_empty()
-                && differences(p, &s).is_empty()
-                && p.recs == s.recs
-            {
-                return s;
-            }
-        }
-        if t0.elapsed() > Duration::from_secs(120) {
-            if let Some(w) = want {
-                let d = differences(w, &s);
-                panic!(
-                    "no convergence after 120 s: {} differences, first {:?}",
-                    d.len(),
-                    &d[..d.len().min(10)]
-                );
-            }
-            panic!("the uninterrupted run did not settle in 120 s");
-        }
-        prev = Some(s);
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -368,7 +313,7 @@ async fn kill_and_restart_converges() {
     let mut p = spawn_serve(&b, tmp.path(), &log_b);
     let t0 = Instant::now();
     loop {
-        let n = keys(&mut c, &format!("{}:item:*", b.redis.prefix))
+        let n = keys(&mut c, &format!("{}:test-1:item:*", b.redis.prefix))
             .await
             .len();
         if n >= 20 {
@@ -472,7 +417,9 @@ async fn redis_outage_applies_backpressure() {
         .unwrap();
     for i in 0..5 {
         assert!(
-            emb(&mut c, &format!("{prefix}:item:b{i}")).await.is_some(),
+            emb(&mut c, &format!("{prefix}:test-1:item:b{i}"))
+                .await
+                .is_some(),
             "b{i} published after the outage"
         );
     }
@@ -484,7 +431,10 @@ async fn redis_outage_applies_backpressure() {
     loop {
         let mut missing = Vec::new();
         for i in 0..10 {
-            if emb(&mut c, &format!("{prefix}:item:a{i}")).await.is_none() {
+            if emb(&mut c, &format!("{prefix}:test-1:item:a{i}"))
+                .await
+                .is_none()
+            {
                 missing.push(format!("a{i}"));
             }
         }

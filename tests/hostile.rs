@@ -100,12 +100,14 @@ async fn poison_and_bad_messages_do_not_hold_the_stream() {
     let mut c = redis().await;
     for i in (0..200).step_by(4) {
         assert!(
-            emb(&mut c, &format!("{prefix}:item:h{i}")).await.is_some(),
+            emb(&mut c, &format!("{prefix}:test-1:item:h{i}"))
+                .await
+                .is_some(),
             "h{i} published"
         );
     }
-    let users = keys(&mut c, &format!("{prefix}:user:*")).await;
-    let lists = keys(&mut c, &format!("{prefix}:recs:*")).await;
+    let users = keys(&mut c, &format!("{prefix}:test-1:user:*")).await;
+    let lists = keys(&mut c, &format!("{prefix}:test-1:recs:*")).await;
     let events: Vec<String> = metrics
         .encode()
         .lines()
@@ -166,7 +168,7 @@ async fn a_far_future_timestamp_is_capped() {
     wait_for(&engine.progress, events.len() as u64, "events").await;
     let mut c = redis().await;
     let ts: u64 = redis::cmd("HGET")
-        .arg(format!("{prefix}:user:mallory"))
+        .arg(format!("{prefix}:test-1:user:{{mallory}}"))
         .arg("ts")
         .query_async(&mut c)
         .await
@@ -211,7 +213,9 @@ async fn users_are_bounded_by_ttl_and_count() {
     wait_for(&engine.progress, sent, "stale users").await;
     let mut c = redis().await;
     assert_eq!(
-        keys(&mut c, &format!("{prefix}:recs:stale*")).await.len(),
+        keys(&mut c, &format!("{prefix}:test-1:recs:{{stale*"))
+            .await
+            .len(),
         5
     );
     let users_kept = |text: String| -> usize {
@@ -236,14 +240,14 @@ async fn users_are_bounded_by_ttl_and_count() {
         30,
         "the 5 stale users evicted by the TTL"
     );
-    assert!(keys(&mut c, &format!("{prefix}:recs:stale*"))
+    assert!(keys(&mut c, &format!("{prefix}:test-1:recs:{{stale*"))
         .await
         .is_empty());
-    assert!(keys(&mut c, &format!("{prefix}:user:stale*"))
+    assert!(keys(&mut c, &format!("{prefix}:test-1:user:{{stale*"))
         .await
         .is_empty());
     let ttl: i64 = redis::cmd("TTL")
-        .arg(format!("{prefix}:user:u29"))
+        .arg(format!("{prefix}:test-1:user:{{u29}}"))
         .query_async(&mut c)
         .await
         .unwrap();
@@ -258,11 +262,14 @@ async fn users_are_bounded_by_ttl_and_count() {
     wait_for(&engine.progress, sent, "more users").await;
     let kept = users_kept(engine.metrics.encode());
     assert!((29..=32).contains(&kept), "{kept} users kept, max 32");
-    let recs = keys(&mut c, &format!("{prefix}:recs:*")).await;
+    let recs = keys(&mut c, &format!("{prefix}:test-1:recs:*")).await;
     assert_eq!(recs.len(), kept, "{recs:?}");
-    assert!(recs.contains(&format!("{prefix}:recs:u39")), "{recs:?}");
     assert!(
-        !recs.contains(&format!("{prefix}:recs:u00")),
+        recs.contains(&format!("{prefix}:test-1:recs:{{u39}}")),
+        "{recs:?}"
+    );
+    assert!(
+        !recs.contains(&format!("{prefix}:test-1:recs:{{u00}}")),
         "the least recent evicted: {recs:?}"
     );
     engine.shutdown().await.expect("clean shutdown");
@@ -340,7 +347,9 @@ async fn placeholders_expire_by_ttl_and_count() {
     wait_for(&engine.progress, sent, "g0 described").await;
     let mut c = redis().await;
     assert!(
-        emb(&mut c, &format!("{prefix}:item:g0")).await.is_some(),
+        emb(&mut c, &format!("{prefix}:test-1:item:g0"))
+            .await
+            .is_some(),
         "g0 published"
     );
     let m = engine.metrics.encode();

@@ -3,7 +3,10 @@
 //! relations (`co_interacted`, `co_liked`) equal, edge for edge, to the
 //! offline build over the same interactions (the graph `thaw train` and
 //! `thaw eval` use), and the timeline carries none of those edges: every
-//! one was derived by the engine from an interaction it had consumed.
+//! one was derived by the engine from an interaction it had consumed. The
+//! core reads users' interactions interleaved as Kafka's partitions give
+//! them, not in the offline stream order: once idle (settled), the graph is
+//! the same.
 //!
 //! Needs `make data` (MovieLens-100K, Last.FM), `make models` (the text
 //! encoder, for the engine's item texts) and `../shared/eval` beside the
@@ -46,6 +49,28 @@ fn behavioural_edges(pkg: &thaw::graph::Pkg) -> BTreeSet<(String, String, String
         }
     }
     out
+}
+
+/// `batch` as the engine reads it from Kafka: `interactions` is keyed by
+/// user over 12 partitions, read one after another, so users' streams
+/// interleave otherwise than in the timeline (each user's own order kept).
+/// Other events keep their places; the interactions fill theirs in the
+/// partitions' order.
+fn as_partitions_read(batch: &[Event]) -> Vec<Event> {
+    let partition = |e: &Event| match e {
+        Event::Interaction(x) => Some(thaw::adapt::key(&x.user_id) % 12),
+        _ => None,
+    };
+    let mut moved: Vec<&Event> = batch.iter().filter(|e| partition(e).is_some()).collect();
+    moved.sort_by_key(|e| partition(e));
+    let mut moved = moved.into_iter();
+    batch
+        .iter()
+        .map(|e| match partition(e) {
+            Some(_) => moved.next().expect("as many interactions").clone(),
+            None => e.clone(),
+        })
+        .collect()
 }
 
 fn online_equals_offline(data: &str, split: &str, cfg: PkgConfig) {
@@ -107,9 +132,14 @@ fn online_equals_offline(data: &str, split: &str, cfg: PkgConfig) {
     let (history, live) = timeline.events.split_at(timeline.history);
     for (phase, events) in [("history", history), ("live", live)] {
         for batch in events.chunks(5_000) {
-            let msgs: Vec<Msg> = batch.iter().map(|e| Msg::new(e.clone(), None)).collect();
+            let msgs: Vec<Msg> = as_partitions_read(batch)
+                .into_iter()
+                .map(|e| Msg::new(e, None))
+                .collect();
             core.apply(&msgs, Mode::Restore).unwrap();
         }
+        // The engine settles the behavioural lists when the stream is idle.
+        core.idle().unwrap();
         if phase == "history" {
             // No edge ahead of the interactions consumed so far: after the
             // history phase the online graph is the offline build over the

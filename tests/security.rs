@@ -105,6 +105,9 @@ async fn redis_over_tls_with_auth_and_no_secret_in_errors() {
         .await
         .expect("published over TLS within 20 s")
         .expect("published over TLS");
+    p.set_model("v1", 4, &[], &stop)
+        .await
+        .expect("the marker written over TLS");
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
     let recs = read_recs(&mut c, "thaw-tls-test", "alice", 10)

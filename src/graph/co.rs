@@ -22,6 +22,17 @@
 //! additions and removals an interaction causes are returned, so the engine
 //! applies them to its PKG and they propagate like catalogue edges.
 //!
+//! Step 3 keeps the other entries' old scores, and which users' interactions
+//! came first changes which lists were re-selected when, so the lists depend
+//! on how users' streams interleave (the partitions' read order), not only on
+//! the interactions. [`CoGraph::settle`] removes that: it re-selects in full,
+//! from the current counts, every list that could differ from a full
+//! re-selection (the nodes touched since the last settle and their
+//! co-occurring nodes). After a settle the graph is a function of the counts,
+//! and the counts are a function of each user's own order alone. The engine
+//! settles when idle; the offline builder once, at the end; both then hold
+//! the same graph, however the partitions were read.
+//!
 //! Ties between equal scores go to the smaller node key (a hash of the item's
 //! external id, so slots and dataset indexes order the same way), then the
 //! smaller node. Memory: one count per co-occurring pair within a window, so
@@ -63,6 +74,11 @@ pub struct CoGraph {
     co: Vec<HashMap<u32, u32>>,
     /// Neighbour list per node, `(node, score)`, best first.
     lists: Vec<Vec<(u32, f32)>>,
+    /// Nodes whose user count, counts or list changed since the last
+    /// [`Self::settle`]. Not in snapshots: a loaded graph settles in full
+    /// ([`Self::unsettle_all`]).
+    #[serde(skip)]
+    dirty: BTreeSet<u32>,
 }
 
 impl CoGraph {
@@ -74,6 +90,7 @@ impl CoGraph {
             keys: Vec::new(),
             co: Vec::new(),
             lists: Vec::new(),
+            dirty: BTreeSet::new(),
         }
     }
 
@@ -149,6 +166,7 @@ impl CoGraph {
         let partners: Vec<u32> = self.co[x].keys().copied().collect();
         for j in partners {
             let j_ = j as usize;
+            self.dirty.insert(j);
             self.co[j_].remove(&node);
             if let Some(p) = self.lists[j_].iter().position(|p| p.0 == node) {
                 self.lists[j_].remove(p);
@@ -159,6 +177,7 @@ impl CoGraph {
         self.lists[x] = Vec::new();
         self.users[x] = 0;
         self.keys[x] = 0;
+        self.dirty.insert(node);
         gone.into_iter()
             .map(|(a, b)| EdgeChange::Remove(a, b))
             .collect()
@@ -195,6 +214,76 @@ impl CoGraph {
         list.sort_by(|&x, &y| self.order(x, y));
     }
 
+    /// `node`'s list selected in full from the current counts: the
+    /// `neighbours` best by (score, key, node) among nodes with at least
+    /// `min_co_users` shared users.
+    fn select(&self, node: u32) -> Vec<(u32, f32)> {
+        let min = self.cfg.min_co_users.max(1) as u32;
+        let mut cand: Vec<(u32, f32)> = self.co[node as usize]
+            .iter()
+            .filter(|&(_, &c)| c >= min)
+            .map(|(&j, &c)| (j, self.score(node, j, c)))
+            .collect();
+        let k = self.cfg.neighbours;
+        if cand.len() > k {
+            // The order is total (score, key, node): the k best by a partial
+            // selection are the k best of a full sort.
+            cand.select_nth_unstable_by(k, |&x, &y| self.order(x, y));
+            cand.truncate(k);
+        }
+        self.sort(&mut cand);
+        cand
+    }
+
+    /// Whether a settle has work: something changed since the last one.
+    pub fn is_settled(&self) -> bool {
+        self.dirty.is_empty()
+    }
+
+    /// Marks every node for the next [`Self::settle`] (after a snapshot is
+    /// loaded, whose lists may come from another interleaving).
+    pub fn unsettle_all(&mut self) {
+        self.dirty = (0..self.users.len() as u32).collect();
+    }
+
+    /// Re-selects in full, from the current counts, the list of every node
+    /// that changed since the last settle and of every node co-occurring
+    /// with one (their scores moved with its user count). Afterwards every
+    /// list is what a full re-selection gives, so the graph depends on the
+    /// counts alone. Returns the edge changes, sorted.
+    pub fn settle(&mut self) -> Vec<EdgeChange> {
+        let dirty = std::mem::take(&mut self.dirty);
+        let mut nodes: BTreeSet<u32> = BTreeSet::new();
+        for &d in &dirty {
+            let Some(co) = self.co.get(d as usize) else {
+                continue;
+            };
+            nodes.insert(d);
+            nodes.extend(co.keys().copied());
+        }
+        let fresh: Vec<(u32, Vec<(u32, f32)>)> =
+            nodes.iter().map(|&a| (a, self.select(a))).collect();
+        let mut affected: BTreeSet<(u32, u32)> = BTreeSet::new();
+        for (a, list) in &fresh {
+            for &(b, _) in self.lists[*a as usize].iter().chain(list) {
+                affected.insert((b.min(*a), b.max(*a)));
+            }
+        }
+        let before: Vec<bool> = affected.iter().map(|&(a, b)| self.has_edge(a, b)).collect();
+        for (a, list) in fresh {
+            self.lists[a as usize] = list;
+        }
+        affected
+            .into_iter()
+            .zip(before)
+            .filter_map(|((a, b), was)| match (was, self.has_edge(a, b)) {
+                (false, true) => Some(EdgeChange::Add(a, b)),
+                (true, false) => Some(EdgeChange::Remove(a, b)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Applies one interaction: a user whose history window (most recent
     /// last; only its last `window` entries are used) gains `item`. Returns
     /// the edge changes, sorted.
@@ -210,6 +299,8 @@ impl CoGraph {
             self.grow(j);
         }
         self.users[item as usize] += 1;
+        self.dirty.insert(item);
+        self.dirty.extend(window.iter().copied());
         for &j in &window {
             *self.co[item as usize].entry(j).or_insert(0) += 1;
             *self.co[j as usize].entry(item).or_insert(0) += 1;
@@ -224,19 +315,7 @@ impl CoGraph {
 
         // 2. item's list, re-selected in full.
         let min = self.cfg.min_co_users.max(1) as u32;
-        let mut cand: Vec<(u32, f32)> = self.co[item as usize]
-            .iter()
-            .filter(|&(_, &c)| c >= min)
-            .map(|(&j, &c)| (j, self.score(item, j, c)))
-            .collect();
-        let k = self.cfg.neighbours;
-        if cand.len() > k {
-            // The order is total (score, key, node): the k best by a partial
-            // selection are the k best of a full sort.
-            cand.select_nth_unstable_by(k, |&x, &y| self.order(x, y));
-            cand.truncate(k);
-        }
-        self.sort(&mut cand);
+        let cand = self.select(item);
         for &(j, _) in self.lists[item as usize].iter().chain(&cand) {
             note(item, j, &mut affected);
         }
@@ -319,6 +398,32 @@ mod tests {
         edges
     }
 
+    /// Replays `all[range]`, each user's history taken from the pairs
+    /// before it; returns the changes.
+    fn replay_range(
+        g: &mut CoGraph,
+        all: &[(u32, u32)],
+        range: std::ops::Range<usize>,
+    ) -> Vec<EdgeChange> {
+        let mut hist: HashMap<u32, Vec<u32>> = HashMap::new();
+        for &(u, i) in &all[..range.start] {
+            let h = hist.entry(u).or_default();
+            if !h.contains(&i) {
+                h.push(i);
+            }
+        }
+        let mut out = Vec::new();
+        for &(u, i) in &all[range] {
+            let h = hist.entry(u).or_default();
+            if h.contains(&i) {
+                continue;
+            }
+            out.extend(g.interact(h, i));
+            h.push(i);
+        }
+        out
+    }
+
     #[test]
     fn co_interactions_link_items_with_enough_shared_users() {
         let mut g = CoGraph::new(cfg(10, 2, 50));
@@ -398,6 +503,56 @@ mod tests {
             for n in 0..30 {
                 prop_assert!(g.neighbours(n).count() <= k);
             }
+        }
+
+        /// After a settle the graph depends on each user's own order alone:
+        /// the same pairs read user by user (another interleaving of the
+        /// users' streams, as partitions read in another order give), with
+        /// settles at arbitrary points in one of the runs, end in the same
+        /// edges; the settles' changes track the edge set, and every list
+        /// is its full re-selection.
+        #[test]
+        fn settled_graphs_do_not_depend_on_the_interleaving(
+            pairs in prop::collection::vec((0u32..12, 0u32..30), 0..300),
+            settle_every in 1usize..40,
+            k in 1usize..5, min in 1usize..3, window in 1usize..8,
+        ) {
+            let new = || {
+                let mut g = CoGraph::new(cfg(k, min, window));
+                for n in 0..30 {
+                    g.set_key(n, (n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                }
+                g
+            };
+            let track = |edges: &mut BTreeSet<(u32, u32)>, changes: Vec<EdgeChange>| {
+                for ch in changes {
+                    match ch {
+                        EdgeChange::Add(a, b) => assert!(edges.insert((a, b)), "added twice"),
+                        EdgeChange::Remove(a, b) => assert!(edges.remove(&(a, b)), "absent removed"),
+                    }
+                }
+            };
+            // Interleaved as given, settling every few pairs.
+            let mut g = new();
+            let mut edges = BTreeSet::new();
+            for lo in (0..pairs.len()).step_by(settle_every) {
+                let hi = (lo + settle_every).min(pairs.len());
+                track(&mut edges, replay_range(&mut g, &pairs, lo..hi));
+                track(&mut edges, g.settle());
+            }
+            prop_assert!(g.is_settled());
+            prop_assert_eq!(edges.iter().copied().collect::<Vec<_>>(), g.edges());
+            for n in 0..30 {
+                prop_assert_eq!(&g.lists[n as usize], &g.select(n));
+            }
+            // User by user, one settle at the end.
+            let mut by_user = pairs.clone();
+            by_user.sort_by_key(|p| p.0);
+            let mut h = new();
+            let mut edges = replay(&mut h, &by_user);
+            track(&mut edges, h.settle());
+            prop_assert_eq!(edges.into_iter().collect::<Vec<_>>(), h.edges());
+            prop_assert_eq!(g.edges(), h.edges());
         }
 
         /// With nodes removed among the interactions (and dropped from the

@@ -26,6 +26,9 @@ pub struct Msg {
     /// For an item event, its text's embedding when the text stage computed
     /// it already; else the core computes it.
     pub text: Option<Vec<f32>>,
+    /// The Kafka partition it was read from (an interaction's tells which
+    /// replica owns its user, [`crate::serve::replica`]).
+    pub partition: Option<i32>,
 }
 
 impl Msg {
@@ -35,7 +38,14 @@ impl Msg {
             event,
             kafka_ms,
             text: None,
+            partition: None,
         }
+    }
+
+    /// The same, read from `partition`.
+    pub fn at(mut self, partition: i32) -> Self {
+        self.partition = Some(partition);
+        self
     }
 }
 
@@ -113,6 +123,9 @@ pub enum Work {
     /// Redis lost what was published (a restart without persistence, a
     /// flush): publish everything again.
     Repair,
+    /// This replica's share of the users changed (a rebalance): publish the
+    /// users it gained ([`crate::serve::replica`]).
+    Owned,
 }
 
 /// `w` merged with the batches queued behind it in `rx`, in order, while

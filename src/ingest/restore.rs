@@ -148,7 +148,7 @@ pub fn restore(
             if let Ok(mut event) = decode(topic, m.key(), m.payload().unwrap_or(&[]), limits) {
                 // Capped as when it was first read (the same reference).
                 cap_future(&mut event, m.timestamp().to_millis(), max_future_ms);
-                msgs.push(Msg::new(event, None));
+                msgs.push(Msg::new(event, None).at(m.partition()));
             }
         }
         if m.offset() + 1 >= end {

@@ -87,6 +87,9 @@ pub struct Ingest {
     /// are cut at [`Ingest::pressure_batch`] and nothing more is read until
     /// what is in flight is published.
     pressure: Option<Arc<crate::serve::memory::Pressure>>,
+    /// Scaled out: this replica's share, and the generation of it last
+    /// handed to the core.
+    ownership: Option<(Arc<crate::serve::replica::Ownership>, u64)>,
 }
 
 impl Ingest {
@@ -108,7 +111,7 @@ impl Ingest {
                 .to_string()
         });
         let mut consumer_config = kafka.client_config(&[
-            ("group.id", kafka.group_id.as_str()),
+            ("group.id", kafka.reader_group().as_str()),
             ("enable.auto.commit", "true"),
             ("enable.auto.offset.store", "false"),
             ("auto.commit.interval.ms", "1000"),
@@ -139,6 +142,7 @@ impl Ingest {
             health,
             version,
             pressure: None,
+            ownership: None,
         })
     }
 
@@ -146,6 +150,24 @@ impl Ingest {
     pub fn with_pressure(mut self, pressure: Arc<crate::serve::memory::Pressure>) -> Self {
         self.pressure = Some(pressure);
         self
+    }
+
+    /// Hands changes of `ownership` to the core ([`Work::Owned`]).
+    pub fn with_ownership(
+        mut self,
+        ownership: Option<Arc<crate::serve::replica::Ownership>>,
+    ) -> Self {
+        self.ownership = ownership.map(|o| (o, 0));
+        self
+    }
+
+    /// Whether this replica's share changed since it was last handed on.
+    fn share_changed(&mut self) -> bool {
+        let Some((o, seen)) = self.ownership.as_mut() else {
+            return false;
+        };
+        let g = o.generation();
+        std::mem::replace(seen, g) != g
     }
 
     /// Under pressure, the most messages in flight (read, not yet
@@ -215,6 +237,15 @@ impl Ingest {
                 // state with everything before it applied.
                 if !self.send(&mut batch, &tx, &shutdown).await
                     || tx.send(Work::Repair).await.is_err()
+                {
+                    break;
+                }
+            }
+            if self.share_changed() {
+                // After what is open, in order: the gained users are
+                // published with everything read before applied.
+                if !self.send(&mut batch, &tx, &shutdown).await
+                    || tx.send(Work::Owned).await.is_err()
                 {
                     break;
                 }
@@ -324,7 +355,7 @@ impl Ingest {
                     Some(topic),
                     partition,
                     offset,
-                    Some((Msg::new(event, kafka_ms), delay)),
+                    Some((Msg::new(event, kafka_ms).at(partition), delay)),
                 );
             }
             Err(rejection) => {

@@ -1,12 +1,23 @@
 //! Redis output (DESIGN.md, "Redis layout"), pipelined and idempotent.
 //!
+//! Data keys carry the model version (`{v}` below); `{prefix}:model` names
+//! the version to read:
+//!
 //! | key | type | content |
 //! |---|---|---|
-//! | `{prefix}:item:{id}` | hash | `emb` (d × f32 little-endian), `model`, `ts` (ms) |
-//! | `{prefix}:user:{id}` | hash | same fields |
-//! | `{prefix}:recs:{user}` | sorted set | top-K item ids by score, replaced atomically |
-//! | `{prefix}:model` | hash | `version`, `dim`, `relations` |
+//! | `{prefix}:model` | hash | `version`, `root` (`{prefix}:{v}`), `dim`, `relations` |
+//! | `{prefix}:{v}:item:{id}` | hash | `emb` (d × f32 little-endian), `model`, `ts` (ms) |
+//! | `{prefix}:{v}:user:{{user}}` | hash | same fields |
+//! | `{prefix}:{v}:recs:{{user}}` | sorted set | top-K item ids by score, replaced atomically |
 //! | `{prefix}:updates` | stream | `kind`, `id`, `model` per refresh (capped) |
+//!
+//! The user id is in braces: a Redis Cluster hash tag, so a user's two keys
+//! share a slot (their list's transaction touches both). A reader resolves
+//! the version first (`HGET {prefix}:model root`), then reads under it
+//! ([`keys`], `examples/`). A model swap writes the new version in full,
+//! then flips `{prefix}:model`, then lets the old version's keys expire
+//! after `redis.old_version_ttl_secs`: a reader never mixes versions, and
+//! one that resolved the old version just before the flip still finds it.
 //!
 //! A list is replaced in one MULTI/EXEC transaction (DEL + ZADD), so a
 //! reader never sees it half replaced; the other writes are single commands,
@@ -29,6 +40,49 @@ use crate::serve::config::RedisSettings;
 use crate::serve::metrics::{Health, Metrics};
 
 pub mod stage;
+
+/// Key names of the layout (the module docs), for writers and readers.
+pub mod keys {
+    /// The marker: which version to read.
+    pub fn model(prefix: &str) -> String {
+        format!("{prefix}:model")
+    }
+
+    /// The root of a version's keys.
+    pub fn root(prefix: &str, version: &str) -> String {
+        format!("{prefix}:{version}")
+    }
+
+    /// An item's embedding, under `root` ([`root`]).
+    pub fn item(root: &str, id: &str) -> String {
+        format!("{root}:item:{id}")
+    }
+
+    /// A user's embedding, under `root`; the id is the hash tag.
+    pub fn user(root: &str, id: &str) -> String {
+        format!("{root}:user:{{{id}}}")
+    }
+
+    /// A user's list, under `root`; the id is the hash tag.
+    pub fn recs(root: &str, id: &str) -> String {
+        format!("{root}:recs:{{{id}}}")
+    }
+
+    /// The updates stream.
+    pub fn updates(prefix: &str) -> String {
+        format!("{prefix}:updates")
+    }
+
+    /// Refuses a prefix or version that would break the layout: empty, or
+    /// with `{`, `}` (a Redis Cluster hash tag would form before the
+    /// user's) or whitespace.
+    pub fn check_part(what: &str, s: &str) -> anyhow::Result<()> {
+        if s.is_empty() || s.contains(['{', '}']) || s.chars().any(char::is_whitespace) {
+            anyhow::bail!("{what} {s:?} must be non-empty, without braces or spaces");
+        }
+        Ok(())
+    }
+}
 
 /// An item embedding to publish.
 #[derive(Debug, Clone, PartialEq)]
@@ -117,6 +171,8 @@ pub struct Publisher {
     conn: Option<MultiplexedConnection>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    /// Scaled out: this replica's share ([`crate::serve::replica`]).
+    ownership: Option<Arc<crate::serve::replica::Ownership>>,
 }
 
 impl Publisher {
@@ -129,11 +185,28 @@ impl Publisher {
             conn: None,
             metrics,
             health,
+            ownership: None,
         })
     }
 
-    fn key(&self, kind: &str, id: &str) -> String {
-        format!("{}:{kind}:{id}", self.cfg.prefix)
+    /// Writes this replica's share only: the items when it leads, and the
+    /// model flip once every replica wrote its share ([`Publisher::flip`]).
+    pub fn with_ownership(
+        mut self,
+        ownership: Option<Arc<crate::serve::replica::Ownership>>,
+    ) -> Self {
+        self.ownership = ownership;
+        self
+    }
+
+    /// Whether this publisher writes the items and checks the marker: it
+    /// runs alone, or leads the replicas.
+    pub fn leads(&self) -> bool {
+        self.ownership.as_ref().is_none_or(|o| o.leads())
+    }
+
+    fn root(&self, version: &str) -> String {
+        keys::root(&self.cfg.prefix, version)
     }
 
     async fn conn(&mut self) -> redis::RedisResult<MultiplexedConnection> {
@@ -258,7 +331,7 @@ impl Publisher {
     pub async fn marker_present(&mut self) -> Option<bool> {
         let mut c = self.conn().await.ok()?;
         redis::cmd("EXISTS")
-            .arg(format!("{}:model", self.cfg.prefix))
+            .arg(keys::model(&self.cfg.prefix))
             .query_async::<i64>(&mut c)
             .await
             .ok()
@@ -287,11 +360,13 @@ impl Publisher {
         if batch.is_empty() {
             return Ok(());
         }
+        keys::check_part("the model version", version)?;
+        let root = self.root(version);
         let limit = self.cfg.pipeline_commands;
         let mut pipes = Vec::new();
         let mut pipe = redis::pipe();
         let mut n = 0usize;
-        let updates = format!("{}:updates", self.cfg.prefix);
+        let updates = keys::updates(&self.cfg.prefix);
         let maxlen = redis::streams::StreamMaxlen::Approx(self.cfg.updates_maxlen);
         let mut flush = |pipe: &mut redis::Pipeline, n: &mut usize, need: usize| {
             if *n + need > limit && *n > 0 {
@@ -299,10 +374,12 @@ impl Publisher {
                 *n = 0;
             }
         };
-        for it in &batch.items {
+        // Every replica computes the items; the leader writes them.
+        let items: &[ItemOut] = if self.leads() { &batch.items } else { &[] };
+        for it in items {
             flush(&mut pipe, &mut n, 2);
             pipe.hset_multiple(
-                self.key("item", &it.id),
+                keys::item(&root, &it.id),
                 &[
                     ("emb", emb_bytes(&it.emb)),
                     ("model", version.as_bytes().to_vec()),
@@ -321,7 +398,7 @@ impl Publisher {
         }
         for u in &batch.users {
             flush(&mut pipe, &mut n, 8);
-            self.user_cmds(&mut pipe, u, version);
+            self.user_cmds(&mut pipe, u, &root, version);
             pipe.xadd_maxlen(
                 &updates,
                 maxlen,
@@ -339,21 +416,22 @@ impl Publisher {
             // concurrently and must not race a write of the same key.
             let mut dels = redis::pipe();
             for id in &batch.evicted {
-                dels.del(&[self.key("user", id), self.key("recs", id)])
+                dels.del(&[keys::user(&root, id), keys::recs(&root, id)])
                     .ignore();
             }
             self.run(vec![dels], stop).await?;
         }
         self.run(pipes, stop).await?;
-        self.metrics.published("item", batch.items.len() as u64);
+        self.metrics.published("item", items.len() as u64);
         self.metrics.published("user", batch.users.len() as u64);
         self.metrics.published("recs", batch.users.len() as u64);
         Ok(())
     }
 
-    fn user_cmds(&self, pipe: &mut redis::Pipeline, u: &UserOut, version: &str) {
+    fn user_cmds(&self, pipe: &mut redis::Pipeline, u: &UserOut, root: &str, version: &str) {
+        let user = keys::user(root, &u.id);
         pipe.hset_multiple(
-            self.key("user", &u.id),
+            &user,
             &[
                 ("emb", emb_bytes(&u.emb)),
                 ("model", version.as_bytes().to_vec()),
@@ -363,7 +441,7 @@ impl Publisher {
         .ignore();
         // The list is replaced in a transaction of its own: MULTI, DEL,
         // ZADD, EXEC (a reader sees the old list or the new one).
-        let recs = self.key("recs", &u.id);
+        let recs = keys::recs(root, &u.id);
         pipe.cmd("MULTI").ignore();
         pipe.del(&recs).ignore();
         if !u.recs.is_empty() {
@@ -376,7 +454,7 @@ impl Publisher {
         }
         if let Some(ttl) = self.cfg.user_ttl_secs.filter(|&t| t > 0) {
             // Redis forgets a user when the engine does (users.ttl_secs).
-            pipe.expire(self.key("user", &u.id), ttl as i64).ignore();
+            pipe.expire(&user, ttl as i64).ignore();
             pipe.expire(&recs, ttl as i64).ignore();
         }
         pipe.cmd("EXEC").ignore();
@@ -390,14 +468,56 @@ impl Publisher {
         self.ping(stop).await?;
         let mut c = self.conn().await?;
         let v: Option<String> = redis::cmd("HGET")
-            .arg(format!("{}:model", self.cfg.prefix))
+            .arg(keys::model(&self.cfg.prefix))
             .arg("version")
             .query_async(&mut c)
             .await?;
         Ok(v)
     }
 
-    /// Flips `{prefix}:model` to `version` (after everything under it is written).
+    /// After this publisher wrote its share of `version`: flips the marker
+    /// to it, alone at once; scaled out, once every share is written (each
+    /// replica adds its shares to `{root}:shares`; the one that completes
+    /// the set flips). Whether the marker now names `version`.
+    pub async fn flip(
+        &mut self,
+        version: &str,
+        dim: usize,
+        relations: &[String],
+        stop: &tokio::sync::watch::Receiver<bool>,
+    ) -> Result<bool> {
+        let Some(o) = self.ownership.clone() else {
+            self.set_model(version, dim, relations, stop).await?;
+            return Ok(true);
+        };
+        let shares = o.shares();
+        let key = format!("{}:shares", self.root(version));
+        if !shares.is_empty() {
+            let mut p = redis::pipe();
+            p.sadd(&key, &shares).ignore();
+            self.run(vec![p], stop).await?;
+        }
+        let mut c = self.conn().await?;
+        let written: usize = redis::cmd("SCARD").arg(&key).query_async(&mut c).await?;
+        if self.active_version(stop).await?.as_deref() == Some(version) {
+            return Ok(true);
+        }
+        if written < o.all_shares() {
+            tracing::info!(
+                version,
+                written,
+                of = o.all_shares(),
+                "share written; the model flips when every replica has written its share"
+            );
+            return Ok(false);
+        }
+        self.set_model(version, dim, relations, stop).await?;
+        Ok(true)
+    }
+
+    /// Flips `{prefix}:model` to `version` (after everything under it is
+    /// written), then lets the version it replaces expire
+    /// (`redis.old_version_ttl_secs`).
     pub async fn set_model(
         &mut self,
         version: &str,
@@ -405,37 +525,101 @@ impl Publisher {
         relations: &[String],
         stop: &tokio::sync::watch::Receiver<bool>,
     ) -> Result<()> {
+        let old = self.active_version(stop).await?;
         let mut p = redis::pipe();
         p.atomic();
         p.hset_multiple(
-            format!("{}:model", self.cfg.prefix),
+            keys::model(&self.cfg.prefix),
             &[
                 ("version", version.to_string()),
+                ("root", self.root(version)),
                 ("dim", dim.to_string()),
                 ("relations", relations.join(",")),
             ],
         )
         .ignore();
         p.xadd_maxlen(
-            format!("{}:updates", self.cfg.prefix),
+            keys::updates(&self.cfg.prefix),
             redis::streams::StreamMaxlen::Approx(self.cfg.updates_maxlen),
             "*",
             &[("kind", "model"), ("id", version), ("model", version)],
         )
         .ignore();
-        self.run(vec![p], stop).await
+        self.run(vec![p], stop).await?;
+        if let Some(old) = old.filter(|o| o != version) {
+            let n = self.expire_version(&old, stop).await?;
+            tracing::info!(old = %old, new = %version, keys = n, ttl_secs = self.cfg.old_version_ttl_secs, "model flipped; the old version's keys expire");
+        }
+        Ok(())
+    }
+
+    /// Sets every key of `version` to expire in `redis.old_version_ttl_secs`
+    /// (deletes them at 0); returns how many. SCAN walks the keyspace once.
+    async fn expire_version(
+        &mut self,
+        version: &str,
+        stop: &tokio::sync::watch::Receiver<bool>,
+    ) -> Result<usize> {
+        let pattern = format!("{}:*", self.root(version));
+        let ttl = self.cfg.old_version_ttl_secs;
+        let mut cursor: u64 = 0;
+        let mut n = 0;
+        loop {
+            let mut c = self.conn().await?;
+            let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut c)
+                .await?;
+            if !found.is_empty() {
+                n += found.len();
+                let mut p = redis::pipe();
+                for k in &found {
+                    if ttl == 0 {
+                        p.unlink(k).ignore();
+                    } else {
+                        p.expire(k, ttl as i64).ignore();
+                    }
+                }
+                self.run(vec![p], stop).await?;
+            }
+            if next == 0 {
+                return Ok(n);
+            }
+            cursor = next;
+        }
     }
 }
 
-/// Reads a user's list back (best first), for the demo and tests.
+/// The root of the version `{prefix}:model` names (`None`: no model yet),
+/// the first read of every reader.
+pub async fn resolve(
+    conn: &mut MultiplexedConnection,
+    prefix: &str,
+) -> redis::RedisResult<Option<String>> {
+    redis::cmd("HGET")
+        .arg(keys::model(prefix))
+        .arg("root")
+        .query_async(conn)
+        .await
+}
+
+/// Reads a user's list back (best first) from the version Redis serves,
+/// for the demo and tests (empty before any model is published).
 pub async fn read_recs(
     conn: &mut MultiplexedConnection,
     prefix: &str,
     user: &str,
     k: usize,
 ) -> redis::RedisResult<Vec<(String, f64)>> {
+    let Some(root) = resolve(conn, prefix).await? else {
+        return Ok(Vec::new());
+    };
     redis::cmd("ZRANGE")
-        .arg(format!("{prefix}:recs:{user}"))
+        .arg(keys::recs(&root, user))
         .arg(0)
         .arg(k.saturating_sub(1) as i64)
         .arg("REV")

@@ -111,7 +111,7 @@ impl<S: OffsetStore + ?Sized> PublishStage<S> {
                 .publish(&out.publish, &out.version, &shutdown)
                 .await?;
             if let Some((v, dim, rel)) = &out.flip {
-                self.publisher.set_model(v, *dim, rel, &shutdown).await?;
+                self.publisher.flip(v, *dim, rel, &shutdown).await?;
                 self.repairing = false;
             }
             for d in std::mem::take(&mut out.deliveries) {
@@ -125,6 +125,8 @@ impl<S: OffsetStore + ?Sized> PublishStage<S> {
     /// Asks for a repair when Redis lost the model marker (once, until the
     /// repair is written).
     async fn check_marker(&mut self) {
+        // Scaled out, every replica checks and republishes its own share;
+        // the marker comes back when the last share is written.
         if self.repairing || self.publisher.marker_present().await != Some(false) {
             return;
         }
@@ -243,6 +245,8 @@ mod tests {
         });
         out.publish.sources.push(("user", now_ms()));
         out.offsets.insert(("interactions", 1), 41);
+        // Readers resolve the version through the marker.
+        out.flip = Some(("v1".into(), 4, Vec::new()));
         tx.send(out).await.unwrap();
         tx.send(Out {
             idle: true,

@@ -168,7 +168,8 @@ impl Default for GraphSettings {
 pub struct RedisSettings {
     /// Connection URL.
     pub url: String,
-    /// Key prefix (`thaw` gives `thaw:item:{id}` ...).
+    /// Key prefix (`thaw` gives `thaw:model`, `thaw:{version}:item:{id}` ...;
+    /// no `{` or `}`, which Redis Cluster reads as a hash tag).
     pub prefix: String,
     /// First retry delay after a failed write, ms; doubles up to `retry_max_ms`.
     pub retry_initial_ms: u64,
@@ -190,6 +191,11 @@ pub struct RedisSettings {
     /// model marker (`{prefix}:model`); when it is gone (a Redis restart
     /// without persistence, a flush) everything is published again. 0: never.
     pub repair_check_ms: u64,
+    /// After a model swap flips `{prefix}:model` to the new version, the old
+    /// version's keys expire after this long, s: a reader that resolved the
+    /// old version just before the flip still finds its keys. 0: they are
+    /// deleted at once.
+    pub old_version_ttl_secs: u64,
     /// Expiry of user keys, s (set by the engine from `users.ttl_secs`).
     #[serde(skip)]
     pub user_ttl_secs: Option<u64>,
@@ -207,6 +213,7 @@ impl std::fmt::Debug for RedisSettings {
             .field("pipelines_in_flight", &self.pipelines_in_flight)
             .field("response_timeout_ms", &self.response_timeout_ms)
             .field("repair_check_ms", &self.repair_check_ms)
+            .field("old_version_ttl_secs", &self.old_version_ttl_secs)
             .field("user_ttl_secs", &self.user_ttl_secs)
             .finish()
     }
@@ -224,6 +231,7 @@ impl Default for RedisSettings {
             pipelines_in_flight: 4,
             response_timeout_ms: 10_000,
             repair_check_ms: 5_000,
+            old_version_ttl_secs: 300,
             user_ttl_secs: None,
         }
     }
@@ -461,6 +469,7 @@ impl Settings {
         if self.users.top_k == 0 {
             bail!("users.top_k must be at least 1");
         }
+        crate::publish::keys::check_part("redis.prefix", &self.redis.prefix)?;
         if self.redis.pipeline_commands < 16 {
             bail!("redis.pipeline_commands must be at least 16");
         }

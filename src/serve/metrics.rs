@@ -181,6 +181,9 @@ pub struct Metrics {
     users_evicted: Counter,
     placeholders: Gauge,
     placeholders_expired: Counter,
+    replica_partitions: Gauge,
+    replica_leader: Gauge,
+    replica_rebalances: Counter,
     memory_resident: Gauge,
     memory_budget: Gauge,
     memory_pressure: Gauge,
@@ -315,6 +318,24 @@ impl Metrics {
             "graph_placeholders_expired",
             "Placeholder slots removed by graph.placeholder_ttl_secs or graph.max_placeholders",
             placeholders_expired.clone(),
+        );
+        let replica_partitions = Gauge::default();
+        registry.register(
+            "serve_replica_partitions",
+            "interactions partitions whose users this replica publishes (kafka.replica_id; all when unset)",
+            replica_partitions.clone(),
+        );
+        let replica_leader = Gauge::default();
+        registry.register(
+            "serve_replica_leader",
+            "1 while this replica publishes the items and the model marker (it owns interactions partition 0, or runs alone)",
+            replica_leader.clone(),
+        );
+        let replica_rebalances = Counter::default();
+        registry.register(
+            "serve_replica_rebalances",
+            "Changes of this replica's interactions partitions",
+            replica_rebalances.clone(),
         );
         let memory_resident = Gauge::default();
         registry.register(
@@ -503,6 +524,9 @@ impl Metrics {
             users_evicted,
             placeholders,
             placeholders_expired,
+            replica_partitions,
+            replica_leader,
+            replica_rebalances,
             memory_resident,
             memory_budget,
             memory_pressure,
@@ -728,6 +752,18 @@ impl Metrics {
     /// `n` placeholder slots expired.
     pub fn placeholders_expired(&self, n: u64) {
         self.placeholders_expired.inc_by(n);
+    }
+
+    /// This replica's share after a rebalance: `partitions` owned, leading.
+    pub fn set_replica(&self, partitions: usize, leader: bool) {
+        self.replica_partitions.set(partitions as i64);
+        self.replica_leader.set(leader as i64);
+        self.replica_rebalances.inc();
+    }
+
+    /// One instance, not scaled out: it leads.
+    pub fn set_alone(&self) {
+        self.replica_leader.set(1);
     }
 
     /// A reading of the resident set against the budget (bytes; 0: none).

@@ -30,6 +30,7 @@ pub mod error;
 pub mod http;
 pub mod memory;
 pub mod metrics;
+pub mod replica;
 pub mod snapshot;
 pub mod stage;
 pub mod state;
@@ -205,10 +206,25 @@ async fn run(
     progress: Arc<Progress>,
     stop: watch::Receiver<bool>,
 ) -> Result<()> {
+    let ownership =
+        (!settings.kafka.replica_id.is_empty()).then(|| Arc::new(replica::Ownership::default()));
     let (core, covered, publisher, ingest) =
-        prepare(&settings, &metrics, &health, &progress, &stop)
+        prepare(&settings, &metrics, &health, &progress, &stop, &ownership)
             .await
             .map_err(|e| fatal(&metrics, Stage::Start, e))?;
+    // Scaled out: the share is held from now on (after the restore, so a
+    // restoring replica holds no users it cannot publish yet).
+    let membership = match &ownership {
+        Some(o) => Some(
+            replica::Membership::start(&settings.kafka, o.clone(), metrics.clone(), stop.clone())
+                .map_err(|e| fatal(&metrics, Stage::Start, e))?,
+        ),
+        None => {
+            metrics.set_alone();
+            None
+        }
+    };
+    let ingest = ingest.with_ownership(ownership);
     memory::check_budget(&settings, core.slot_bytes());
     let governor = memory::Governor::build(&settings.memory, metrics.clone(), progress.clone());
     let ingest = ingest.with_pressure(governor.pressure());
@@ -262,6 +278,9 @@ async fn run(
     let pub_res = pub_task.await.map_err(|e| anyhow!("publisher: {e}"))?;
     lag_task.abort();
     memory_task.abort();
+    if let Some(m) = membership {
+        let _ = tokio::task::spawn_blocking(move || m.join()).await;
+    }
     commit(consumer).await;
     if let Some(f) = final_snapshot {
         let _ = tokio::task::spawn_blocking(move || f.write()).await;
@@ -320,6 +339,7 @@ async fn prepare(
     health: &Arc<Health>,
     progress: &Arc<Progress>,
     stop: &watch::Receiver<bool>,
+    ownership: &Option<Arc<replica::Ownership>>,
 ) -> Result<(Core, snapshot::Covered, Publisher, Ingest)> {
     let ms = settings.model.clone();
     let model = tokio::task::spawn_blocking(move || load_model(&ms)).await??;
@@ -340,9 +360,11 @@ async fn prepare(
         metrics.clone(),
     )?;
     core.set_user_bounds(settings.users.bounds());
+    core.set_ownership(ownership.clone());
     let mut redis = settings.redis.clone();
     redis.user_ttl_secs = Some(settings.users.ttl_secs);
-    let mut publisher = Publisher::new(redis, metrics.clone(), health.clone())?;
+    let mut publisher =
+        Publisher::new(redis, metrics.clone(), health.clone())?.with_ownership(ownership.clone());
     publisher.ping(stop).await.context("connecting to Redis")?;
     let ingest = Ingest::build(
         settings,
@@ -353,7 +375,12 @@ async fn prepare(
     )
     .await?;
     let (mut core, covered) = restore(settings, ingest.consumer(), core, metrics, progress).await?;
-    if publisher.active_version(stop).await?.as_deref() != Some(version.as_str()) {
+    // Scaled out, each replica publishes its share when the group assigns
+    // it ([`Work::Owned`](crate::ingest::batch::Work::Owned)), and the last
+    // share flips the marker.
+    if ownership.is_none()
+        && publisher.active_version(stop).await?.as_deref() != Some(version.as_str())
+    {
         let all = core.publish_all()?;
         publisher.publish(&all, &version, stop).await?;
         let card = core.card();

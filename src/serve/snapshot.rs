@@ -39,7 +39,7 @@ const MAGIC: &[u8; 8] = b"THAWSNAP";
 /// The layout of [`CoreState`] in postcard (which carries no schema): bump it with
 /// every change to the state's types, and record the new layout digest in
 /// `state::tests::the_snapshot_layout_is_the_recorded_one`.
-pub(crate) const FORMAT: u32 = 2;
+pub(crate) const FORMAT: u32 = 3;
 const SUFFIX: &str = ".thawsnap";
 
 /// Per input partition `(topic, partition)`: the next offset to read (every

@@ -137,6 +137,16 @@ impl CoreStage {
                     None => continue,
                 },
                 Work::Repair => self.repair()?,
+                Work::Owned => {
+                    let card = self.core.card();
+                    let flip = Some((card.version.clone(), card.dim, card.relations.clone()));
+                    Out {
+                        version: card.version.clone(),
+                        flip,
+                        publish: self.core.publish_gained()?,
+                        ..Default::default()
+                    }
+                }
             };
             // Evictions handed over without offsets (idle, repair, reload)
             // leave the state's list: a snapshot now, within the committed

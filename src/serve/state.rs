@@ -116,6 +116,9 @@ struct UserState {
     /// The slots of the user's last published list, best first: where the
     /// next item they reach is looked up (prequential quality).
     last: Vec<u32>,
+    /// The `interactions` partition of the user's latest interaction (-1:
+    /// not read from Kafka): which replica publishes the user.
+    partition: i32,
 }
 
 /// The PKG's behavioural relations, learnt from the interactions as they are
@@ -145,6 +148,23 @@ impl Behavioural {
     /// `item-relations` topic are ignored).
     fn derives(&self, r: usize) -> bool {
         self.co.as_ref().is_some_and(|c| c.0 == r) || self.liked.as_ref().is_some_and(|c| c.0 == r)
+    }
+}
+
+impl Behavioural {
+    /// Settles both relations ([`CoGraph::settle`]) and applies their edge
+    /// changes to the PKG; whether any edge changed.
+    fn settle(&mut self, pkg: &mut Pkg) -> Result<bool> {
+        let mut any = false;
+        for (r, g) in [&mut self.co, &mut self.liked].into_iter().flatten() {
+            for change in g.settle() {
+                any |= match change {
+                    EdgeChange::Add(a, b) => pkg.add_edge(*r, a, b)?,
+                    EdgeChange::Remove(a, b) => pkg.remove_edge(*r, a, b)?,
+                };
+            }
+        }
+        Ok(any)
     }
 }
 
@@ -388,6 +408,10 @@ pub struct Core {
     placeholder_users: HashMap<u32, Vec<String>>,
     /// Event time of the last placeholder TTL sweep, ms.
     last_placeholder_sweep_ms: u64,
+    /// Scaled out: the partitions whose users this replica publishes
+    /// ([`crate::serve::replica`]), and those it published last
+    /// ([`Core::publish_gained`]). `None`: every user.
+    ownership: Option<(Arc<crate::serve::replica::Ownership>, BTreeSet<i32>)>,
     metrics: Arc<Metrics>,
 }
 
@@ -493,6 +517,7 @@ impl Core {
             placeholders: 0,
             placeholder_users: HashMap::new(),
             last_placeholder_sweep_ms: 0,
+            ownership: None,
             metrics,
         })
     }
@@ -597,6 +622,14 @@ impl Core {
         self.dirty_users.clear();
         self.pending = Pending::default();
         self.ripple.clear();
+        // The snapshot does not say which lists were unsettled when it was
+        // written: the next idle settles them all.
+        for (_, g) in [&mut self.behavioural.co, &mut self.behavioural.liked]
+            .into_iter()
+            .flatten()
+        {
+            g.unsettle_all();
+        }
         self.placeholders = self.count_placeholders();
         self.placeholder_users = HashMap::new();
         for (id, u) in &self.users {
@@ -635,6 +668,61 @@ impl Core {
         );
         std::mem::swap(&mut self.evicted, &mut other.evicted);
         std::mem::swap(&mut self.fused, &mut other.fused);
+    }
+
+    /// Publishes only the users of `ownership`'s partitions (a replica of
+    /// several, [`crate::serve::replica`]); the state still holds every user.
+    pub fn set_ownership(&mut self, ownership: Option<Arc<crate::serve::replica::Ownership>>) {
+        self.ownership = ownership.map(|o| (o, BTreeSet::new()));
+    }
+
+    /// Whether this replica publishes `user` (a user of no known partition:
+    /// the leader does, so that none is left out).
+    fn owns(&self, user: &UserState) -> bool {
+        match &self.ownership {
+            None => true,
+            Some((o, _)) if user.partition < 0 => o.leads(),
+            Some((o, _)) => o.owns(user.partition),
+        }
+    }
+
+    /// After this replica's share changed: every user of the partitions it
+    /// gained (and every item, when it gained the lead), from the state it
+    /// holds, which is complete (it reads every partition).
+    pub fn publish_gained(&mut self) -> Result<Publish> {
+        let Some((o, before)) = self.ownership.as_mut() else {
+            return Ok(Publish::default());
+        };
+        let now = o.owned();
+        let gained: BTreeSet<i32> = now.difference(before).copied().collect();
+        let lead = now.contains(&0) && !before.contains(&0);
+        *before = now;
+        let mut users: Vec<String> = self
+            .users
+            .iter()
+            .filter(|(_, u)| gained.contains(&u.partition) || (lead && u.partition < 0))
+            .map(|(id, _)| id.clone())
+            .collect();
+        users.sort();
+        let items: Vec<ItemOut> = if lead {
+            (0..self.slots.len() as u32)
+                .filter(|&s| self.slots[s as usize].described && self.pkg.contains_item(s))
+                .map(|s| self.item_out(s))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        tracing::info!(
+            partitions = ?gained,
+            users = users.len(),
+            items = items.len(),
+            "publishing the users of the partitions gained"
+        );
+        Ok(Publish {
+            items,
+            users: self.publish_users(&users),
+            ..Default::default()
+        })
     }
 
     /// Bounds the users kept (unbounded until called).
@@ -876,7 +964,7 @@ impl Core {
                 }
                 Event::Relation(e) => self.apply_relation(e, m.kafka_ms, &mut work)?,
                 Event::Interaction(e) => {
-                    self.apply_interaction(e, m.kafka_ms, mode, &mut work)?;
+                    self.apply_interaction(e, m.kafka_ms, m.partition, mode, &mut work)?;
                     self.bound_users();
                     true
                 }
@@ -990,6 +1078,7 @@ impl Core {
         &mut self,
         e: &crate::ingest::InteractionEvent,
         kafka_ms: Option<i64>,
+        partition: Option<i32>,
         mode: Mode,
         work: &mut Pending,
     ) -> Result<()> {
@@ -997,8 +1086,17 @@ impl Core {
         if new {
             work.inputs.insert(s);
         }
-        let user = self.users.entry(e.user_id.clone()).or_default();
+        let user = self
+            .users
+            .entry(e.user_id.clone())
+            .or_insert_with(|| UserState {
+                partition: -1,
+                ..Default::default()
+            });
         user.ts = user.ts.max(e.ts);
+        if let Some(p) = partition {
+            user.partition = p;
+        }
         let key = self.keys[s as usize];
         if !user.items.contains(&s) {
             if mode != Mode::Restore && !user.last.is_empty() {
@@ -1222,6 +1320,11 @@ impl Core {
     /// republishes the items it moved: an idle engine is exact.
     pub fn idle(&mut self) -> Result<Publish> {
         let mut moved: BTreeSet<u32> = self.ripple.take().into_iter().collect();
+        if self.behavioural.settle(&mut self.pkg)? {
+            let (_, stats) = self.propagate(&BTreeSet::new())?;
+            moved.extend(stats.changed);
+            self.changed_since_idle = true;
+        }
         if !self.prop.is_exact() {
             let t0 = Instant::now();
             moved.extend(self.prop.reconcile(&self.pkg)?);
@@ -1499,6 +1602,17 @@ impl Core {
     /// [`Core::user_outs`], each user's list kept as their last published
     /// one (for the prequential quality of their next interaction).
     fn publish_users(&mut self, users: &[String]) -> Vec<UserOut> {
+        let owned: Vec<String>;
+        let users = if self.ownership.is_some() {
+            owned = users
+                .iter()
+                .filter(|id| self.users.get(*id).is_some_and(|u| self.owns(u)))
+                .cloned()
+                .collect();
+            &owned[..]
+        } else {
+            users
+        };
         let (out, slots) = self.user_outs(users);
         for (o, list) in out.iter().zip(slots) {
             if let Some(u) = self.users.get_mut(&o.id) {
@@ -1563,6 +1677,7 @@ mod tests {
                     liked: vec![0],
                     ts: 5,
                     last: vec![1],
+                    partition: 9,
                 },
             )],
             now_ms: 6,
@@ -1580,7 +1695,7 @@ mod tests {
         let digest = crate::ingest::events::sha256_hex(&bytes);
         assert_eq!(
             (crate::serve::snapshot::FORMAT, digest.as_str()),
-            (2, "61ae70f3fdf7c820cda2ff72c9635babc874030bab2b231ef991da675f2f9d8a"),
+            (3, "RECORD-ME"),
             "the layout of CoreState changed: bump snapshot::FORMAT and record the new digest here, so that a start passes an older snapshot over instead of misreading it"
         );
     }

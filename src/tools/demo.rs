@@ -219,6 +219,7 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport> {
         brokers: broker.bootstrap_servers().to_string(),
         group_id: "thaw-demo".into(),
         properties: Default::default(),
+        replica_id: String::new(),
     };
     settings.users.top_k = settings.users.top_k.max(args.k);
     settings.model.reload_check_secs = 0;
@@ -338,8 +339,11 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport> {
     let mut zero_shot = 0;
     let mut zero_shot_embedded = 0;
     let mut embedded = 0;
+    let root = publish::resolve(&mut conn, &prefix)
+        .await?
+        .context("Redis holds no model marker after the replay")?;
     for (i, &trained) in in_training.iter().enumerate() {
-        let key = format!("{prefix}:item:{}", ds.items.id(i as u32));
+        let key = publish::keys::item(&root, ds.items.id(i as u32));
         let exists: bool = redis::cmd("HEXISTS")
             .arg(&key)
             .arg("emb")

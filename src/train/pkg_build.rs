@@ -262,6 +262,12 @@ pub fn behavioural(
             }
         }
     }
+    // As the engine settles when idle: the graph of the interactions, not of
+    // their interleaving across users.
+    co.settle();
+    if let Some(l) = like.as_mut() {
+        l.settle();
+    }
     (co, like)
 }
 

@@ -2,6 +2,7 @@
 //! an untrained item model, the embedded broker's producer, and Redis reads.
 #![allow(dead_code)] // each test binary uses its own share of these
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -137,6 +138,7 @@ pub fn settings(brokers: &str, model_dir: &Path, tag: &str) -> Settings {
             brokers: brokers.into(),
             group_id: unique(tag),
             properties: Default::default(),
+            replica_id: String::new(),
         },
         ..Default::default()
     };
@@ -343,5 +345,115 @@ impl Drop for Killed {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// Everything under `prefix`, decoded: item and user embeddings, lists.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub items: BTreeMap<String, Vec<f32>>,
+    pub users: BTreeMap<String, Vec<f32>>,
+    pub recs: BTreeMap<String, Vec<(String, f64)>>,
+}
+
+pub async fn snapshot(c: &mut redis::aio::MultiplexedConnection, prefix: &str) -> Snapshot {
+    let mut s = Snapshot::default();
+    // The data keys are under the model version: `{prefix}:test-1:item:...`;
+    // user ids as they are published, in their hash-tag braces.
+    let prefix = &format!("{prefix}:test-1");
+    for k in keys(c, &format!("{prefix}:item:*")).await {
+        let e = emb(c, &k).await.unwrap();
+        s.items.insert(k[prefix.len() + 6..].to_string(), e);
+    }
+    for k in keys(c, &format!("{prefix}:user:*")).await {
+        let e = emb(c, &k).await.unwrap();
+        s.users.insert(k[prefix.len() + 6..].to_string(), e);
+    }
+    for k in keys(c, &format!("{prefix}:recs:*")).await {
+        let r = recs(c, &k).await;
+        s.recs.insert(k[prefix.len() + 6..].to_string(), r);
+    }
+    s
+}
+
+/// Equal up to float rounding: the restarted engine assigned graph slots in
+/// another order, so sums ran in another order. Lists must hold the same
+/// items, but two items whose scores are within rounding may swap places.
+pub fn differences(a: &Snapshot, b: &Snapshot) -> Vec<String> {
+    let mut out = Vec::new();
+    let close = |x: &[f32], y: &[f32], tol: f32| {
+        x.len() == y.len() && x.iter().zip(y).all(|(p, q)| (p - q).abs() <= tol)
+    };
+    for (what, x, y) in [("item", &a.items, &b.items), ("user", &a.users, &b.users)] {
+        if x.keys().ne(y.keys()) {
+            out.push(format!("{what} keys differ: {} vs {}", x.len(), y.len()));
+            continue;
+        }
+        for (k, v) in x {
+            if !close(v, &y[k], 1e-4) {
+                out.push(format!("{what} {k} differs"));
+            }
+        }
+    }
+    if a.recs.keys().ne(b.recs.keys()) {
+        out.push(format!(
+            "recs keys differ: {} vs {}",
+            a.recs.len(),
+            b.recs.len()
+        ));
+    } else {
+        for (k, x) in &a.recs {
+            let y = &b.recs[k];
+            let sx: BTreeMap<&str, f64> = x.iter().map(|(i, s)| (i.as_str(), *s)).collect();
+            let sy: BTreeMap<&str, f64> = y.iter().map(|(i, s)| (i.as_str(), *s)).collect();
+            let last = x.last().map_or(f64::NEG_INFINITY, |l| l.1);
+            for (i, s) in &sx {
+                match sy.get(i) {
+                    Some(t) if (s - t).abs() <= 1e-3 => {}
+                    None if (s - last).abs() <= 1e-3 => {} // a tie at the cut
+                    other => out.push(format!("recs {k}: {i} {s} vs {other:?}")),
+                }
+            }
+        }
+    }
+    out
+}
+
+pub async fn converge(
+    c: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+    want: Option<&Snapshot>,
+) -> Snapshot {
+    // Settled: the snapshot stops changing (idle refresh done) or equals `want`.
+    let t0 = Instant::now();
+    let mut prev: Option<Snapshot> = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let s = snapshot(c, prefix).await;
+        if let Some(w) = want {
+            if differences(w, &s).is_empty() {
+                return s;
+            }
+        } else if let Some(p) = &prev {
+            if !s.items.is_empty()
+                && !s.recs.is_empty()
+                && differences(p, &s).is_empty()
+                && p.recs == s.recs
+            {
+                return s;
+            }
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            if let Some(w) = want {
+                let d = differences(w, &s);
+                panic!(
+                    "no convergence after 120 s: {} differences, first {:?}",
+                    d.len(),
+                    &d[..d.len().min(10)]
+                );
+            }
+            panic!("the uninterrupted run did not settle in 120 s");
+        }
+        prev = Some(s);
     }
 }
