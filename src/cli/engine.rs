@@ -287,6 +287,11 @@ pub struct BenchArgs {
     /// both restart times.
     #[arg(long)]
     pub restart: bool,
+    /// Instead of the run above: N replicas (`kafka.replica_id`) against
+    /// one instance on the same stream, each on a broker of its own; the
+    /// time from the first interaction to every replica idle, as a ratio.
+    #[arg(long)]
+    pub replicas: Option<usize>,
 }
 
 /// `thaw bench`.
@@ -320,8 +325,13 @@ pub fn run_bench(a: BenchArgs) -> anyhow::Result<()> {
         },
         ..crate::tools::bench::BenchOptions::new(a.size)
     };
-    let report = runtime()?.block_on(crate::tools::bench::run(&o))?;
-    let json = serde_json::to_string_pretty(&report)?;
+    let json = match a.replicas {
+        Some(n) if n >= 2 => serde_json::to_string_pretty(
+            &runtime()?.block_on(crate::tools::bench::replicas(&o, n))?,
+        )?,
+        Some(_) => anyhow::bail!("--replicas must be at least 2 (it is compared with one)"),
+        None => serde_json::to_string_pretty(&runtime()?.block_on(crate::tools::bench::run(&o))?)?,
+    };
     if let Some(p) = &a.out {
         std::fs::write(p, &json).with_context(|| format!("writing {}", p.display()))?;
     }

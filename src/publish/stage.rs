@@ -62,6 +62,10 @@ pub struct PublishStage<S: ?Sized> {
     health: Arc<Health>,
     /// A repair was asked for and is not written yet.
     repairing: bool,
+    /// The marker was there once (written here, or found): from then on
+    /// its absence means Redis lost its data. Before (replicas still
+    /// writing the first shares), it means nothing yet.
+    marker_seen: bool,
 }
 
 impl<S: OffsetStore + ?Sized> PublishStage<S> {
@@ -80,6 +84,7 @@ impl<S: OffsetStore + ?Sized> PublishStage<S> {
             progress,
             health,
             repairing: false,
+            marker_seen: false,
         }
     }
 
@@ -111,8 +116,10 @@ impl<S: OffsetStore + ?Sized> PublishStage<S> {
                 .publish(&out.publish, &out.version, &shutdown)
                 .await?;
             if let Some((v, dim, rel)) = &out.flip {
-                self.publisher.flip(v, *dim, rel, &shutdown).await?;
-                self.repairing = false;
+                if self.publisher.flip(v, *dim, rel, &shutdown).await? {
+                    self.marker_seen = true;
+                    self.repairing = false;
+                }
             }
             for d in std::mem::take(&mut out.deliveries) {
                 d.wait().await?;
@@ -127,7 +134,9 @@ impl<S: OffsetStore + ?Sized> PublishStage<S> {
     async fn check_marker(&mut self) {
         // Scaled out, every replica checks and republishes its own share;
         // the marker comes back when the last share is written.
-        if self.repairing || self.publisher.marker_present().await != Some(false) {
+        let present = self.publisher.marker_present().await;
+        self.marker_seen |= present == Some(true);
+        if self.repairing || !self.marker_seen || present != Some(false) {
             return;
         }
         tracing::warn!("Redis holds no model marker: it lost its data; asking for a repair");

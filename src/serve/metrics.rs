@@ -899,6 +899,13 @@ impl Metrics {
             .inc_by(n);
     }
 
+    /// Everything of `kind` published so far.
+    pub fn published_total(&self, kind: &str) -> u64 {
+        self.published
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .get()
+    }
+
     /// Offsets stored for commit.
     pub fn offsets_committed(&self, n: u64) {
         self.offsets.inc_by(n);

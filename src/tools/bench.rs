@@ -1297,6 +1297,194 @@ pub async fn run(o: &BenchOptions) -> Result<BenchReport> {
     Ok(report)
 }
 
+/// `thaw bench --replicas N`: N replicas against one instance on the same
+/// stream ([`crate::serve::replica`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicaFigures {
+    /// Catalogue size.
+    pub size: Size,
+    /// Replicas of the scaled-out run.
+    pub replicas: usize,
+    /// Items and edges, loaded before the clock starts.
+    pub catalogue_events: usize,
+    /// Interactions, timed.
+    pub interactions: usize,
+    /// Distinct users among them.
+    pub users: usize,
+    /// One instance: first interaction produced to idle after the last, s.
+    pub one_seconds: f64,
+    /// N replicas: the same, to every replica idle, s.
+    pub replicas_seconds: f64,
+    /// `one_seconds / replicas_seconds`: above 1, the replicas were faster.
+    pub speedup: f64,
+    /// User lists written to Redis by the one instance.
+    pub one_user_writes: u64,
+    /// By all replicas together (each user by the one that owns it).
+    pub replicas_user_writes: u64,
+    /// Per replica.
+    pub user_writes_per_replica: Vec<u64>,
+    /// Cores this machine has (the replicas share them: on one machine they
+    /// cannot be faster than its cores allow).
+    pub cores: usize,
+}
+
+/// One setup of [`replicas`]: `n` engines (`n` = 1: one instance, no
+/// replica id) on a broker of its own; loads `catalogue` untimed, then
+/// times `interactions` to every engine idle. Returns the seconds and the
+/// user writes per engine.
+async fn timed_setup(
+    base: &Settings,
+    n: usize,
+    catalogue: &[Event],
+    interactions: &[Event],
+    partitions: &BTreeMap<String, i32>,
+) -> Result<(f64, Vec<u64>)> {
+    let broker = EmbeddedBroker::start_with_partitions(None, partitions).await?;
+    let kafka = KafkaSettings {
+        group_id: format!("{}-{n}", base.kafka.group_id),
+        ..KafkaSettings::with_brokers(broker.bootstrap_servers())
+    };
+    crate::tools::replay::produce(catalogue, &kafka, None).await?;
+    let mut engines = Vec::new();
+    for k in 0..n {
+        let mut s = base.clone();
+        s.kafka = kafka.clone();
+        s.redis.prefix = format!("{}-{n}", base.redis.prefix);
+        if n > 1 {
+            s.kafka.replica_id = format!("r{k}");
+        }
+        engines.push(Engine::start(s).await?);
+    }
+    for e in &engines {
+        wait_idle(&e.progress, e, catalogue.len(), "after the catalogue").await?;
+    }
+    if n > 1 {
+        // Every share assigned and written: the marker flipped.
+        let mut c = redis::Client::open(base.redis.url.as_str())?
+            .get_multiplexed_async_connection()
+            .await?;
+        let prefix = format!("{}-{n}", base.redis.prefix);
+        let t0 = Instant::now();
+        while crate::publish::resolve(&mut c, &prefix).await?.is_none() {
+            if t0.elapsed() > Duration::from_secs(120) {
+                bail!("the replicas did not flip the model marker in 120 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let writes0: Vec<u64> = engines
+        .iter()
+        .map(|e| e.metrics.published_total("user"))
+        .collect();
+    let total = catalogue.len() + interactions.len();
+    let t0 = Instant::now();
+    crate::tools::replay::produce(interactions, &kafka, None).await?;
+    for e in &engines {
+        wait_published(&e.progress, e, total, Duration::from_secs(1800)).await?;
+        wait_idle(&e.progress, e, total, "after the interactions").await?;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let writes: Vec<u64> = engines
+        .iter()
+        .zip(writes0)
+        .map(|(e, w0)| e.metrics.published_total("user") - w0)
+        .collect();
+    for e in engines {
+        e.shutdown().await?;
+    }
+    if let Ok(mut c) = redis::Client::open(base.redis.url.as_str())?
+        .get_multiplexed_async_connection()
+        .await
+    {
+        let _ = crate::publish::clear_prefix(&mut c, &format!("{}-{n}", base.redis.prefix)).await;
+    }
+    Ok((secs, writes))
+}
+
+/// `thaw bench --replicas N`: the same catalogue and interactions through
+/// one instance, then through `n` replicas, each setup on a broker of its
+/// own; the interactions are timed from their first produced to every
+/// engine idle after the last. Reported as a ratio from the same run.
+pub async fn replicas(o: &BenchOptions, n: usize) -> Result<ReplicaFigures> {
+    let synth = generate_with(o.size.items(), 42, o.links);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    let events = synth.events(now_ms);
+    let mut bytes: BTreeMap<&'static str, usize> = BTreeMap::new();
+    for e in &events {
+        let b = e.encode().map_or(0, |b| b.len()) + e.key().len() + 64;
+        *bytes.entry(e.topic().name()).or_default() += b;
+    }
+    let partitions: BTreeMap<String, i32> = bytes
+        .into_iter()
+        .map(|(t, b)| {
+            (
+                t.to_string(),
+                (2 * b).div_ceil(crate::kafka::MOCK_PARTITION_BYTES) as i32,
+            )
+        })
+        .collect();
+    let (interactions, catalogue): (Vec<Event>, Vec<Event>) = events
+        .into_iter()
+        .partition(|e| matches!(e, Event::Interaction(_)));
+    let users: std::collections::BTreeSet<&str> = interactions
+        .iter()
+        .filter_map(|e| match e {
+            Event::Interaction(x) => Some(x.user_id.as_str()),
+            _ => None,
+        })
+        .collect();
+    let model_dir = bench_model(&o.text_dir)?;
+    let mut s = Settings::default();
+    s.kafka.group_id = format!("bench-replicas-{}", std::process::id());
+    s.redis.url = o.redis_url.clone();
+    s.redis.prefix = format!("thaw-bench-replicas-{}", std::process::id());
+    s.model.dir = model_dir.clone();
+    s.model.text_dir = o.text_dir.clone();
+    s.model.reload_check_secs = 0;
+    s.ingest.idle_ms = 500;
+    s.graph.tolerance = o.tolerance;
+    s.users.top_k = 20;
+    s.http.listen = "127.0.0.1:0".into();
+    // A replica leaving (the shutdown) hands its share on at once; a dead
+    // one within seconds.
+    s.kafka
+        .properties
+        .insert("session.timeout.ms".into(), "6000".into());
+    eprintln!(
+        "replicas: {} catalogue events (untimed), {} interactions of {} users (timed); one instance",
+        catalogue.len(),
+        interactions.len(),
+        users.len()
+    );
+    let (one, one_writes) = timed_setup(&s, 1, &catalogue, &interactions, &partitions).await?;
+    eprintln!("one instance: {one:.1} s; {n} replicas");
+    let (many, writes) = timed_setup(&s, n, &catalogue, &interactions, &partitions).await?;
+    let _ = std::fs::remove_dir_all(&model_dir);
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    eprintln!(
+        "{n} replicas: {many:.1} s against one instance's {one:.1} s: {:.2}x on {cores} cores; user writes {} against {}",
+        one / many.max(1e-9),
+        writes.iter().sum::<u64>(),
+        one_writes[0]
+    );
+    Ok(ReplicaFigures {
+        size: o.size,
+        replicas: n,
+        catalogue_events: catalogue.len(),
+        interactions: interactions.len(),
+        users: users.len(),
+        one_seconds: one,
+        replicas_seconds: many,
+        speedup: one / many.max(1e-9),
+        one_user_writes: one_writes[0],
+        replicas_user_writes: writes.iter().sum(),
+        user_writes_per_replica: writes,
+        cores,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
