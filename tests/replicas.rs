@@ -145,8 +145,7 @@ async fn three_replicas_share_the_users_and_survive_a_kill() {
         .map(|k| {
             log(k)
                 .lines()
-                .filter(|l| l.contains("replica share changed"))
-                .next_back()
+                .rfind(|l| l.contains("replica share changed"))
                 .unwrap_or_else(|| panic!("r{k} never got a share:\n{}", log(k)))
                 .to_string()
         })

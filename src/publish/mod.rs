@@ -173,6 +173,8 @@ pub struct Publisher {
     health: Arc<Health>,
     /// Scaled out: this replica's share ([`crate::serve::replica`]).
     ownership: Option<Arc<crate::serve::replica::Ownership>>,
+    /// The version whose keys [`Publisher::prepare_version`] checked last.
+    prepared: Option<String>,
 }
 
 impl Publisher {
@@ -186,11 +188,12 @@ impl Publisher {
             metrics,
             health,
             ownership: None,
+            prepared: None,
         })
     }
 
-    /// Writes this replica's share only: the items when it leads, and the
-    /// model flip once every replica wrote its share ([`Publisher::flip`]).
+    /// Scaled out: the model flips once every replica wrote its share
+    /// ([`Publisher::flip`]).
     pub fn with_ownership(
         mut self,
         ownership: Option<Arc<crate::serve::replica::Ownership>>,
@@ -199,10 +202,9 @@ impl Publisher {
         self
     }
 
-    /// Whether this publisher writes the items and checks the marker: it
-    /// runs alone, or leads the replicas.
-    pub fn leads(&self) -> bool {
-        self.ownership.as_ref().is_none_or(|o| o.leads())
+    /// Whether this is one replica of several.
+    pub fn scaled_out(&self) -> bool {
+        self.ownership.is_some()
     }
 
     fn root(&self, version: &str) -> String {
@@ -374,8 +376,8 @@ impl Publisher {
                 *n = 0;
             }
         };
-        // Every replica computes the items; the leader writes them.
-        let items: &[ItemOut] = if self.leads() { &batch.items } else { &[] };
+        self.prepare_version(version, stop).await?;
+        let items = &batch.items;
         for it in items {
             flush(&mut pipe, &mut n, 2);
             pipe.hset_multiple(
@@ -465,40 +467,99 @@ impl Publisher {
         &mut self,
         stop: &tokio::sync::watch::Receiver<bool>,
     ) -> Result<Option<String>> {
-        self.ping(stop).await?;
-        let mut c = self.conn().await?;
-        let v: Option<String> = redis::cmd("HGET")
-            .arg(keys::model(&self.cfg.prefix))
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(keys::model(&self.cfg.prefix))
             .arg("version")
-            .query_async(&mut c)
-            .await?;
-        Ok(v)
+            .arg("root");
+        let (v, root): (Option<String>, Option<String>) = self.query(&cmd, stop).await?;
+        // A marker of an older layout (no `root`) names no readable version.
+        Ok(v.filter(|v| root.as_deref() == Some(self.root(v).as_str())))
     }
 
-    /// After this publisher wrote its share of `version`: flips the marker
-    /// to it, alone at once; scaled out, once every share is written (each
-    /// replica adds its shares to `{root}:shares`; the one that completes
-    /// the set flips). Whether the marker now names `version`.
+    /// `cmd`'s reply, retried like a write until it comes or `stop`.
+    async fn query<T: redis::FromRedisValue>(
+        &mut self,
+        cmd: &redis::Cmd,
+        stop: &tokio::sync::watch::Receiver<bool>,
+    ) -> Result<T> {
+        let mut delay = Duration::from_millis(self.cfg.retry_initial_ms.max(1));
+        loop {
+            let res = match self.conn().await {
+                Ok(mut c) => cmd.query_async::<T>(&mut c).await,
+                Err(e) => Err(e),
+            };
+            match res {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    self.metrics.redis_error();
+                    self.conn = None;
+                    if *stop.borrow() {
+                        anyhow::bail!("stopping with a Redis read unanswered: {e}");
+                    }
+                    tracing::debug!(retry_ms = delay.as_millis() as u64, error = %e, "Redis read retry");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(self.cfg.retry_max_ms.max(1)));
+                }
+            }
+        }
+    }
+
+    /// Before this publisher's first write under `version`: when Redis does
+    /// not serve it (a swap to it, or back to it), clears the expiry a
+    /// demotion may have set on its keys, so that a version flipped away
+    /// from and back to within `redis.old_version_ttl_secs` keeps them.
+    async fn prepare_version(
+        &mut self,
+        version: &str,
+        stop: &tokio::sync::watch::Receiver<bool>,
+    ) -> Result<()> {
+        if self.prepared.as_deref() == Some(version) {
+            return Ok(());
+        }
+        if self.active_version(stop).await?.as_deref() != Some(version) {
+            let n = self
+                .each_key(version, stop, |p, k| {
+                    p.persist(k).ignore();
+                })
+                .await?;
+            if n > 0 {
+                tracing::info!(
+                    version,
+                    keys = n,
+                    "writing a version again: its keys no longer expire"
+                );
+            }
+        }
+        self.prepared = Some(version.to_string());
+        Ok(())
+    }
+
+    /// After this publisher wrote its share of `version` (`shares`; `None`:
+    /// one instance, the whole): flips the marker to it, alone at once;
+    /// scaled out, once every share is written (each replica adds the
+    /// shares it wrote to `{root}:shares`; the one that completes the set
+    /// flips). Whether the marker now names `version`.
     pub async fn flip(
         &mut self,
         version: &str,
         dim: usize,
         relations: &[String],
+        shares: Option<&[String]>,
         stop: &tokio::sync::watch::Receiver<bool>,
     ) -> Result<bool> {
-        let Some(o) = self.ownership.clone() else {
+        let (Some(o), Some(shares)) = (self.ownership.clone(), shares) else {
             self.set_model(version, dim, relations, stop).await?;
             return Ok(true);
         };
-        let shares = o.shares();
         let key = format!("{}:shares", self.root(version));
         if !shares.is_empty() {
             let mut p = redis::pipe();
-            p.sadd(&key, &shares).ignore();
+            p.sadd(&key, shares).ignore();
             self.run(vec![p], stop).await?;
         }
-        let mut c = self.conn().await?;
-        let written: usize = redis::cmd("SCARD").arg(&key).query_async(&mut c).await?;
+        let mut scard = redis::cmd("SCARD");
+        scard.arg(&key);
+        let written: usize = self.query(&scard, stop).await?;
         if self.active_version(stop).await?.as_deref() == Some(version) {
             return Ok(true);
         }
@@ -517,7 +578,8 @@ impl Publisher {
 
     /// Flips `{prefix}:model` to `version` (after everything under it is
     /// written), then lets the version it replaces expire
-    /// (`redis.old_version_ttl_secs`).
+    /// (`redis.old_version_ttl_secs`) and forgets its shares, so that a
+    /// flip back to it collects them afresh.
     pub async fn set_model(
         &mut self,
         version: &str,
@@ -526,8 +588,9 @@ impl Publisher {
         stop: &tokio::sync::watch::Receiver<bool>,
     ) -> Result<()> {
         let old = self.active_version(stop).await?;
+        // One HSET: the flip is atomic by itself (the updates entry is a
+        // notice, in another key).
         let mut p = redis::pipe();
-        p.atomic();
         p.hset_multiple(
             keys::model(&self.cfg.prefix),
             &[
@@ -547,42 +610,46 @@ impl Publisher {
         .ignore();
         self.run(vec![p], stop).await?;
         if let Some(old) = old.filter(|o| o != version) {
-            let n = self.expire_version(&old, stop).await?;
-            tracing::info!(old = %old, new = %version, keys = n, ttl_secs = self.cfg.old_version_ttl_secs, "model flipped; the old version's keys expire");
+            let ttl = self.cfg.old_version_ttl_secs as i64;
+            let shares = format!("{}:shares", self.root(&old));
+            let n = self
+                .each_key(&old, stop, |p, k| {
+                    if ttl == 0 || k == shares {
+                        p.unlink(k).ignore();
+                    } else {
+                        p.expire(k, ttl).ignore();
+                    }
+                })
+                .await?;
+            tracing::info!(old = %old, new = %version, keys = n, ttl_secs = ttl, "model flipped; the old version's keys expire");
         }
         Ok(())
     }
 
-    /// Sets every key of `version` to expire in `redis.old_version_ttl_secs`
-    /// (deletes them at 0); returns how many. SCAN walks the keyspace once.
-    async fn expire_version(
+    /// Runs `cmd` (added to a pipeline) on every key of `version` (SCAN
+    /// walks the keyspace once); returns how many keys.
+    async fn each_key(
         &mut self,
         version: &str,
         stop: &tokio::sync::watch::Receiver<bool>,
+        cmd: impl Fn(&mut redis::Pipeline, &str),
     ) -> Result<usize> {
-        let pattern = format!("{}:*", self.root(version));
-        let ttl = self.cfg.old_version_ttl_secs;
+        let pattern = format!("{}:*", glob_escape(&self.root(version)));
         let mut cursor: u64 = 0;
         let mut n = 0;
         loop {
-            let mut c = self.conn().await?;
-            let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
                 .arg("MATCH")
                 .arg(&pattern)
                 .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut c)
-                .await?;
+                .arg(1000);
+            let (next, found): (u64, Vec<String>) = self.query(&scan, stop).await?;
             if !found.is_empty() {
                 n += found.len();
                 let mut p = redis::pipe();
                 for k in &found {
-                    if ttl == 0 {
-                        p.unlink(k).ignore();
-                    } else {
-                        p.expire(k, ttl as i64).ignore();
-                    }
+                    cmd(&mut p, k);
                 }
                 self.run(vec![p], stop).await?;
             }
@@ -592,6 +659,18 @@ impl Publisher {
             cursor = next;
         }
     }
+}
+
+/// `s` with Redis glob characters escaped (for SCAN MATCH).
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// The root of the version `{prefix}:model` names (`None`: no model yet),

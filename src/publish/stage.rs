@@ -35,6 +35,9 @@ pub struct Out {
     pub messages: u64,
     /// The output of an idle refresh.
     pub idle: bool,
+    /// Scaled out: the shares of the model version this writes
+    /// ([`crate::serve::state::Core::share`]); `None`: one instance.
+    pub shares: Option<Vec<String>>,
     /// `(batch closed, core started, core done)`, for the stage timings.
     pub trace: Option<(Instant, Instant, Instant)>,
 }
@@ -77,6 +80,8 @@ impl<S: OffsetStore + ?Sized> PublishStage<S> {
         progress: Arc<Progress>,
         health: Arc<Health>,
     ) -> Self {
+        // One instance: the start wrote or found the marker.
+        let marker_seen = !publisher.scaled_out();
         Self {
             publisher,
             offsets,
@@ -84,7 +89,7 @@ impl<S: OffsetStore + ?Sized> PublishStage<S> {
             progress,
             health,
             repairing: false,
-            marker_seen: false,
+            marker_seen,
         }
     }
 
@@ -116,7 +121,8 @@ impl<S: OffsetStore + ?Sized> PublishStage<S> {
                 .publish(&out.publish, &out.version, &shutdown)
                 .await?;
             if let Some((v, dim, rel)) = &out.flip {
-                if self.publisher.flip(v, *dim, rel, &shutdown).await? {
+                let shares = out.shares.as_deref();
+                if self.publisher.flip(v, *dim, rel, shares, &shutdown).await? {
                     self.marker_seen = true;
                     self.repairing = false;
                 }
@@ -135,7 +141,11 @@ impl<S: OffsetStore + ?Sized> PublishStage<S> {
         // Scaled out, every replica checks and republishes its own share;
         // the marker comes back when the last share is written.
         let present = self.publisher.marker_present().await;
-        self.marker_seen |= present == Some(true);
+        if present == Some(true) {
+            // Written (by this replica's repair or another's).
+            self.marker_seen = true;
+            self.repairing = false;
+        }
         if self.repairing || !self.marker_seen || present != Some(false) {
             return;
         }
@@ -188,6 +198,7 @@ impl<S: OffsetStore + ?Sized> PublishStage<S> {
             }
             p.idle_at_messages
                 .store(p.messages.load(Ordering::SeqCst), Ordering::SeqCst);
+            p.caught_up.store(true, Ordering::SeqCst);
         }
     }
 }

@@ -74,6 +74,9 @@ pub struct Progress {
     /// once it reaches the number of messages produced, every effect of
     /// them is in Redis, lists refreshed against the final catalogue.
     pub idle_at_messages: AtomicU64,
+    /// An idle refresh was published: the engine caught up with its input
+    /// once.
+    pub caught_up: std::sync::atomic::AtomicBool,
     /// Messages dead-lettered.
     pub dead_lettered: AtomicU64,
     /// Per input partition, the offset of the last message whose effects
@@ -216,8 +219,14 @@ async fn run(
     // restoring replica holds no users it cannot publish yet).
     let membership = match &ownership {
         Some(o) => Some(
-            replica::Membership::start(&settings.kafka, o.clone(), metrics.clone(), stop.clone())
-                .map_err(|e| fatal(&metrics, Stage::Start, e))?,
+            replica::Membership::start(
+                &settings.kafka,
+                o.clone(),
+                metrics.clone(),
+                progress.clone(),
+                stop.clone(),
+            )
+            .map_err(|e| fatal(&metrics, Stage::Start, e))?,
         ),
         None => {
             metrics.set_alone();
@@ -279,7 +288,7 @@ async fn run(
     lag_task.abort();
     memory_task.abort();
     if let Some(m) = membership {
-        let _ = tokio::task::spawn_blocking(move || m.join()).await;
+        let _ = tokio::task::spawn_blocking(move || m.leave()).await;
     }
     commit(consumer).await;
     if let Some(f) = final_snapshot {

@@ -17,8 +17,10 @@
 //! protocol is the coordination; thaw adds none of its own:
 //! - a replica publishes the users whose latest interaction came through a
 //!   partition it owns ([`Ownership::owns`]);
-//! - the owner of partition 0 leads: it publishes the item embeddings, and
-//!   checks the model marker;
+//! - the owner of partition 0 leads: it publishes the item embeddings;
+//! - the core decides by its own view of the share, which changes only when
+//!   it publishes what it gained: a rebalance that revokes and gives back
+//!   the same partitions between two batches drops nothing;
 //! - on a rebalance the core publishes every user of the partitions gained
 //!   (and every item, when it gains the lead) from its own state, which is
 //!   complete because it read everything: nothing is restored or lost, and
@@ -27,14 +29,17 @@
 //! - a model version is flipped when every share of it is written: each
 //!   replica adds its shares (`p{n}` per partition, `items` for the leader)
 //!   to `{root}:shares` after writing them, and whichever completes the set
-//!   flips `{prefix}:model` ([`crate::publish::Publisher::record_shares`]).
+//!   flips `{prefix}:model` ([`crate::publish::Publisher::flip`]);
+//! - a replica joins the group only once it has caught up with its input
+//!   (its first idle refresh), so a restarted one does not take its share
+//!   back while its state is behind the others'.
 //!
 //! The price is memory and ingest: every replica holds every user's history
 //! and reads every event (the graph work is not split). What scales is the
 //! user work and the Redis writes.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -44,6 +49,7 @@ use rdkafka::TopicPartitionList;
 use tokio::sync::watch;
 
 use super::metrics::Metrics;
+use super::Progress;
 use crate::ingest::Topic;
 use crate::kafka::KafkaSettings;
 
@@ -81,17 +87,6 @@ impl Ownership {
         self.partitions.load(Ordering::SeqCst)
     }
 
-    /// The shares of a model version this replica writes: `p{n}` per owned
-    /// partition, `items` when it leads.
-    pub fn shares(&self) -> Vec<String> {
-        let owned = self.owned();
-        let mut out: Vec<String> = owned.iter().map(|p| format!("p{p}")).collect();
-        if owned.contains(&0) {
-            out.push("items".into());
-        }
-        out
-    }
-
     /// Every share of a version: one per partition and the items.
     pub fn all_shares(&self) -> usize {
         self.partitions().max(0) as usize + 1
@@ -118,17 +113,25 @@ impl Ownership {
 /// The group member that holds this replica's share of `interactions`.
 pub struct Membership {
     thread: std::thread::JoinHandle<()>,
+    done: Arc<AtomicBool>,
 }
+
+/// How long a replica that has not caught up with its input (no idle
+/// refresh yet) waits before it takes a share anyway.
+const JOIN_AFTER: Duration = Duration::from_secs(120);
 
 impl Membership {
     /// Joins `kafka.group_id` on `interactions` (from a thread of its own)
-    /// and keeps `ownership` up to date until `stop`. The first assignment
-    /// comes after the group's join (seconds); until then this replica
-    /// publishes no user.
+    /// once the engine caught up with its input (`progress.caught_up`, or
+    /// after [`JOIN_AFTER`]: a restarted replica does not take a share back
+    /// while its state is behind the others'), and keeps `ownership` up to
+    /// date until `stop` or [`Membership::leave`]. Until the group's first
+    /// assignment (seconds after joining) this replica publishes no user.
     pub fn start(
         kafka: &KafkaSettings,
         ownership: Arc<Ownership>,
         metrics: Arc<Metrics>,
+        progress: Arc<Progress>,
         stop: watch::Receiver<bool>,
     ) -> Result<Self> {
         let consumer: BaseConsumer = kafka
@@ -137,6 +140,10 @@ impl Membership {
                 ("client.id", &format!("thaw-{}", kafka.replica_id)),
                 ("enable.auto.commit", "false"),
                 ("enable.auto.offset.store", "false"),
+                // It reads nothing: whatever it fetches before a pause
+                // takes effect is dropped, so keep that small.
+                ("queued.max.messages.kbytes", "1024"),
+                ("fetch.max.bytes", "1048576"),
             ])
             .create()
             .context("creating the group membership consumer")?;
@@ -151,25 +158,41 @@ impl Membership {
             .map_or(0, |t| t.partitions().len() as i32);
         anyhow::ensure!(n > 0, "the topic {topic} has no partitions");
         ownership.partitions.store(n, Ordering::SeqCst);
-        consumer
-            .subscribe(&[topic])
-            .context("joining the replicas' group")?;
         let replica = kafka.replica_id.clone();
+        let done = Arc::new(AtomicBool::new(false));
+        let quit = {
+            let done = done.clone();
+            move || *stop.borrow() || done.load(Ordering::SeqCst)
+        };
         let thread = std::thread::Builder::new()
             .name("thaw-membership".into())
             .spawn(move || {
-                hold(&consumer, &ownership, &metrics, &replica, &stop);
+                let t0 = std::time::Instant::now();
+                while !progress.caught_up.load(Ordering::SeqCst) && t0.elapsed() < JOIN_AFTER {
+                    if quit() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                if let Err(e) = consumer.subscribe(&[topic]) {
+                    tracing::error!(error = %e, "joining the replicas' group failed: this replica publishes no user");
+                    return;
+                }
+                tracing::info!(replica, caught_up = progress.caught_up.load(Ordering::SeqCst), "joined the replicas' group");
+                hold(&consumer, &ownership, &metrics, &replica, &quit);
                 // Leaving the group at once lets the others take the share
                 // now, not after the session times out.
                 consumer.unsubscribe();
                 ownership.set(BTreeSet::new());
             })
             .context("starting the membership thread")?;
-        Ok(Self { thread })
+        Ok(Self { thread, done })
     }
 
-    /// Waits for the thread (after `stop`).
-    pub fn join(self) {
+    /// Leaves the group (also when the engine stopped on an error, without
+    /// `stop`) and waits for the thread.
+    pub fn leave(self) {
+        self.done.store(true, Ordering::SeqCst);
         let _ = self.thread.join();
     }
 }
@@ -181,15 +204,24 @@ fn hold(
     own: &Ownership,
     metrics: &Metrics,
     replica: &str,
-    stop: &watch::Receiver<bool>,
+    quit: &dyn Fn() -> bool,
 ) {
-    while !*stop.borrow() {
-        // Messages fetched before a pause took effect are dropped: the
-        // replica's reader consumes every partition anyway.
+    while !quit() {
         let _ = consumer.poll(Duration::from_millis(100));
         let Ok(assignment) = consumer.assignment() else {
             continue;
         };
+        // Paused at every turn: a revocation and reassignment of the same
+        // partitions between two polls would leave them fetching.
+        if assignment.count() > 0 {
+            let mut pause = TopicPartitionList::new();
+            for e in assignment.elements() {
+                pause.add_partition(e.topic(), e.partition());
+            }
+            if let Err(e) = consumer.pause(&pause) {
+                tracing::warn!(error = %e, "pausing the membership consumer");
+            }
+        }
         let owned: BTreeSet<i32> = assignment
             .elements()
             .iter()
@@ -197,13 +229,6 @@ fn hold(
             .collect();
         if owned == own.owned() {
             continue;
-        }
-        let mut pause = TopicPartitionList::new();
-        for e in assignment.elements() {
-            pause.add_partition(e.topic(), e.partition());
-        }
-        if let Err(e) = consumer.pause(&pause) {
-            tracing::warn!(error = %e, "pausing the membership consumer");
         }
         tracing::info!(replica, partitions = ?owned, leader = owned.contains(&0), "replica share changed");
         metrics.set_replica(owned.len(), owned.contains(&0));
@@ -219,12 +244,11 @@ mod tests {
     fn shares_follow_the_assignment() {
         let o = Ownership::default();
         o.partitions.store(4, Ordering::SeqCst);
-        assert!(!o.leads() && o.shares().is_empty());
+        assert!(!o.leads());
         assert!(o.set([0, 2].into()));
         assert!(!o.set([0, 2].into()), "no change, no new generation");
         assert_eq!(o.generation(), 1);
         assert!(o.leads() && o.owns(2) && !o.owns(1));
-        assert_eq!(o.shares(), ["p0", "p2", "items"]);
         assert_eq!(o.all_shares(), 5);
         o.set([3].into());
         assert_eq!((o.generation(), o.leads()), (2, false));

@@ -18,7 +18,10 @@ use crate::publish::stage::Out;
 
 /// Loads the model folder named by `s`.
 pub fn load_model(s: &ModelSettings) -> Result<LoadedModel> {
-    LoadedModel::load(&s.dir, &s.text_dir, s.ort_dylib.as_deref())
+    let model = LoadedModel::load(&s.dir, &s.text_dir, s.ort_dylib.as_deref())?;
+    // The version names the Redis keys: refused here, not at the first write.
+    crate::publish::keys::check_part("the model version", &model.card.version)?;
+    Ok(model)
 }
 
 /// The snapshot a stopping core stage leaves to write.
@@ -116,7 +119,7 @@ impl CoreStage {
             if !matches!(w, Work::Batch(_)) && self.held.is_some() {
                 // Idle or a reload: what a backlog held back goes out first.
                 let out = self.batch(None, false)?;
-                if tx.blocking_send(out).is_err() {
+                if tx.blocking_send(self.shared(out)).is_err() {
                     break;
                 }
             }
@@ -152,7 +155,7 @@ impl CoreStage {
             // leave the state's list: a snapshot now, within the committed
             // offsets, would forget them if Redis never got the deletions.
             let unsafe_now = !out.publish.evicted.is_empty() && out.offsets.is_empty();
-            if tx.blocking_send(out).is_err() {
+            if tx.blocking_send(self.shared(out)).is_err() {
                 break;
             }
             if !unsafe_now {
@@ -161,7 +164,7 @@ impl CoreStage {
         }
         if self.held.is_some() {
             let out = self.batch(None, false)?;
-            let _ = tx.blocking_send(out);
+            let _ = tx.blocking_send(self.shared(out));
         }
         // Of what the drain applied; used at the next start once the final
         // commit covers it.
@@ -170,6 +173,13 @@ impl CoreStage {
             state: self.core.state(),
             covered: self.covered.clone(),
         }))
+    }
+
+    /// `out` as this replica writes it ([`Core::share`]): the items only
+    /// when it leads, and the shares a model flip records.
+    fn shared(&self, mut out: Out) -> Out {
+        out.shares = self.core.share(&mut out.publish);
+        out
     }
 
     /// Applies `b` (none: only flush what was held back): held back while

@@ -676,14 +676,35 @@ impl Core {
         self.ownership = ownership.map(|o| (o, BTreeSet::new()));
     }
 
-    /// Whether this replica publishes `user` (a user of no known partition:
-    /// the leader does, so that none is left out).
-    fn owns(&self, user: &UserState) -> bool {
+    /// Whether this replica publishes the users of `partition` (-1: none
+    /// known; the leader publishes those, so that none is left out). By the
+    /// core's own view of the share, which changes only when it publishes
+    /// what it gained ([`Core::publish_gained`]): a rebalance that revokes
+    /// and gives back the same partitions between two of its batches loses
+    /// nothing.
+    fn owns_partition(&self, partition: i32) -> bool {
         match &self.ownership {
             None => true,
-            Some((o, _)) if user.partition < 0 => o.leads(),
-            Some((o, _)) => o.owns(user.partition),
+            Some((_, view)) => view.contains(&partition.max(0)),
         }
+    }
+
+    fn owns(&self, user: &UserState) -> bool {
+        self.owns_partition(user.partition)
+    }
+
+    /// Scaled out: keeps the items of `p` only when this replica leads, and
+    /// returns the shares `p` writes (`p{n}` per partition of the view,
+    /// `items` when leading), for the model flip. `None`: one instance.
+    pub fn share(&self, p: &mut Publish) -> Option<Vec<String>> {
+        let (_, view) = self.ownership.as_ref()?;
+        let mut shares: Vec<String> = view.iter().map(|n| format!("p{n}")).collect();
+        if view.contains(&0) {
+            shares.push("items".into());
+        } else {
+            p.items.clear();
+        }
+        Some(shares)
     }
 
     /// After this replica's share changed: every user of the partitions it
@@ -745,7 +766,7 @@ impl Core {
             self.users.retain(|id, u| {
                 let keep = u.ts >= cutoff;
                 if !keep {
-                    gone.push(id.clone());
+                    gone.push((id.clone(), u.partition));
                 }
                 keep
             });
@@ -760,19 +781,27 @@ impl Core {
                 .iter()
                 .map(|(_, id)| (*id).clone())
                 .collect();
-            for id in &out {
-                self.users.remove(id);
+            for id in out {
+                if let Some(u) = self.users.remove(&id) {
+                    gone.push((id, u.partition));
+                }
             }
-            gone.extend(out);
         }
         if gone.is_empty() {
             return;
         }
-        for id in &gone {
+        for (id, _) in &gone {
             self.dirty_users.remove(id);
         }
         self.metrics.users_evicted(gone.len() as u64);
-        self.evicted.extend(gone);
+        // Scaled out, only the owner deletes a user's keys: another replica
+        // may evict at another point of its read order.
+        let owned: Vec<String> = gone
+            .into_iter()
+            .filter(|(_, p)| self.owns_partition(*p))
+            .map(|(id, _)| id)
+            .collect();
+        self.evicted.extend(owned);
     }
 
     /// The evicted users whose keys are to be deleted: those not back
