@@ -28,7 +28,7 @@ pub struct UserView {
 /// Reads `user`'s list and embedding under the version `prefix:model` names;
 /// `None` before any model is published.
 pub async fn read_user(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut impl redis::aio::ConnectionLike,
     prefix: &str,
     user: &str,
 ) -> redis::RedisResult<Option<UserView>> {
@@ -73,10 +73,18 @@ async fn main() -> redis::RedisResult<()> {
     let user = args.next().unwrap_or_else(|| "1".into());
     let prefix = args.next().unwrap_or_else(|| "thaw".into());
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let mut conn = redis::Client::open(url)?
-        .get_multiplexed_async_connection()
-        .await?;
-    match read_user(&mut conn, &prefix, &user).await? {
+    let view = if std::env::var_os("REDIS_CLUSTER").is_some() {
+        let mut conn = redis::cluster::ClusterClient::new(vec![url])?
+            .get_async_connection()
+            .await?;
+        read_user(&mut conn, &prefix, &user).await?
+    } else {
+        let mut conn = redis::Client::open(url)?
+            .get_multiplexed_async_connection()
+            .await?;
+        read_user(&mut conn, &prefix, &user).await?
+    };
+    match view {
         None => println!("no model published under `{prefix}` yet"),
         Some(v) => {
             println!("model {} — user {user}:", v.version);

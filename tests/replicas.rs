@@ -5,7 +5,9 @@
 //! take its share over: nothing is lost.
 //!
 //! Against the embedded broker (librdkafka's mock cluster: real protocol,
-//! real group coordination) and the real Redis; needs `make models redis`.
+//! real group coordination) and the real Redis; then the same against a
+//! local Redis Cluster of three nodes (`redis.cluster`: writes routed by
+//! slot, pipelines grouped by node). Needs `make models redis`.
 
 mod common;
 
@@ -62,9 +64,15 @@ fn stream() -> (Vec<Event>, Vec<Event>) {
     (first, second)
 }
 
+/// Where the runs write: the Redis at `REDIS_URL`, or a local cluster.
+struct Target {
+    url: String,
+    cluster: bool,
+}
+
 /// The environment of one run; `replica` set: a member of the replicas'
 /// group.
-fn env(replica: Option<&str>) -> Vec<(&'static str, String)> {
+fn env(t: &Target, replica: Option<&str>) -> Vec<(&'static str, String)> {
     let mut env = vec![
         // A dead member is noticed within seconds (librdkafka's default
         // session is 45 s).
@@ -76,6 +84,7 @@ fn env(replica: Option<&str>) -> Vec<(&'static str, String)> {
             "THAW__KAFKA__PROPERTIES__heartbeat.interval.ms",
             "500".to_string(),
         ),
+        ("THAW__REDIS__CLUSTER", t.cluster.to_string()),
     ];
     if let Some(r) = replica {
         env.push(("THAW__KAFKA__REPLICA_ID", r.to_string()));
@@ -85,18 +94,22 @@ fn env(replica: Option<&str>) -> Vec<(&'static str, String)> {
 
 /// One instance over what was produced so far, to its settled state.
 async fn single(
+    t: &Target,
     brokers: &str,
     dir: &std::path::Path,
-    c: &mut redis::aio::MultiplexedConnection,
+    nodes: &mut [redis::aio::MultiplexedConnection],
     tag: &str,
     want: (usize, usize),
 ) -> Snapshot {
-    let s = settings(brokers, dir, tag);
+    let mut s = settings(brokers, dir, tag);
+    s.redis.url = t.url.clone();
     let log = dir.join(format!("{tag}.log"));
-    let p = Killed(spawn_serve_with(&s, dir, &log, &env(None)));
-    let whole = converge(c, &s.redis.prefix, None).await;
+    let p = Killed(spawn_serve_with(&s, dir, &log, &env(t, None)));
+    let whole = converge_on(nodes, &s.redis.prefix, None).await;
     drop(p);
-    clear(c, &s.redis.prefix).await;
+    for c in nodes.iter_mut() {
+        clear(c, &s.redis.prefix).await;
+    }
     assert_eq!(
         (whole.items.len(), whole.recs.len()),
         want,
@@ -105,8 +118,7 @@ async fn single(
     whole
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_replicas_share_the_users_and_survive_a_kill() {
+async fn replicas_share_and_survive(t: Target, mut nodes: Vec<redis::aio::MultiplexedConnection>) {
     require_text_encoder();
     let tmp = tempfile::tempdir().unwrap();
     untrained_model(tmp.path());
@@ -119,11 +131,11 @@ async fn three_replicas_share_the_users_and_survive_a_kill() {
     let (first, second) = stream();
     produce(&producer, &first).await;
     producer_flush(&producer);
-    let mut c = redis().await;
-    let whole1 = single(&brokers, tmp.path(), &mut c, "one-a", (120, 60)).await;
+    let whole1 = single(&t, &brokers, tmp.path(), &mut nodes, "one-a", (120, 60)).await;
 
     // Three replicas, one group, one prefix.
-    let r = settings(&brokers, tmp.path(), "three");
+    let mut r = settings(&brokers, tmp.path(), "three");
+    r.redis.url = t.url.clone();
     let prefix = r.redis.prefix.clone();
     let mut procs: Vec<Option<Killed>> = (0..3)
         .map(|k| {
@@ -133,11 +145,11 @@ async fn three_replicas_share_the_users_and_survive_a_kill() {
                 &r,
                 tmp.path(),
                 &log,
-                &env(Some(&name)),
+                &env(&t, Some(&name)),
             )))
         })
         .collect();
-    let three = converge(&mut c, &prefix, Some(&whole1)).await;
+    let three = converge_on(&mut nodes, &prefix, Some(&whole1)).await;
     assert_eq!(three.users.len(), 60);
     let log = |k: usize| std::fs::read_to_string(tmp.path().join(format!("r{k}.log"))).unwrap();
     // Every replica took a share: the work was split, not done three times.
@@ -161,12 +173,13 @@ async fn three_replicas_share_the_users_and_survive_a_kill() {
     dead.0.wait().unwrap();
     produce(&producer, &second).await;
     producer_flush(&producer);
-    let whole2 = single(&brokers, tmp.path(), &mut c, "one-b", (130, 80)).await;
+    let whole2 = single(&t, &brokers, tmp.path(), &mut nodes, "one-b", (130, 80)).await;
     let t0 = Instant::now();
-    let after = converge(&mut c, &prefix, Some(&whole2)).await;
+    let after = converge_on(&mut nodes, &prefix, Some(&whole2)).await;
     assert_eq!((after.items.len(), after.recs.len()), (130, 80));
     eprintln!(
-        "3 replicas, leader r{leader} killed: converged to the single instance's state in {:.1} s",
+        "3 replicas{}, leader r{leader} killed: converged to the single instance's state in {:.1} s",
+        if t.cluster { " on a Redis Cluster" } else { "" },
         t0.elapsed().as_secs_f64()
     );
     // A survivor took the lead.
@@ -178,5 +191,32 @@ async fn three_replicas_share_the_users_and_survive_a_kill() {
     assert!(new_leader, "no survivor took the lead");
     drop(procs);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    clear(&mut c, &prefix).await;
+    for (n, c) in nodes.iter_mut().enumerate() {
+        // On a cluster every node holds keys of the run: the writes went
+        // where their slots are.
+        let here = keys(c, &format!("{prefix}:*")).await.len();
+        assert!(here > 0, "node {n} holds none of the run's keys");
+        clear(c, &prefix).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_the_users_and_survive_a_kill() {
+    let t = Target {
+        url: redis_url(),
+        cluster: false,
+    };
+    replicas_share_and_survive(t, vec![redis().await]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_on_a_redis_cluster() {
+    let cluster = LocalCluster::start();
+    let t = Target {
+        url: cluster.url(),
+        cluster: true,
+    };
+    let nodes = cluster.nodes().await;
+    replicas_share_and_survive(t, nodes).await;
+    drop(cluster);
 }

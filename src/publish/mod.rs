@@ -34,11 +34,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use redis::aio::MultiplexedConnection;
+use conn::{Conn, Packer, Routed, SlotMap};
 
 use crate::serve::config::RedisSettings;
 use crate::serve::metrics::{Health, Metrics};
 
+pub mod conn;
 pub mod stage;
 
 /// Key names of the layout (the module docs), for writers and readers.
@@ -145,18 +146,6 @@ pub fn emb_from_bytes(b: &[u8]) -> Option<Vec<f32>> {
     })
 }
 
-/// Commands of a pipeline that write data (MULTI and EXEC left out).
-fn data_commands(p: &redis::Pipeline) -> usize {
-    p.cmd_iter()
-        .filter(|c| {
-            !matches!(
-                c.args_iter().next(),
-                Some(redis::Arg::Simple(b"MULTI" | b"EXEC"))
-            )
-        })
-        .count()
-}
-
 /// A Redis client for `url`; the error names the URL with its password
 /// masked (the client's own error never quotes it).
 pub fn client(url: &str) -> Result<redis::Client> {
@@ -167,8 +156,10 @@ pub fn client(url: &str) -> Result<redis::Client> {
 /// The Redis writer.
 pub struct Publisher {
     cfg: RedisSettings,
-    client: redis::Client,
-    conn: Option<MultiplexedConnection>,
+    client: conn::Client,
+    conn: Option<Conn>,
+    /// A cluster's slot map (read at connect, again after a failure).
+    slots: Option<Arc<SlotMap>>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     /// Scaled out: this replica's share ([`crate::serve::replica`]).
@@ -180,11 +171,12 @@ pub struct Publisher {
 impl Publisher {
     /// A publisher for `cfg.url` (no connection is made yet).
     pub fn new(cfg: RedisSettings, metrics: Arc<Metrics>, health: Arc<Health>) -> Result<Self> {
-        let client = client(&cfg.url)?;
+        let client = conn::Client::open(&cfg.url, cfg.cluster, Self::timeout(&cfg))?;
         Ok(Self {
             cfg,
             client,
             conn: None,
+            slots: None,
             metrics,
             health,
             ownership: None,
@@ -211,26 +203,48 @@ impl Publisher {
         keys::root(&self.cfg.prefix, version)
     }
 
-    async fn conn(&mut self) -> redis::RedisResult<MultiplexedConnection> {
+    fn timeout(cfg: &RedisSettings) -> Duration {
+        Duration::from_millis(cfg.response_timeout_ms.max(1))
+    }
+
+    async fn conn(&mut self) -> redis::RedisResult<Conn> {
         if let Some(c) = &self.conn {
             return Ok(c.clone());
         }
-        let cfg = redis::AsyncConnectionConfig::new().set_response_timeout(Some(
-            Duration::from_millis(self.cfg.response_timeout_ms.max(1)),
-        ));
-        let c = self
-            .client
-            .get_multiplexed_async_connection_with_config(&cfg)
-            .await?;
+        let mut c = self.client.connect(Self::timeout(&self.cfg), None).await?;
+        if matches!(c, Conn::Cluster(_)) {
+            self.slots = Some(Arc::new(SlotMap::fetch(&mut c).await?));
+        }
         self.conn = Some(c.clone());
         Ok(c)
     }
 
-    /// Runs `pipes` in order, each retried until it succeeds; gives up only
-    /// when `stop` turns true (then returns an error).
+    /// A packer for this Redis (by node on a cluster; call after
+    /// [`Publisher::conn`], which reads the slot map).
+    fn packer(&self) -> Packer {
+        Packer::new(self.cfg.pipeline_commands, self.slots.clone())
+    }
+
+    /// [`Publisher::run`] of what `pack` adds to a packer: connects first,
+    /// so that a cluster's pipelines are grouped by its current slot map.
+    async fn write(
+        &mut self,
+        stop: &tokio::sync::watch::Receiver<bool>,
+        pack: impl FnOnce(&mut Packer),
+    ) -> Result<()> {
+        // A failed connect is retried by `run`; the packing then goes by
+        // what is known (a stale map: `run` repacks after a failure).
+        let _ = self.conn().await;
+        let mut packer = self.packer();
+        pack(&mut packer);
+        self.run(packer.finish(), stop).await
+    }
+
+    /// Runs `pipes`, each retried until it succeeds; gives up only when
+    /// `stop` turns true (then returns an error).
     async fn run(
         &mut self,
-        pipes: Vec<redis::Pipeline>,
+        pipes: Vec<Routed>,
         stop: &tokio::sync::watch::Receiver<bool>,
     ) -> Result<()> {
         // All pipelines of a batch go out at once on the multiplexed
@@ -244,12 +258,12 @@ impl Publisher {
             let (failed, error) = match conn {
                 Ok(c) => {
                     use futures::stream::StreamExt;
-                    let results: Vec<(redis::Pipeline, redis::RedisResult<()>)> =
-                        futures::stream::iter(pending.into_iter().map(move |p| {
+                    let results: Vec<(Routed, redis::RedisResult<()>)> =
+                        futures::stream::iter(pending.into_iter().map(move |r| {
                             let mut c = c.clone();
                             async move {
-                                let r = p.query_async::<()>(&mut c).await;
-                                (p, r)
+                                let res = c.send(&r.pipe, r.slot).await;
+                                (r, res)
                             }
                         }))
                         .buffered(self.cfg.pipelines_in_flight.max(1))
@@ -258,12 +272,12 @@ impl Publisher {
                     let mut failed = Vec::new();
                     let mut error = None;
                     let mut written = 0;
-                    for (p, r) in results {
-                        match r {
-                            Ok(()) => written += data_commands(&p),
+                    for (r, res) in results {
+                        match res {
+                            Ok(()) => written += r.writes,
                             Err(e) => {
                                 error = Some(e);
-                                failed.push(p);
+                                failed.push(r);
                             }
                         }
                     }
@@ -307,6 +321,16 @@ impl Publisher {
                     }
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_millis(self.cfg.retry_max_ms.max(1)));
+                    if self.slots.is_some() {
+                        // A slot may have moved: read the map again and
+                        // pack the failed units by it.
+                        let _ = self.conn().await;
+                        let mut packer = self.packer();
+                        for r in &pending {
+                            packer.add_pipeline(&r.pipe);
+                        }
+                        pending = packer.finish();
+                    }
                 }
             }
         }
@@ -315,14 +339,8 @@ impl Publisher {
 
     /// Whether Redis answers a PING on a connection of its own within 2 s.
     async fn answers(&self) -> bool {
-        let cfg = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)));
-        let Ok(mut c) = self
-            .client
-            .get_multiplexed_async_connection_with_config(&cfg)
-            .await
-        else {
+        let two = Duration::from_secs(2);
+        let Ok(mut c) = self.client.connect(two, Some(two)).await else {
             return false;
         };
         redis::cmd("PING").query_async::<()>(&mut c).await.is_ok()
@@ -349,7 +367,12 @@ impl Publisher {
     pub async fn ping(&mut self, stop: &tokio::sync::watch::Receiver<bool>) -> Result<()> {
         let mut p = redis::pipe();
         p.cmd("PING");
-        self.run(vec![p], stop).await
+        let ping = Routed {
+            pipe: p,
+            slot: None,
+            writes: 0,
+        };
+        self.run(vec![ping], stop).await
     }
 
     /// Writes one batch's effects under model `version`.
@@ -364,102 +387,68 @@ impl Publisher {
         }
         keys::check_part("the model version", version)?;
         let root = self.root(version);
-        let limit = self.cfg.pipeline_commands;
-        let mut pipes = Vec::new();
-        let mut pipe = redis::pipe();
-        let mut n = 0usize;
         let updates = keys::updates(&self.cfg.prefix);
         let maxlen = redis::streams::StreamMaxlen::Approx(self.cfg.updates_maxlen);
-        let mut flush = |pipe: &mut redis::Pipeline, n: &mut usize, need: usize| {
-            if *n + need > limit && *n > 0 {
-                pipes.push(std::mem::replace(pipe, redis::pipe()));
-                *n = 0;
-            }
-        };
         self.prepare_version(version, stop).await?;
-        let items = &batch.items;
-        for it in items {
-            flush(&mut pipe, &mut n, 2);
-            pipe.hset_multiple(
-                keys::item(&root, &it.id),
-                &[
-                    ("emb", emb_bytes(&it.emb)),
-                    ("model", version.as_bytes().to_vec()),
-                    ("ts", it.ts.to_string().into_bytes()),
-                ],
-            )
-            .ignore();
-            pipe.xadd_maxlen(
-                &updates,
-                maxlen,
-                "*",
-                &[("kind", "item"), ("id", it.id.as_str()), ("model", version)],
-            )
-            .ignore();
-            n += 2;
-        }
-        for u in &batch.users {
-            flush(&mut pipe, &mut n, 8);
-            self.user_cmds(&mut pipe, u, &root, version);
-            pipe.xadd_maxlen(
-                &updates,
-                maxlen,
-                "*",
-                &[("kind", "user"), ("id", u.id.as_str()), ("model", version)],
-            )
-            .ignore();
-            n += 8;
-        }
-        if n > 0 {
-            pipes.push(pipe);
-        }
         if !batch.evicted.is_empty() {
             // Deletions first, on their own: the pipelines below run
             // concurrently and must not race a write of the same key.
-            let mut dels = redis::pipe();
-            for id in &batch.evicted {
-                dels.del(&[keys::user(&root, id), keys::recs(&root, id)])
-                    .ignore();
-            }
-            self.run(vec![dels], stop).await?;
+            self.write(stop, |packer| {
+                for id in &batch.evicted {
+                    let (user, recs) = (keys::user(&root, id), keys::recs(&root, id));
+                    packer.add(&user, 1, |p| {
+                        p.del(&[&user, &recs]).ignore();
+                    });
+                }
+            })
+            .await?;
         }
-        self.run(pipes, stop).await?;
-        self.metrics.published("item", items.len() as u64);
+        let ttl = self.cfg.user_ttl_secs.filter(|&t| t > 0);
+        self.write(stop, |packer| {
+            for it in &batch.items {
+                let key = keys::item(&root, &it.id);
+                packer.add(&key, 1, |p| {
+                    p.hset_multiple(
+                        &key,
+                        &[
+                            ("emb", emb_bytes(&it.emb)),
+                            ("model", version.as_bytes().to_vec()),
+                            ("ts", it.ts.to_string().into_bytes()),
+                        ],
+                    )
+                    .ignore();
+                });
+                packer.add(&updates, 1, |p| {
+                    p.xadd_maxlen(
+                        &updates,
+                        maxlen,
+                        "*",
+                        &[("kind", "item"), ("id", it.id.as_str()), ("model", version)],
+                    )
+                    .ignore();
+                });
+            }
+            for u in &batch.users {
+                let user = keys::user(&root, &u.id);
+                packer.add(&user, 3 + 2 * ttl.is_some() as usize, |p| {
+                    user_cmds(p, u, &root, version, ttl);
+                });
+                packer.add(&updates, 1, |p| {
+                    p.xadd_maxlen(
+                        &updates,
+                        maxlen,
+                        "*",
+                        &[("kind", "user"), ("id", u.id.as_str()), ("model", version)],
+                    )
+                    .ignore();
+                });
+            }
+        })
+        .await?;
+        self.metrics.published("item", batch.items.len() as u64);
         self.metrics.published("user", batch.users.len() as u64);
         self.metrics.published("recs", batch.users.len() as u64);
         Ok(())
-    }
-
-    fn user_cmds(&self, pipe: &mut redis::Pipeline, u: &UserOut, root: &str, version: &str) {
-        let user = keys::user(root, &u.id);
-        pipe.hset_multiple(
-            &user,
-            &[
-                ("emb", emb_bytes(&u.emb)),
-                ("model", version.as_bytes().to_vec()),
-                ("ts", u.ts.to_string().into_bytes()),
-            ],
-        )
-        .ignore();
-        // The list is replaced in a transaction of its own: MULTI, DEL,
-        // ZADD, EXEC (a reader sees the old list or the new one).
-        let recs = keys::recs(root, &u.id);
-        pipe.cmd("MULTI").ignore();
-        pipe.del(&recs).ignore();
-        if !u.recs.is_empty() {
-            let members: Vec<(f64, &str)> = u
-                .recs
-                .iter()
-                .map(|(id, s)| (*s as f64, id.as_str()))
-                .collect();
-            pipe.zadd_multiple(&recs, &members).ignore();
-        }
-        if let Some(ttl) = self.cfg.user_ttl_secs.filter(|&t| t > 0) {
-            // Redis forgets a user when the engine does (users.ttl_secs).
-            pipe.expire(&user, ttl as i64).ignore();
-            pipe.expire(&recs, ttl as i64).ignore();
-        }
-        pipe.cmd("EXEC").ignore();
     }
 
     /// The model version Redis serves now (`{prefix}:model` `version`).
@@ -553,9 +542,12 @@ impl Publisher {
         };
         let key = format!("{}:shares", self.root(version));
         if !shares.is_empty() {
-            let mut p = redis::pipe();
-            p.sadd(&key, shares).ignore();
-            self.run(vec![p], stop).await?;
+            self.write(stop, |packer| {
+                packer.add(&key, 1, |p| {
+                    p.sadd(&key, shares).ignore();
+                })
+            })
+            .await?;
         }
         let mut scard = redis::cmd("SCARD");
         scard.arg(&key);
@@ -590,25 +582,33 @@ impl Publisher {
         let old = self.active_version(stop).await?;
         // One HSET: the flip is atomic by itself (the updates entry is a
         // notice, in another key).
-        let mut p = redis::pipe();
-        p.hset_multiple(
-            keys::model(&self.cfg.prefix),
-            &[
-                ("version", version.to_string()),
-                ("root", self.root(version)),
-                ("dim", dim.to_string()),
-                ("relations", relations.join(",")),
-            ],
-        )
-        .ignore();
-        p.xadd_maxlen(
-            keys::updates(&self.cfg.prefix),
-            redis::streams::StreamMaxlen::Approx(self.cfg.updates_maxlen),
-            "*",
-            &[("kind", "model"), ("id", version), ("model", version)],
-        )
-        .ignore();
-        self.run(vec![p], stop).await?;
+        let (marker, root) = (keys::model(&self.cfg.prefix), self.root(version));
+        let updates = keys::updates(&self.cfg.prefix);
+        let maxlen = redis::streams::StreamMaxlen::Approx(self.cfg.updates_maxlen);
+        self.write(stop, |packer| {
+            packer.add(&marker, 1, |p| {
+                p.hset_multiple(
+                    &marker,
+                    &[
+                        ("version", version.to_string()),
+                        ("root", root),
+                        ("dim", dim.to_string()),
+                        ("relations", relations.join(",")),
+                    ],
+                )
+                .ignore();
+            });
+            packer.add(&updates, 1, |p| {
+                p.xadd_maxlen(
+                    &updates,
+                    maxlen,
+                    "*",
+                    &[("kind", "model"), ("id", version), ("model", version)],
+                )
+                .ignore();
+            });
+        })
+        .await?;
         if let Some(old) = old.filter(|o| o != version) {
             let ttl = self.cfg.old_version_ttl_secs as i64;
             let shares = format!("{}:shares", self.root(&old));
@@ -627,7 +627,8 @@ impl Publisher {
     }
 
     /// Runs `cmd` (added to a pipeline) on every key of `version` (SCAN
-    /// walks the keyspace once); returns how many keys.
+    /// walks the keyspace once, each primary's on a cluster); returns how
+    /// many keys.
     async fn each_key(
         &mut self,
         version: &str,
@@ -635,29 +636,32 @@ impl Publisher {
         cmd: impl Fn(&mut redis::Pipeline, &str),
     ) -> Result<usize> {
         let pattern = format!("{}:*", glob_escape(&self.root(version)));
-        let mut cursor: u64 = 0;
-        let mut n = 0;
-        loop {
-            let mut scan = redis::cmd("SCAN");
-            scan.arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000);
-            let (next, found): (u64, Vec<String>) = self.query(&scan, stop).await?;
-            if !found.is_empty() {
-                n += found.len();
-                let mut p = redis::pipe();
-                for k in &found {
-                    cmd(&mut p, k);
+        let mut delay = Duration::from_millis(self.cfg.retry_initial_ms.max(1));
+        let found = loop {
+            let res = match self.conn().await {
+                Ok(mut c) => c.scan(&pattern, self.slots.as_deref()).await,
+                Err(e) => Err(e),
+            };
+            match res {
+                Ok(found) => break found,
+                Err(e) => {
+                    self.metrics.redis_error();
+                    self.conn = None;
+                    if *stop.borrow() {
+                        anyhow::bail!("stopping with a Redis scan unanswered: {e}");
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(self.cfg.retry_max_ms.max(1)));
                 }
-                self.run(vec![p], stop).await?;
             }
-            if next == 0 {
-                return Ok(n);
+        };
+        self.write(stop, |packer| {
+            for k in &found {
+                packer.add(k, 1, |p| cmd(p, k));
             }
-            cursor = next;
-        }
+        })
+        .await?;
+        Ok(found.len())
     }
 }
 
@@ -673,10 +677,46 @@ fn glob_escape(s: &str) -> String {
     out
 }
 
+/// A user's writes: the embedding, then the list replaced in a transaction
+/// of its own (MULTI, DEL, ZADD, EXEC: a reader sees the old list or the
+/// new one), with `ttl` on both keys. Every key has the user's hash tag.
+fn user_cmds(p: &mut redis::Pipeline, u: &UserOut, root: &str, version: &str, ttl: Option<u64>) {
+    let user = keys::user(root, &u.id);
+    p.hset_multiple(
+        &user,
+        &[
+            ("emb", emb_bytes(&u.emb)),
+            ("model", version.as_bytes().to_vec()),
+            ("ts", u.ts.to_string().into_bytes()),
+        ],
+    )
+    .ignore();
+    let recs = keys::recs(root, &u.id);
+    p.cmd("MULTI").ignore();
+    p.del(&recs).ignore();
+    if !u.recs.is_empty() {
+        let members: Vec<(f64, &str)> = u
+            .recs
+            .iter()
+            .map(|(id, s)| (*s as f64, id.as_str()))
+            .collect();
+        p.zadd_multiple(&recs, &members).ignore();
+    } else {
+        // The same number of writes either way.
+        p.del(&recs).ignore();
+    }
+    if let Some(ttl) = ttl {
+        // Redis forgets a user when the engine does (users.ttl_secs).
+        p.expire(&user, ttl as i64).ignore();
+        p.expire(&recs, ttl as i64).ignore();
+    }
+    p.cmd("EXEC").ignore();
+}
+
 /// The root of the version `{prefix}:model` names (`None`: no model yet),
 /// the first read of every reader.
 pub async fn resolve(
-    conn: &mut MultiplexedConnection,
+    conn: &mut impl redis::aio::ConnectionLike,
     prefix: &str,
 ) -> redis::RedisResult<Option<String>> {
     redis::cmd("HGET")
@@ -689,7 +729,7 @@ pub async fn resolve(
 /// Reads a user's list back (best first) from the version Redis serves,
 /// for the demo and tests (empty before any model is published).
 pub async fn read_recs(
-    conn: &mut MultiplexedConnection,
+    conn: &mut impl redis::aio::ConnectionLike,
     prefix: &str,
     user: &str,
     k: usize,
@@ -709,7 +749,7 @@ pub async fn read_recs(
 
 /// Deletes every key under `prefix:` (SCAN + UNLINK); returns how many.
 pub async fn clear_prefix(
-    conn: &mut MultiplexedConnection,
+    conn: &mut redis::aio::MultiplexedConnection,
     prefix: &str,
 ) -> redis::RedisResult<usize> {
     let mut cursor: u64 = 0;

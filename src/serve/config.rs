@@ -166,8 +166,12 @@ impl Default for GraphSettings {
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisSettings {
-    /// Connection URL.
+    /// Connection URL (a seed node's, with `cluster`).
     pub url: String,
+    /// `url` is a node of a Redis Cluster: writes are routed by slot, in
+    /// pipelines grouped by node (a user's keys share a hash tag, so its
+    /// list's transaction stays on one node).
+    pub cluster: bool,
     /// Key prefix (`thaw` gives `thaw:model`, `thaw:{version}:item:{id}` ...;
     /// no `{` or `}`, which Redis Cluster reads as a hash tag).
     pub prefix: String,
@@ -205,6 +209,7 @@ impl std::fmt::Debug for RedisSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisSettings")
             .field("url", &crate::redact::url(&self.url))
+            .field("cluster", &self.cluster)
             .field("prefix", &self.prefix)
             .field("retry_initial_ms", &self.retry_initial_ms)
             .field("retry_max_ms", &self.retry_max_ms)
@@ -223,6 +228,7 @@ impl Default for RedisSettings {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".into(),
+            cluster: false,
             prefix: "thaw".into(),
             retry_initial_ms: 50,
             retry_max_ms: 5000,

@@ -357,6 +357,26 @@ pub struct Snapshot {
 }
 
 pub async fn snapshot(c: &mut redis::aio::MultiplexedConnection, prefix: &str) -> Snapshot {
+    snapshot_of(std::slice::from_mut(c), prefix).await
+}
+
+/// [`snapshot`] over the nodes of a Redis Cluster (each holds its own
+/// slots' keys, read there).
+pub async fn snapshot_of(
+    nodes: &mut [redis::aio::MultiplexedConnection],
+    prefix: &str,
+) -> Snapshot {
+    let mut s = Snapshot::default();
+    for c in nodes {
+        let part = snapshot_one(c, prefix).await;
+        s.items.extend(part.items);
+        s.users.extend(part.users);
+        s.recs.extend(part.recs);
+    }
+    s
+}
+
+async fn snapshot_one(c: &mut redis::aio::MultiplexedConnection, prefix: &str) -> Snapshot {
     let mut s = Snapshot::default();
     // The data keys are under the model version: `{prefix}:test-1:item:...`;
     // user ids as they are published, in their hash-tag braces.
@@ -424,12 +444,21 @@ pub async fn converge(
     prefix: &str,
     want: Option<&Snapshot>,
 ) -> Snapshot {
+    converge_on(std::slice::from_mut(c), prefix, want).await
+}
+
+/// [`converge`] over the nodes of a Redis Cluster.
+pub async fn converge_on(
+    c: &mut [redis::aio::MultiplexedConnection],
+    prefix: &str,
+    want: Option<&Snapshot>,
+) -> Snapshot {
     // Settled: the snapshot stops changing (idle refresh done) or equals `want`.
     let t0 = Instant::now();
     let mut prev: Option<Snapshot> = None;
     loop {
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        let s = snapshot(c, prefix).await;
+        let s = snapshot_of(c, prefix).await;
         if let Some(w) = want {
             if differences(w, &s).is_empty() {
                 return s;
@@ -455,5 +484,131 @@ pub async fn converge(
             panic!("the uninterrupted run did not settle in 120 s");
         }
         prev = Some(s);
+    }
+}
+
+/// A local Redis Cluster: three `redis-server --cluster-enabled yes` on
+/// loopback, joined by `redis-cli --cluster create` (no replicas), killed
+/// on drop. Needs `redis-server` and `redis-cli` (`make redis` installs
+/// them).
+pub struct LocalCluster {
+    pub ports: Vec<u16>,
+    children: Vec<std::process::Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl LocalCluster {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<u16> = (0..3).map(|_| cluster_port()).collect();
+        let mut children = Vec::new();
+        for &p in &ports {
+            let child = std::process::Command::new("redis-server")
+                .args(["--port", &p.to_string(), "--bind", "127.0.0.1"])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .arg("--cluster-config-file")
+                .arg(dir.path().join(format!("nodes-{p}.conf")))
+                .arg("--dir")
+                .arg(dir.path())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server runs (run `make redis`, which installs it)");
+            children.push(child);
+        }
+        let mut me = Self {
+            ports,
+            children,
+            _dir: dir,
+        };
+        for &p in &me.ports {
+            wait_port(p);
+        }
+        let nodes: Vec<String> = me.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let out = std::process::Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli runs (run `make redis`, which installs it)");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let t0 = Instant::now();
+        while !me.ports.iter().all(|&p| cluster_ok(p)) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "the cluster is not ok after 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        me.children.shrink_to_fit();
+        me
+    }
+
+    /// A seed node's URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.ports[0])
+    }
+
+    /// A connection to each node (each holds its own slots' keys).
+    pub async fn nodes(&self) -> Vec<redis::aio::MultiplexedConnection> {
+        let mut out = Vec::new();
+        for p in &self.ports {
+            out.push(
+                redis::Client::open(format!("redis://127.0.0.1:{p}"))
+                    .unwrap()
+                    .get_multiplexed_async_connection()
+                    .await
+                    .unwrap(),
+            );
+        }
+        out
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn cluster_ok(port: u16) -> bool {
+    std::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "cluster", "info"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
+}
+
+fn wait_port(port: u16) {
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "redis-server on {port} did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A free port whose cluster bus port (+10000) is free too.
+fn cluster_port() -> u16 {
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = l.local_addr().unwrap().port();
+        if p < 55_000 && std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+            return p;
+        }
     }
 }
