@@ -46,7 +46,7 @@ TRAIN_FLAGS ?= --kg-relations 4 --without fr --fresh-weight 256 --aware-fresh-we
 endif
 
 
-.PHONY: demo offline offline-all redis test data models build split train eval-baselines eval-mpkg compare lint unit bench bench-small bench-large bench-micro image image-test helm-check chaos fuzz
+.PHONY: demo offline offline-all redis test data models build split train eval-baselines eval-mpkg compare lint unit bench bench-small bench-replicas bench-large bench-micro image image-test helm-check chaos fuzz
 
 ## demo: sets up (data, ONNX Runtime, text encoder), trains MPKG if no model
 ## exists, then runs the streaming demo: embedded Kafka broker + thaw serve +
@@ -115,7 +115,8 @@ compare:
 ## bench: the end-to-end benchmark on the 100K-item synthetic catalogue
 ## (embedded broker, the engine, Redis at REDIS_URL), under ten minutes here;
 ## bench-small (10K items, under two minutes), bench-large (1M items: graph
-## and every embedding from scratch), bench-micro (Criterion).
+## and every embedding from scratch), bench-micro (Criterion), bench-replicas
+## (2 replicas against one instance on the 10K-item stream, a ratio).
 bench: models redis build
 	@mkdir -p $(BENCH_REPORTS)
 	$(THAW) bench --size medium --more-rates 5000 --out $(BENCH_REPORTS)/bench-medium.json
@@ -123,6 +124,10 @@ bench: models redis build
 bench-small: models redis build
 	@mkdir -p $(BENCH_REPORTS)
 	$(THAW) bench --size small --more-rates 5000 --out $(BENCH_REPORTS)/bench-small.json
+
+bench-replicas: models redis build
+	@mkdir -p $(BENCH_REPORTS)
+	$(THAW) bench --size small --replicas 2 --out $(BENCH_REPORTS)/bench-replicas.json
 
 bench-large: models build
 	@mkdir -p $(BENCH_REPORTS)

@@ -123,10 +123,13 @@ async fn engine_lists_equal_offline_lists_with_meta_learned_adaptation() {
     // Identical item for item, in order, but for near-ties: the engine's item
     // embeddings come from incremental propagation and batched ONNX calls,
     // `thaw eval`'s from one full pass, so scores agree to float rounding and
-    // two items within rounding of each other may swap places.
+    // two items within rounding of each other may swap places. The
+    // behavioural lists settle when the engine is idle (`CoGraph::settle`),
+    // so the partitions' read order no longer moves edges: 332 of 333 in
+    // three runs (293 to 316 before, with 0.9 asked).
     let identical = report.lists_identical as f64 / report.lists_compared as f64;
     assert!(
-        identical >= 0.9,
+        identical >= 0.98,
         "{} of {} lists identical",
         report.lists_identical,
         report.lists_compared
