@@ -318,6 +318,9 @@ impl InteractionEvent {
     /// but the key).
     pub fn validate(&self, limits: &Limits) -> Result<(), Rejection> {
         check_id("user_id", &self.user_id, limits, false)?;
+        if self.user_id.starts_with('}') {
+            return Err(Rejection::UserIdBrace);
+        }
         check_id("item_id", &self.item_id, limits, true)?;
         match self.value {
             Some(value) if !value.is_finite() => return Err(Rejection::NonFiniteValue),
@@ -510,6 +513,11 @@ pub enum Rejection {
     /// A `|` in an item id or relation name (it separates relation key parts).
     #[error("'|' in {0}")]
     Separator(&'static str),
+    /// A user id that begins with `}`: in the Redis keys `…:user:{id}` and
+    /// `…:recs:{id}` the hash tag would be empty, so Redis Cluster would
+    /// put a user's two keys in different slots.
+    #[error("user_id begins with '}}'")]
+    UserIdBrace,
     /// A feature that is not a finite f32 (beyond ±`f32::MAX`).
     #[error("non-finite feature at {0}")]
     NonFiniteFeature(usize),
@@ -553,6 +561,7 @@ impl Rejection {
             | Rejection::TooLong { .. }
             | Rejection::TooMany { .. }
             | Rejection::Separator(_)
+            | Rejection::UserIdBrace
             | Rejection::NonFiniteFeature(_)
             | Rejection::NonFiniteValue
             | Rejection::RatingWithoutValue
@@ -1149,6 +1158,9 @@ mod tests {
                 "maxLength" => v.as_str().is_none_or(|s| s.chars().count() <= count(arg)),
                 "pattern" => match arg.as_str() {
                     Some("^[^|]*$") => v.as_str().is_none_or(|s| !s.contains('|')),
+                    Some("^[^}]") => v
+                        .as_str()
+                        .is_none_or(|s| !s.is_empty() && !s.starts_with('}')),
                     Some("^[0-9a-f]{64}$") => v.as_str().is_none_or(|s| {
                         s.len() == 64
                             && s.bytes()

@@ -8,8 +8,12 @@
 //! [`super::keys`]). Units are packed up to `redis.pipeline_commands` per
 //! pipeline. In a cluster the slot → node map comes from `CLUSTER SLOTS`;
 //! when a pipeline fails (a slot moved, a node restarted) the map is read
-//! again and the failed pipelines' units are packed afresh, so a retry goes
-//! where the keys now are.
+//! again and the failed pipelines' units are packed afresh, one pipeline per
+//! slot, so a retry goes where the keys now are (and a redirect, which
+//! redis-rs answers by resending the whole pipeline, covers one slot). On a
+//! cluster the `updates` notices go in pipelines of their own, sent after
+//! the writes they announce; on one Redis each follows its writes in the
+//! same pipeline.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -71,7 +75,20 @@ impl Client {
                     c.get_multiplexed_async_connection_with_config(&cfg).await?,
                 ))
             }
-            Self::Cluster(c) => Ok(Conn::Cluster(c.get_async_connection().await?)),
+            Self::Cluster(c) => {
+                let connect = c.get_async_connection();
+                match connect_timeout {
+                    Some(t) => match tokio::time::timeout(t, connect).await {
+                        Ok(c) => Ok(Conn::Cluster(c?)),
+                        Err(_) => Err((
+                            redis::ErrorKind::Io,
+                            "connecting to the cluster timed out",
+                        )
+                            .into()),
+                    },
+                    None => Ok(Conn::Cluster(connect.await?)),
+                }
+            }
         }
     }
 }
@@ -197,8 +214,10 @@ pub struct SlotMap {
 }
 
 impl SlotMap {
-    /// Reads `CLUSTER SLOTS` through `c`.
-    pub async fn fetch(c: &mut Conn) -> redis::RedisResult<Self> {
+    /// Reads `CLUSTER SLOTS` through `c`; a node announced without a host
+    /// (empty, `?`, NULL, or `0.0.0.0`/`::`) is taken to be on `seed`'s host,
+    /// as redis-rs does.
+    pub async fn fetch(c: &mut Conn, seed: &str) -> redis::RedisResult<Self> {
         let v: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(c).await?;
         let Value::Array(rows) = v else {
             return Err((redis::ErrorKind::Parse, "CLUSTER SLOTS: not an array").into());
@@ -214,7 +233,12 @@ impl SlotMap {
             let host = match node.first() {
                 Some(Value::BulkString(h)) => String::from_utf8_lossy(h).into_owned(),
                 Some(Value::SimpleString(h)) => h.clone(),
-                _ => continue,
+                _ => String::new(),
+            };
+            let host = if matches!(host.as_str(), "" | "?" | "0.0.0.0" | "::") {
+                seed.to_string()
+            } else {
+                host
             };
             let Some(Value::Int(port)) = node.get(1) else {
                 continue;
@@ -295,8 +319,15 @@ pub struct Routed {
 pub struct Packer {
     limit: usize,
     map: Option<Arc<SlotMap>>,
+    /// Group by slot rather than node (a repack after a failure: redis-rs
+    /// resends a whole pipeline on a redirect, and a migrating slot's ASK
+    /// covers one slot).
+    per_slot: bool,
     open: BTreeMap<String, Routed>,
     done: Vec<Routed>,
+    /// On a cluster, the `updates` notices, sent after the writes they
+    /// announce (other nodes' pipelines are not ordered with them).
+    notices: Option<Box<Packer>>,
 }
 
 impl Packer {
@@ -305,15 +336,41 @@ impl Packer {
         Self {
             limit: limit.max(1),
             map,
+            per_slot: false,
             open: BTreeMap::new(),
             done: Vec::new(),
+            notices: None,
         }
+    }
+
+    /// A packer that groups by slot (see the field).
+    pub fn per_slot(mut self) -> Self {
+        self.per_slot = true;
+        self
+    }
+
+    /// Adds a notice of writes added before it (an `updates` entry): on one
+    /// Redis in the same stream, right after them; on a cluster in
+    /// pipelines of its own, sent once every write has landed
+    /// ([`Packer::finish_ordered`]).
+    pub fn add_after(&mut self, key: &str, n: usize, add: impl FnOnce(&mut Pipeline)) {
+        if self.map.is_none() {
+            return self.add(key, n, add);
+        }
+        let (limit, map) = (self.limit, self.map.clone());
+        self.notices
+            .get_or_insert_with(|| Box::new(Packer::new(limit, map)))
+            .add(key, n, add);
     }
 
     /// Adds a unit: the commands `add` puts into a pipeline (`n` of them,
     /// all with keys in `key`'s slot).
     pub fn add(&mut self, key: &str, n: usize, add: impl FnOnce(&mut Pipeline)) {
         let (node, slot) = match &self.map {
+            Some(_) if self.per_slot => {
+                let s = slot(key.as_bytes());
+                (s.to_string(), Some(s))
+            }
             Some(m) => {
                 let s = slot(key.as_bytes());
                 (m.node(s).to_string(), Some(s))
@@ -379,11 +436,21 @@ impl Packer {
         });
     }
 
-    /// The pipelines.
-    pub fn finish(mut self) -> Vec<Routed> {
+    /// The pipelines (the notices among them: call it only where order
+    /// does not matter, else [`Packer::finish_ordered`]).
+    pub fn finish(self) -> Vec<Routed> {
+        let (mut first, then) = self.finish_ordered();
+        first.extend(then);
+        first
+    }
+
+    /// The pipelines of the writes, then those of the notices (empty on one
+    /// Redis, where each notice follows its writes in the same stream).
+    pub fn finish_ordered(mut self) -> (Vec<Routed>, Vec<Routed>) {
         self.done.extend(self.open.into_values());
         self.done.retain(|r| r.pipe.cmd_iter().next().is_some());
-        self.done
+        let then = self.notices.map_or_else(Vec::new, |n| n.finish());
+        (self.done, then)
     }
 }
 
@@ -404,7 +471,8 @@ mod tests {
         assert_eq!(crc16(b"123456789"), 0x31c3);
         assert_eq!(slot(b"foo"), 12182);
         assert_eq!(slot(b"{user1000}.following"), slot(b"{user1000}.followers"));
-        assert_eq!(slot(b"foo{}{bar}"), slot(b"foo{}{bar}"));
+        // An empty tag: the whole key is hashed.
+        assert_eq!(slot(b"foo{}{bar}"), crc16(b"foo{}{bar}") % SLOTS);
         assert_eq!(slot(b"foo{{bar}}zap"), slot(b"{bar"));
         assert_eq!(slot(b"thaw:v1:user:{alice}"), slot(b"thaw:v1:recs:{alice}"));
         assert_eq!(slot(b"thaw:v1:user:{alice}"), slot(b"alice"));

@@ -213,7 +213,16 @@ impl Publisher {
         }
         let mut c = self.client.connect(Self::timeout(&self.cfg), None).await?;
         if matches!(c, Conn::Cluster(_)) {
-            self.slots = Some(Arc::new(SlotMap::fetch(&mut c).await?));
+            let seed = self.cfg.url.clone();
+            let host = redis::Client::open(seed.as_str())
+                .ok()
+                .and_then(|c| match c.get_connection_info().addr() {
+                    redis::ConnectionAddr::Tcp(h, _)
+                    | redis::ConnectionAddr::TcpTls { host: h, .. } => Some(h.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            self.slots = Some(Arc::new(SlotMap::fetch(&mut c, &host).await?));
         }
         self.conn = Some(c.clone());
         Ok(c)
@@ -237,7 +246,9 @@ impl Publisher {
         let _ = self.conn().await;
         let mut packer = self.packer();
         pack(&mut packer);
-        self.run(packer.finish(), stop).await
+        let (writes, notices) = packer.finish_ordered();
+        self.run(writes, stop).await?;
+        self.run(notices, stop).await
     }
 
     /// Runs `pipes`, each retried until it succeeds; gives up only when
@@ -325,7 +336,7 @@ impl Publisher {
                         // A slot may have moved: read the map again and
                         // pack the failed units by it.
                         let _ = self.conn().await;
-                        let mut packer = self.packer();
+                        let mut packer = self.packer().per_slot();
                         for r in &pending {
                             packer.add_pipeline(&r.pipe);
                         }
@@ -418,7 +429,7 @@ impl Publisher {
                     )
                     .ignore();
                 });
-                packer.add(&updates, 1, |p| {
+                packer.add_after(&updates, 1, |p| {
                     p.xadd_maxlen(
                         &updates,
                         maxlen,
@@ -433,7 +444,7 @@ impl Publisher {
                 packer.add(&user, 3 + 2 * ttl.is_some() as usize, |p| {
                     user_cmds(p, u, &root, version, ttl);
                 });
-                packer.add(&updates, 1, |p| {
+                packer.add_after(&updates, 1, |p| {
                     p.xadd_maxlen(
                         &updates,
                         maxlen,
@@ -598,7 +609,7 @@ impl Publisher {
                 )
                 .ignore();
             });
-            packer.add(&updates, 1, |p| {
+            packer.add_after(&updates, 1, |p| {
                 p.xadd_maxlen(
                     &updates,
                     maxlen,
