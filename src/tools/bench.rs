@@ -1031,6 +1031,26 @@ fn produce_in_background(
     })
 }
 
+/// Partitions per topic so that every topic's messages in `events` fit the
+/// mock broker's per-partition log (it drops the oldest beyond it), with
+/// room for the freshness phase and the record overhead.
+fn mock_partitions(events: &[Event]) -> BTreeMap<String, i32> {
+    let mut bytes: BTreeMap<&'static str, usize> = BTreeMap::new();
+    for e in events {
+        let b = e.encode().map_or(0, |b| b.len()) + e.key().len() + 64;
+        *bytes.entry(e.topic().name()).or_default() += b;
+    }
+    bytes
+        .into_iter()
+        .map(|(t, b)| {
+            (
+                t.to_string(),
+                (2 * b).div_ceil(crate::kafka::MOCK_PARTITION_BYTES) as i32,
+            )
+        })
+        .collect()
+}
+
 /// Runs the end-to-end benchmark.
 pub async fn run(o: &BenchOptions) -> Result<BenchReport> {
     let t_all = Instant::now();
@@ -1085,23 +1105,7 @@ pub async fn run(o: &BenchOptions) -> Result<BenchReport> {
         .as_millis() as u64;
     let events = synth.events(now_ms);
     let total = events.len();
-    // Enough partitions that every topic's messages fit the mock broker's
-    // per-partition log (it drops the oldest beyond it), with room for the
-    // freshness phase and the record overhead.
-    let mut bytes: BTreeMap<&'static str, usize> = BTreeMap::new();
-    for e in &events {
-        let b = e.encode().map_or(0, |b| b.len()) + e.key().len() + 64;
-        *bytes.entry(e.topic().name()).or_default() += b;
-    }
-    let partitions: BTreeMap<String, i32> = bytes
-        .into_iter()
-        .map(|(t, b)| {
-            (
-                t.to_string(),
-                (2 * b).div_ceil(crate::kafka::MOCK_PARTITION_BYTES) as i32,
-            )
-        })
-        .collect();
+    let partitions = mock_partitions(&events);
     let (items, stream): (Vec<Event>, Vec<Event>) = events
         .into_iter()
         .partition(|e| matches!(e, Event::Item(_)));
@@ -1411,20 +1415,7 @@ pub async fn replicas(o: &BenchOptions, n: usize) -> Result<ReplicaFigures> {
         .duration_since(std::time::UNIX_EPOCH)?
         .as_millis() as u64;
     let events = synth.events(now_ms);
-    let mut bytes: BTreeMap<&'static str, usize> = BTreeMap::new();
-    for e in &events {
-        let b = e.encode().map_or(0, |b| b.len()) + e.key().len() + 64;
-        *bytes.entry(e.topic().name()).or_default() += b;
-    }
-    let partitions: BTreeMap<String, i32> = bytes
-        .into_iter()
-        .map(|(t, b)| {
-            (
-                t.to_string(),
-                (2 * b).div_ceil(crate::kafka::MOCK_PARTITION_BYTES) as i32,
-            )
-        })
-        .collect();
+    let partitions = mock_partitions(&events);
     let (interactions, catalogue): (Vec<Event>, Vec<Event>) = events
         .into_iter()
         .partition(|e| matches!(e, Event::Interaction(_)));
