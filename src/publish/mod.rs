@@ -419,40 +419,17 @@ impl Publisher {
             for it in &batch.items {
                 let key = keys::item(&root, &it.id);
                 packer.add(&key, 1, |p| {
-                    p.hset_multiple(
-                        &key,
-                        &[
-                            ("emb", emb_bytes(&it.emb)),
-                            ("model", version.as_bytes().to_vec()),
-                            ("ts", it.ts.to_string().into_bytes()),
-                        ],
-                    )
-                    .ignore();
+                    p.hset_multiple(&key, &embedding_fields(&it.emb, version, it.ts))
+                        .ignore();
                 });
-                packer.add_after(&updates, 1, |p| {
-                    p.xadd_maxlen(
-                        &updates,
-                        maxlen,
-                        "*",
-                        &[("kind", "item"), ("id", it.id.as_str()), ("model", version)],
-                    )
-                    .ignore();
-                });
+                notice(packer, &updates, maxlen, "item", it.id.as_str(), version);
             }
             for u in &batch.users {
                 let user = keys::user(&root, &u.id);
                 packer.add(&user, 3 + 2 * ttl.is_some() as usize, |p| {
                     user_cmds(p, u, &root, version, ttl);
                 });
-                packer.add_after(&updates, 1, |p| {
-                    p.xadd_maxlen(
-                        &updates,
-                        maxlen,
-                        "*",
-                        &[("kind", "user"), ("id", u.id.as_str()), ("model", version)],
-                    )
-                    .ignore();
-                });
+                notice(packer, &updates, maxlen, "user", u.id.as_str(), version);
             }
         })
         .await?;
@@ -609,15 +586,7 @@ impl Publisher {
                 )
                 .ignore();
             });
-            packer.add_after(&updates, 1, |p| {
-                p.xadd_maxlen(
-                    &updates,
-                    maxlen,
-                    "*",
-                    &[("kind", "model"), ("id", version), ("model", version)],
-                )
-                .ignore();
-            });
+            notice(packer, &updates, maxlen, "model", version, version);
         })
         .await?;
         if let Some(old) = old.filter(|o| o != version) {
@@ -688,20 +657,43 @@ fn glob_escape(s: &str) -> String {
     out
 }
 
+/// The fields of an item's or user's hash: `emb`, `model`, `ts`.
+fn embedding_fields(emb: &[f32], version: &str, ts: u64) -> [(&'static str, Vec<u8>); 3] {
+    [
+        ("emb", emb_bytes(emb)),
+        ("model", version.as_bytes().to_vec()),
+        ("ts", ts.to_string().into_bytes()),
+    ]
+}
+
+/// The `updates` entry announcing a write of `kind` `id` under `version`,
+/// sent after the writes before it ([`Packer::add_after`]).
+fn notice(
+    packer: &mut Packer,
+    updates: &str,
+    maxlen: redis::streams::StreamMaxlen,
+    kind: &str,
+    id: &str,
+    version: &str,
+) {
+    packer.add_after(updates, 1, |p| {
+        p.xadd_maxlen(
+            updates,
+            maxlen,
+            "*",
+            &[("kind", kind), ("id", id), ("model", version)],
+        )
+        .ignore();
+    });
+}
+
 /// A user's writes: the embedding, then the list replaced in a transaction
 /// of its own (MULTI, DEL, ZADD, EXEC: a reader sees the old list or the
 /// new one), with `ttl` on both keys. Every key has the user's hash tag.
 fn user_cmds(p: &mut redis::Pipeline, u: &UserOut, root: &str, version: &str, ttl: Option<u64>) {
     let user = keys::user(root, &u.id);
-    p.hset_multiple(
-        &user,
-        &[
-            ("emb", emb_bytes(&u.emb)),
-            ("model", version.as_bytes().to_vec()),
-            ("ts", u.ts.to_string().into_bytes()),
-        ],
-    )
-    .ignore();
+    p.hset_multiple(&user, &embedding_fields(&u.emb, version, u.ts))
+        .ignore();
     let recs = keys::recs(root, &u.id);
     p.cmd("MULTI").ignore();
     p.del(&recs).ignore();
