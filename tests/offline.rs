@@ -45,6 +45,7 @@ fn eval(ds: &Dataset, split: &Split, model: ModelName, mode: Mode) -> eval::repo
         model_dir: None,
         neighbour_weights: None,
         fresh_weight: None,
+        knn_weight: None,
         user_adapt: None,
     };
     eval::run(ds, split, &cfg).expect("evaluation runs")

@@ -163,6 +163,11 @@ pub struct Catalogue<'a> {
     /// adds [`crate::train::fresh::add_fresh_scores`] of the user's items, as
     /// `thaw eval` does. `None` for no term.
     pub fresh: Option<(ArrayView1<'a, f32>, f32)>,
+    /// The stream's co-occurrence counts (`co_interacted`) and the weight
+    /// of their item-kNN score: ranking adds
+    /// [`crate::graph::co::CoGraph::add_similarity_scores`] of the user's
+    /// items, as `thaw eval` does. `None` (or a zero weight) for no term.
+    pub knn: Option<(&'a crate::graph::co::CoGraph, f32)>,
     /// The slots negatives are drawn among ([`negative_pool`]); `None`: every
     /// active slot.
     pub pool: Option<&'a [u32]>,
@@ -178,6 +183,9 @@ impl Catalogue<'_> {
     fn add_user_terms(&self, items: &[u32], mut scores: ArrayViewMut1<'_, f32>) {
         if let Some((pkg, w)) = self.graph {
             pkg.add_neighbour_scores(w, items, scores.view_mut());
+        }
+        if let Some((co, w)) = self.knn {
+            co.add_similarity_scores(w, items, scores.view_mut());
         }
         if let Some((pop, w)) = self.fresh {
             crate::train::fresh::add_fresh_scores(w, pop, items, scores);
@@ -535,6 +543,7 @@ mod tests {
                 keys: &self.keys,
                 graph: self.graph.as_ref().map(|(g, w)| (g, w.as_slice())),
                 fresh: self.fresh.as_ref().map(|(p, w)| (p.view(), *w)),
+                knn: None,
                 pool: None,
             }
         }

@@ -84,6 +84,14 @@ pub struct TrainArgs {
     /// The same in the scenario-aware mode.
     #[arg(long)]
     pub aware_fresh_weight: Option<f32>,
+    /// Weight of the item-kNN score over the stream's co-occurrence counts
+    /// in the blind mode and the engine (0: off), chosen on `valid/` with
+    /// `thaw eval --knn-weight`.
+    #[arg(long)]
+    pub knn_weight: Option<f32>,
+    /// The same in the scenario-aware mode.
+    #[arg(long)]
+    pub aware_knn_weight: Option<f32>,
     /// Gradient steps of the per-user adaptation (engine and eval), chosen
     /// on `valid/` with `thaw eval --adapt-steps`.
     #[arg(long)]
@@ -197,6 +205,10 @@ pub struct EvalArgs {
     /// choosing it on `valid/`.
     #[arg(long)]
     pub fresh_weight: Option<f32>,
+    /// MPKG only: the item-kNN score's weight instead of the model's, for
+    /// choosing it on `valid/`.
+    #[arg(long)]
+    pub knn_weight: Option<f32>,
     /// MPKG only: the per-user adaptation's steps instead of the model's.
     #[arg(long)]
     pub adapt_steps: Option<usize>,
@@ -280,6 +292,12 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     }
     if let Some(w) = a.aware_fresh_weight {
         cfg.aware_fresh_weight = w;
+    }
+    if let Some(w) = a.knn_weight {
+        cfg.knn_weight = w;
+    }
+    if let Some(w) = a.aware_knn_weight {
+        cfg.aware_knn_weight = w;
     }
     if let Some(s) = a.adapt_steps {
         cfg.user_adapt.steps = s;
@@ -414,6 +432,12 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         fresh_weight: match a.fresh_weight {
             Some(_) if model != ModelName::Mpkg => {
                 bail!("--fresh-weight applies to --model mpkg only")
+            }
+            w => w,
+        },
+        knn_weight: match a.knn_weight {
+            Some(_) if model != ModelName::Mpkg => {
+                bail!("--knn-weight applies to --model mpkg only")
             }
             w => w,
         },

@@ -169,6 +169,8 @@ pub struct FitContext<'a> {
     pub neighbour_weights: Option<&'a std::collections::BTreeMap<String, f32>>,
     /// MPKG's fresh-item weight, when given instead of the model's.
     pub fresh_weight: Option<f32>,
+    /// MPKG's item-kNN weight, when given instead of the model's.
+    pub knn_weight: Option<f32>,
     /// MPKG's per-user adaptation, when given instead of the model's.
     pub user_adapt: Option<&'a crate::adapt::AdaptConfig>,
     /// Seed of every random choice.
@@ -269,6 +271,8 @@ pub struct EvalConfig {
     pub neighbour_weights: Option<std::collections::BTreeMap<String, f32>>,
     /// MPKG only: the fresh-item score's weight instead of the model's.
     pub fresh_weight: Option<f32>,
+    /// MPKG only: the item-kNN score's weight instead of the model's.
+    pub knn_weight: Option<f32>,
     /// MPKG only: the per-user adaptation instead of the model's (the
     /// engine's, when it overrides the model's in its settings).
     pub user_adapt: Option<crate::adapt::AdaptConfig>,
@@ -305,6 +309,7 @@ pub fn run_with_lists(
         model_dir: cfg.model_dir.as_deref(),
         neighbour_weights: cfg.neighbour_weights.as_ref(),
         fresh_weight: cfg.fresh_weight,
+        knn_weight: cfg.knn_weight,
         user_adapt: cfg.user_adapt.as_ref(),
         seed: cfg.seed,
         k: cfg.k,

@@ -235,6 +235,37 @@ impl CoGraph {
         cand
     }
 
+    /// Adds `weight` × the mean, over `items` (a user's items), of each
+    /// item's cosine `c_ij / sqrt(n_i n_j)` with every node it co-occurs
+    /// with (every count, as the `itemknn` baseline counts; `min_co_users`
+    /// bounds the graph's edges, not this): item-kNN over the stream's
+    /// counts, for ranking. It reads the counts alone, which are a
+    /// function of each user's own order, so it needs no settle and the
+    /// engine and `thaw eval` add the same scores. Items and nodes outside
+    /// `scores` are passed over.
+    pub fn add_similarity_scores(
+        &self,
+        weight: f32,
+        items: &[u32],
+        mut scores: ndarray::ArrayViewMut1<'_, f32>,
+    ) {
+        if items.is_empty() || weight == 0.0 {
+            return;
+        }
+        let share = weight / items.len() as f32;
+        for &i in items {
+            let Some(co) = self.co.get(i as usize) else {
+                continue;
+            };
+            let ni = self.users[i as usize] as f32;
+            for (&j, &c) in co {
+                if let Some(s) = scores.get_mut(j as usize) {
+                    *s += share * c as f32 / (ni * self.users[j as usize] as f32).sqrt();
+                }
+            }
+        }
+    }
+
     /// Whether a settle has work: something changed since the last one.
     pub fn is_settled(&self) -> bool {
         self.dirty.is_empty()
@@ -375,6 +406,51 @@ mod tests {
             min_co_users,
             window,
         }
+    }
+
+    /// The item-kNN scores are the mean over the user's items of the
+    /// cosine over users, computed here from the users' item sets directly
+    /// (every user within the window), whatever order the users came in.
+    #[test]
+    fn similarity_scores_are_item_knn_cosines() {
+        let users: [&[u32]; 5] = [&[0, 1, 2], &[1, 2], &[0, 3], &[2, 3, 4], &[1, 4]];
+        let mut pairs: Vec<(u32, u32)> = Vec::new();
+        for (u, its) in users.iter().enumerate().rev() {
+            pairs.extend(its.iter().map(|&i| (u as u32, i)));
+        }
+        let mut g = CoGraph::new(cfg(1, 2, 100));
+        replay(&mut g, &pairs);
+        let n = |i: u32| users.iter().filter(|s| s.contains(&i)).count() as f32;
+        let c = |i: u32, j: u32| {
+            users
+                .iter()
+                .filter(|s| s.contains(&i) && s.contains(&j))
+                .count() as f32
+        };
+        let mine = [0u32, 2];
+        let mut got = ndarray::Array1::<f32>::zeros(6);
+        g.add_similarity_scores(3.0, &mine, got.view_mut());
+        for j in 0..6u32 {
+            let want: f32 = mine
+                .iter()
+                .filter(|&&i| i != j && j < 5)
+                .map(|&i| c(i, j) / (n(i) * n(j)).sqrt())
+                .sum::<f32>()
+                * 3.0
+                / mine.len() as f32;
+            assert!(
+                (got[j as usize] - want).abs() < 1e-6,
+                "{j}: {} vs {want}",
+                got[j as usize]
+            );
+        }
+        // Pairs seen by one user only count too (item 4 with 3, via user 3).
+        assert!(got[4] > 0.0);
+        // No items or a zero weight add nothing.
+        let mut none = ndarray::Array1::<f32>::zeros(6);
+        g.add_similarity_scores(3.0, &[], none.view_mut());
+        g.add_similarity_scores(0.0, &mine, none.view_mut());
+        assert!(none.iter().all(|&x| x == 0.0));
     }
 
     /// Replays `(user, item)` pairs through a graph, applying its changes to

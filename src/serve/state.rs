@@ -1583,6 +1583,11 @@ impl Core {
             fresh: fresh
                 .as_ref()
                 .map(|p| (p.view(), self.model.card.fresh_weight)),
+            knn: self
+                .behavioural
+                .co
+                .as_ref()
+                .map(|c| (&c.1, self.model.card.knn_weight)),
             pool: None,
         };
         // The negatives' pool, once for the whole batch of users.

@@ -272,6 +272,7 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport> {
             model_dir: Some(settings.model.dir.clone()),
             neighbour_weights: None,
             fresh_weight: None,
+            knn_weight: None,
             user_adapt: Some(settings.users.adapt_for(&card)),
         },
         true,

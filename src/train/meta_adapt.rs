@@ -153,6 +153,9 @@ pub struct MetaCatalogue<'a> {
     pub keys: &'a [u64],
     /// The graph and its neighbour weights (the ranking's graph term).
     pub graph: Option<(&'a crate::graph::Pkg, &'a [f32])>,
+    /// The co-occurrence counts and the item-kNN weight (the ranking's
+    /// item-kNN term).
+    pub knn: Option<(&'a crate::graph::co::CoGraph, f32)>,
 }
 
 impl MetaCatalogue<'_> {
@@ -164,6 +167,7 @@ impl MetaCatalogue<'_> {
             keys: self.keys,
             graph: self.graph,
             fresh: None,
+            knn: self.knn,
             pool: None,
         }
     }
@@ -196,6 +200,9 @@ fn prepare(
     let mut extra = Array1::<f32>::zeros(cat.emb.nrows());
     if let Some((pkg, w)) = cat.graph {
         pkg.add_neighbour_scores(w, &t.support, extra.view_mut());
+    }
+    if let Some((co, w)) = cat.knn {
+        co.add_similarity_scores(w, &t.support, extra.view_mut());
     }
     let mut support = t.support.clone();
     support.sort_unstable();
@@ -778,6 +785,7 @@ mod tests {
             bias: bias.view(),
             keys: &keys,
             graph: None,
+            knn: None,
         };
         let meta = std::sync::Arc::new(some_meta(d, 4, 2));
         let engine = adapt::AdaptConfig {
@@ -828,6 +836,7 @@ mod tests {
             bias: bias.view(),
             keys: &keys,
             graph: None,
+            knn: None,
         };
         let engine = adapt::AdaptConfig {
             negatives: 12,
@@ -901,6 +910,7 @@ mod tests {
             bias: bias.view(),
             keys: &keys,
             graph: None,
+            knn: None,
         };
         // Users like items whose first coordinate is high.
         let mut by_first: Vec<u32> = (0..n as u32).collect();

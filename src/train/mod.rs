@@ -97,6 +97,15 @@ pub struct TrainConfig {
     /// The same in the scenario-aware mode.
     #[serde(default)]
     pub aware_fresh_weight: f32,
+    /// Weight of the item-kNN score over the stream's co-occurrence counts
+    /// ([`crate::graph::co::CoGraph::add_similarity_scores`]) in the blind
+    /// mode and the engine; 0 for none. Chosen on `valid/` with the
+    /// fresh-item weight (`thaw train --knn-weight`).
+    #[serde(default)]
+    pub knn_weight: f32,
+    /// The same in the scenario-aware mode.
+    #[serde(default)]
+    pub aware_knn_weight: f32,
     /// The per-user adaptation the engine and `thaw eval` run (written to
     /// `model.json`'s `user_adapt`).
     #[serde(default)]
@@ -150,6 +159,8 @@ impl Default for TrainConfig {
             aware_neighbour_weights: default_aware_neighbour_weights(),
             fresh_weight: 0.0,
             aware_fresh_weight: 0.0,
+            knn_weight: 0.0,
+            aware_knn_weight: 0.0,
             user_adapt: crate::adapt::AdaptConfig::default(),
             meta_adapt: meta_adapt::MetaAdaptConfig::default(),
         }
@@ -192,6 +203,15 @@ pub struct ModelCard {
     /// The same for `thaw eval --scenario-aware`.
     #[serde(default)]
     pub aware_fresh_weight: f32,
+    /// Weight of the item-kNN score over the stream's `co_interacted`
+    /// counts ([`crate::graph::co::CoGraph::add_similarity_scores`]) in the
+    /// blind mode and the engine; 0 (models written before it existed) for
+    /// none.
+    #[serde(default)]
+    pub knn_weight: f32,
+    /// The same for `thaw eval --scenario-aware`.
+    #[serde(default)]
+    pub aware_knn_weight: f32,
     /// Adaptation settings for the engine: BPR steps and learning rate.
     pub adapt_steps: usize,
     /// Learning rate of per-user adaptation.
@@ -458,6 +478,8 @@ pub fn train(ds: &Dataset, split: &Split, cfg: &TrainConfig, out: &Path) -> Resu
         aware_neighbour_weights,
         fresh_weight: cfg.fresh_weight,
         aware_fresh_weight: cfg.aware_fresh_weight,
+        knn_weight: cfg.knn_weight,
+        aware_knn_weight: cfg.aware_knn_weight,
         adapt_steps: 5,
         adapt_lr: 0.05,
         user_adapt: cfg.user_adapt.clone(),
@@ -567,6 +589,20 @@ fn train_meta_adapt(
         .map(|&i| crate::adapt::key(ds.items.id(i)))
         .collect();
     let weights = weights_for(&cfg.neighbour_weights, pkg.relations());
+    // The item-kNN term's counts, from the same stream in slots.
+    let co = (cfg.knn_weight != 0.0).then(|| {
+        let in_slots: Vec<(u32, u32)> = stream
+            .iter()
+            .filter_map(|(u, i)| slot.get(i).map(|&s| (*u, s)))
+            .collect();
+        pkg_build::behavioural(
+            &cfg.pkg,
+            &in_slots,
+            |s| crate::adapt::key(ds.items.id(items[s as usize])),
+            None,
+        )
+        .0
+    });
     let to_slots = |v: &[u32]| v.iter().map(|i| slot[i]).collect::<Vec<u32>>();
     let tasks: Vec<meta_adapt::MetaTask> = tasks
         .into_iter()
@@ -582,6 +618,7 @@ fn train_meta_adapt(
         bias: bias.view(),
         keys: &keys,
         graph: Some((&pkg, &weights)),
+        knn: co.as_ref().map(|c| (c, cfg.knn_weight)),
     };
     meta_adapt::train(&cat, &tasks, &cfg.user_adapt, &cfg.meta_adapt, None)
 }
@@ -645,6 +682,8 @@ pub fn write_untrained_model(
         aware_neighbour_weights,
         fresh_weight: cfg.fresh_weight,
         aware_fresh_weight: cfg.aware_fresh_weight,
+        knn_weight: cfg.knn_weight,
+        aware_knn_weight: cfg.aware_knn_weight,
         adapt_steps: cfg.mpkg.adapt_steps,
         adapt_lr: cfg.mpkg.finetune_lr,
         user_adapt: cfg.user_adapt.clone(),
