@@ -263,6 +263,7 @@ fn users(c: &mut Criterion) {
         keys: &keys,
         graph: Some((&pkg, &weights)),
         fresh: None,
+        knn: None,
         pool: None,
     };
     let histories: Vec<Vec<u32>> = (0..64)

@@ -218,7 +218,11 @@ pub(super) fn fit(ctx: &FitContext<'_>) -> Result<Fitted> {
             user_keys: &user_keys,
             trained: trained.as_ref(),
         };
-        if let Some(c) = chooser.choose(tasks, (knn_weight, fresh_weight))? {
+        let supports: Vec<(u32, &[u32])> = tasks
+            .iter()
+            .map(|t| (t.user, t.support.as_slice()))
+            .collect();
+        if let Some(c) = chooser.choose(&supports, (knn_weight, fresh_weight))? {
             knn_weight = c.knn;
             fresh_weight = c.fresh;
             fresh_pop = fresh_popularity(ctx, dir, fresh_weight)?;
@@ -361,40 +365,99 @@ struct Chosen {
     report: serde_json::Value,
 }
 
+/// The score terms' inputs without the held-out interactions.
+struct Reduced {
+    pkg: crate::graph::Pkg,
+    co: crate::graph::co::CoGraph,
+    pop: Array1<f32>,
+}
+
+/// One held-out task: a dense user index and the items held out.
+type HeldOut = (usize, Vec<u32>);
+
 impl ScenarioWeights<'_> {
-    fn choose(&self, tasks: &[super::split::Task], own: (f32, f32)) -> Result<Option<Chosen>> {
-        let ctx = self.ctx;
-        let ds = ctx.dataset;
-        let supports: Vec<(u64, Vec<u32>)> = tasks
+    /// Chooses the weights from `supports`, `(dense user index, support
+    /// items)` per user of the scenario (its query sets never reach here),
+    /// with `own`, the model's `(item-kNN, fresh)` aware weights, as the
+    /// default. `None` when the support sets are too few to hold out from.
+    fn choose(&self, supports: &[(u32, &[u32])], own: (f32, f32)) -> Result<Option<Chosen>> {
+        let held = self.held_out(supports);
+        if held.len() < 10 {
+            return Ok(None);
+        }
+        let reduced = self.without(&held)?;
+        let fresh_grid: &[f32] = if self.trained.is_some() {
+            &SCENARIO_FRESH_GRID
+        } else {
+            &SCENARIO_FRESH_GRID[..1]
+        };
+        let mut grid: Vec<(f32, f32)> = vec![own];
+        grid.extend(
+            SCENARIO_KNN_GRID
+                .iter()
+                .flat_map(|&k| fresh_grid.iter().map(move |&f| (k, f)))
+                .filter(|&p| p != own),
+        );
+        let rows = self.ndcg_rows(&reduced, &held, &grid);
+        let Some(p) = pick(&rows) else {
+            return Ok(None);
+        };
+        let tried: Vec<serde_json::Value> = grid
             .iter()
-            .map(|t| {
-                let support: std::collections::HashSet<u32> = t.support.iter().copied().collect();
-                let items = self.user_items[t.user as usize]
+            .zip(&p.means)
+            .map(|(&(k, f), &m)| json!({"knn": k, "fresh": f, "ndcg": m}))
+            .collect();
+        let (knn, fresh) = grid[p.kept];
+        Ok(Some(Chosen {
+            knn,
+            fresh,
+            report: json!({
+                "users": rows.len(),
+                "held_out_share": SCENARIO_HELD_OUT,
+                "own": {"knn": own.0, "fresh": own.1},
+                "best": {"knn": grid[p.best].0, "fresh": grid[p.best].1, "gain": p.gain, "standard_error": p.se},
+                "knn_weight": knn,
+                "fresh_weight": fresh,
+                "tried": tried,
+            }),
+        }))
+    }
+
+    /// A seeded [`SCENARIO_HELD_OUT`] of each user's support items (in
+    /// stream order), as the co-adaptation cuts its tasks.
+    fn held_out(&self, supports: &[(u32, &[u32])]) -> Vec<HeldOut> {
+        let keyed: Vec<(u64, Vec<u32>)> = supports
+            .iter()
+            .map(|&(u, support)| {
+                let support: std::collections::HashSet<u32> = support.iter().copied().collect();
+                let items = self.user_items[u as usize]
                     .iter()
                     .copied()
                     .filter(|i| support.contains(i))
                     .collect();
-                (self.user_keys[t.user as usize], items)
+                (self.user_keys[u as usize], items)
             })
             .collect();
-        let user_of: std::collections::HashMap<u64, usize> = tasks
+        let user_of: std::collections::HashMap<u64, usize> = supports
             .iter()
-            .map(|t| (self.user_keys[t.user as usize], t.user as usize))
+            .map(|&(u, _)| (self.user_keys[u as usize], u as usize))
             .collect();
-        let held = crate::train::meta_adapt::support_tasks(
-            &supports,
-            SCENARIO_HELD_OUT,
-            ctx.seed ^ 0x5ce7,
-        );
-        if held.len() < 10 {
-            return Ok(None);
-        }
-        let mut out: std::collections::HashSet<(u32, u32)> = std::collections::HashSet::new();
-        for t in &held {
-            let u = user_of[&t.user] as u32;
-            out.extend(t.query.iter().map(|&i| (u, i)));
-        }
-        let stream: Vec<(u32, u32)> = ctx
+        crate::train::meta_adapt::support_tasks(&keyed, SCENARIO_HELD_OUT, self.ctx.seed ^ 0x5ce7)
+            .into_iter()
+            .map(|t| (user_of[&t.user], t.query))
+            .collect()
+    }
+
+    /// The graph, the co-occurrence counts and the fresh popularity of the
+    /// training stream without the held-out interactions.
+    fn without(&self, held: &[HeldOut]) -> Result<Reduced> {
+        let ds = self.ctx.dataset;
+        let out: std::collections::HashSet<(u32, u32)> = held
+            .iter()
+            .flat_map(|(u, q)| q.iter().map(move |&i| (*u as u32, i)))
+            .collect();
+        let stream: Vec<(u32, u32)> = self
+            .ctx
             .stream
             .iter()
             .copied()
@@ -408,28 +471,31 @@ impl ScenarioWeights<'_> {
             None,
         )
         .0;
-        let mut counts = ctx.train.item_counts();
+        let mut counts = self.ctx.train.item_counts();
         for &(_, i) in &out {
             counts[i as usize] -= 1.0;
         }
-        let pop = Array1::from_iter((0..ctx.train.n_items).map(|i| {
+        let pop = Array1::from_iter((0..self.ctx.train.n_items).map(|i| {
             let fresh = self
                 .trained
                 .is_some_and(|t| !t.contains(ds.items.id(i as u32)));
             train::fresh::fresh_popularity(fresh, counts[i])
         }));
-        let fresh_grid: &[f32] = if self.trained.is_some() {
-            &SCENARIO_FRESH_GRID
-        } else {
-            &SCENARIO_FRESH_GRID[..1]
-        };
-        let active = vec![true; ds.n_items()];
+        Ok(Reduced { pkg, co, pop })
+    }
+
+    /// Per held-out user (who can be adapted), the NDCG@k of their held-out
+    /// items under every `(item-kNN, fresh)` pair of `grid`. The score is
+    /// linear in the two weights, so each term is computed once per user.
+    fn ndcg_rows(&self, r: &Reduced, held: &[HeldOut], grid: &[(f32, f32)]) -> Vec<Vec<f64>> {
+        let n = self.ctx.dataset.n_items();
+        let active = vec![true; n];
         let mut cat = Catalogue {
             emb: self.emb.view(),
             bias: self.bias.view(),
             active: &active,
             keys: self.keys,
-            graph: Some((&pkg, self.neighbour_weights)),
+            graph: Some((&r.pkg, self.neighbour_weights)),
             fresh: None,
             knn: None,
             pool: None,
@@ -437,81 +503,117 @@ impl ScenarioWeights<'_> {
         let pool = (self.adapt.negative_pool > 0)
             .then(|| crate::adapt::negative_pool(&cat, self.adapt.negative_pool));
         cat.pool = pool.as_deref();
-        let mut grid: Vec<(f32, f32)> = vec![own];
-        grid.extend(
-            SCENARIO_KNN_GRID
-                .iter()
-                .flat_map(|&k| fresh_grid.iter().map(move |&f| (k, f)))
-                .filter(|&p| p != own),
-        );
-        // Per user, the NDCG of every pair.
-        let mut per_user: Vec<Vec<f64>> = Vec::new();
-        let n = ds.n_items();
-        for t in &held {
-            let u = user_of[&t.user];
-            let hist: Vec<u32> = self.user_items[u]
+        let mut rows = Vec::with_capacity(held.len());
+        for (u, query) in held {
+            let hist: Vec<u32> = self.user_items[*u]
                 .iter()
                 .copied()
-                .filter(|i| !t.query.contains(i))
+                .filter(|i| !query.contains(i))
                 .collect();
-            let Some(v) = adapt_user(&cat, &hist, self.user_keys[u], self.adapt) else {
+            let Some(v) = adapt_user(&cat, &hist, self.user_keys[*u], self.adapt) else {
                 continue;
             };
             let mut base = self.emb.dot(&v) + self.bias;
-            pkg.add_neighbour_scores(self.neighbour_weights, &hist, base.view_mut());
+            r.pkg
+                .add_neighbour_scores(self.neighbour_weights, &hist, base.view_mut());
             let mut knn = Array1::<f32>::zeros(n);
-            co.add_similarity_scores(1.0, &hist, knn.view_mut());
+            r.co.add_similarity_scores(1.0, &hist, knn.view_mut());
             let mut fresh = Array1::<f32>::zeros(n);
-            train::fresh::add_fresh_scores(1.0, pop.view(), &hist, fresh.view_mut());
-            let mut seen = hist.clone();
+            train::fresh::add_fresh_scores(1.0, r.pop.view(), &hist, fresh.view_mut());
+            let mut seen = hist;
             seen.sort_unstable();
             let excluded = |i: u32| seen.binary_search(&i).is_ok();
             let mut s = Array1::<f32>::zeros(n);
-            let mut row = Vec::with_capacity(grid.len());
-            for &(kw, fw) in &grid {
-                ndarray::Zip::from(&mut s)
-                    .and(&base)
-                    .and(&knn)
-                    .and(&fresh)
-                    .for_each(|s, &b, &k, &f| *s = b + kw * k + fw * f);
-                let m = super::metrics::user_metrics(
-                    s.as_slice().expect("contiguous"),
-                    excluded,
-                    &t.query,
-                    ctx.k,
-                );
-                row.push(m.ndcg);
-            }
-            per_user.push(row);
+            let row = grid
+                .iter()
+                .map(|&(kw, fw)| {
+                    ndarray::Zip::from(&mut s)
+                        .and(&base)
+                        .and(&knn)
+                        .and(&fresh)
+                        .for_each(|s, &b, &k, &f| *s = b + kw * k + fw * f);
+                    let s = s.as_slice().expect("contiguous");
+                    super::metrics::user_metrics(s, excluded, query, self.ctx.k).ndcg
+                })
+                .collect();
+            rows.push(row);
         }
-        let users = per_user.len();
-        if users < 2 {
-            return Ok(None);
+        rows
+    }
+}
+
+/// The outcome of [`pick`].
+#[derive(Debug, PartialEq)]
+struct Pick {
+    /// Mean of every column.
+    means: Vec<f64>,
+    /// The column with the best mean (the first of equals).
+    best: usize,
+    /// `best` if it beats column 0 by more than two standard errors of the
+    /// per-row difference, else 0.
+    kept: usize,
+    /// The mean difference of `best` and column 0, and its standard error.
+    gain: f64,
+    se: f64,
+}
+
+/// Picks a column of `rows` (one row per user, one column per candidate,
+/// column 0 the default): the best mean, kept over the default only when
+/// the paired difference exceeds two standard errors. `None` for fewer than
+/// two rows.
+fn pick(rows: &[Vec<f64>]) -> Option<Pick> {
+    let users = rows.len();
+    let cols = rows.first()?.len();
+    if users < 2 || cols == 0 {
+        return None;
+    }
+    let means: Vec<f64> = (0..cols)
+        .map(|g| rows.iter().map(|r| r[g]).sum::<f64>() / users as f64)
+        .collect();
+    let mut best = 0;
+    for (g, &m) in means.iter().enumerate() {
+        if m > means[best] {
+            best = g;
         }
-        let mean = |g: usize| per_user.iter().map(|r| r[g]).sum::<f64>() / users as f64;
-        let means: Vec<f64> = (0..grid.len()).map(mean).collect();
-        let mut best = 0;
-        for (g, &m) in means.iter().enumerate() {
-            if m > means[best] {
-                best = g;
-            }
-        }
-        // Paired difference of the best pair and the model's own (index 0).
-        let diffs: Vec<f64> = per_user.iter().map(|r| r[best] - r[0]).collect();
-        let d = diffs.iter().sum::<f64>() / users as f64;
-        let var = diffs.iter().map(|x| (x - d).powi(2)).sum::<f64>() / (users - 1) as f64;
-        let se = (var / users as f64).sqrt();
-        let kept = if d > 2.0 * se { best } else { 0 };
-        let tried: Vec<serde_json::Value> = grid
-            .iter()
-            .zip(&means)
-            .map(|(&(k, f), &m)| json!({"knn": k, "fresh": f, "ndcg": m}))
+    }
+    let diffs: Vec<f64> = rows.iter().map(|r| r[best] - r[0]).collect();
+    let gain = diffs.iter().sum::<f64>() / users as f64;
+    let var = diffs.iter().map(|x| (x - gain).powi(2)).sum::<f64>() / (users - 1) as f64;
+    let se = (var / users as f64).sqrt();
+    let kept = if gain > 2.0 * se { best } else { 0 };
+    Some(Pick {
+        means,
+        best,
+        kept,
+        gain,
+        se,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_is_kept_without_a_clear_gain() {
+        // No signal at all: every candidate ties, the default stays.
+        let flat = vec![vec![0.0; 4]; 10];
+        let p = pick(&flat).unwrap();
+        assert_eq!((p.best, p.kept), (0, 0));
+        // A gain in every row: the best is kept.
+        let clear: Vec<Vec<f64>> = (0..20)
+            .map(|u| vec![0.2, 0.3 + 0.001 * u as f64, 0.25])
             .collect();
-        let (knn, fresh) = grid[kept];
-        Ok(Some(Chosen {
-            knn,
-            fresh,
-            report: json!({"users": users, "held_out_share": SCENARIO_HELD_OUT, "own": {"knn": own.0, "fresh": own.1}, "best": {"knn": grid[best].0, "fresh": grid[best].1, "gain": d, "standard_error": se}, "knn_weight": knn, "fresh_weight": fresh, "tried": tried}),
-        }))
+        let p = pick(&clear).unwrap();
+        assert_eq!((p.best, p.kept), (1, 1));
+        // A better mean from one lucky row among many: noise, the default stays.
+        let mut noisy = vec![vec![0.3, 0.3]; 20];
+        noisy[0][1] = 0.9;
+        noisy[1][1] = 0.1;
+        let p = pick(&noisy).unwrap();
+        assert_eq!(p.best, 1);
+        assert_eq!(p.kept, 0, "{p:?}");
+        assert!(pick(&[vec![0.1, 0.2]]).is_none());
+        assert!(pick(&[]).is_none());
     }
 }

@@ -873,6 +873,8 @@ mod tests {
             aware_neighbour_weights: Vec::new(),
             fresh_weight: 0.0,
             aware_fresh_weight: 0.0,
+            knn_weight: 0.0,
+            aware_knn_weight: 0.0,
             adapt_steps: 1,
             adapt_lr: 0.1,
             user_adapt: Default::default(),
