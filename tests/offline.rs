@@ -46,6 +46,7 @@ fn eval(ds: &Dataset, split: &Split, model: ModelName, mode: Mode) -> eval::repo
         neighbour_weights: None,
         fresh_weight: None,
         knn_weight: None,
+        fresh_knn_weight: None,
         user_adapt: None,
     };
     eval::run(ds, split, &cfg).expect("evaluation runs")

@@ -46,10 +46,12 @@ fn train(data: &Path, split: &Path, out: &Path) {
             "fr",
             "--fresh-weight",
             "2048",
-            // On, so that the lists compared carry the item-kNN term over
-            // the stream's counts (a near-tie on ML-100K's valid/).
+            // On, so that the lists compared carry both kNN terms over the
+            // stream's counts (item-kNN is a near-tie on ML-100K's valid/).
             "--knn-weight",
             "32",
+            "--fresh-knn-weight",
+            "4096",
             "--pretrain-steps",
             "60",
             "--finetune-steps",

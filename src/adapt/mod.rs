@@ -163,11 +163,14 @@ pub struct Catalogue<'a> {
     /// adds [`crate::train::fresh::add_fresh_scores`] of the user's items, as
     /// `thaw eval` does. `None` for no term.
     pub fresh: Option<(ArrayView1<'a, f32>, f32)>,
-    /// The stream's co-occurrence counts (`co_interacted`) and the weight
-    /// of their item-kNN score: ranking adds
+    /// The stream's co-occurrence counts (`co_interacted`) and the weights
+    /// of their item-kNN score over all of the user's items and of the
+    /// fresh-item kNN score (fresh candidates only, from the user's fresh
+    /// items; needs [`Self::fresh`]): ranking adds
     /// [`crate::graph::co::CoGraph::add_similarity_scores`] of the user's
-    /// items, as `thaw eval` does. `None` (or a zero weight) for no term.
-    pub knn: Option<(&'a crate::graph::co::CoGraph, f32)>,
+    /// items, and [`add_fresh_knn_scores`], as `thaw eval` does. `None` (or
+    /// zero weights) for no term.
+    pub knn: Option<(&'a crate::graph::co::CoGraph, KnnWeights)>,
     /// The slots negatives are drawn among ([`negative_pool`]); `None`: every
     /// active slot.
     pub pool: Option<&'a [u32]>,
@@ -185,10 +188,54 @@ impl Catalogue<'_> {
             pkg.add_neighbour_scores(w, items, scores.view_mut());
         }
         if let Some((co, w)) = self.knn {
-            co.add_similarity_scores(w, items, scores.view_mut());
+            co.add_similarity_scores(w.all, items, scores.view_mut());
+            if let Some((pop, _)) = self.fresh {
+                add_fresh_knn_scores(co, w.fresh, pop, items, scores.view_mut());
+            }
         }
         if let Some((pop, w)) = self.fresh {
             crate::train::fresh::add_fresh_scores(w, pop, items, scores);
+        }
+    }
+}
+
+/// Weights of the two item-kNN terms over the stream's co-occurrence counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct KnnWeights {
+    /// Item-kNN over all of the user's items, for every candidate.
+    pub all: f32,
+    /// Item-kNN over the user's fresh items, for fresh candidates only
+    /// ([`add_fresh_knn_scores`]).
+    pub fresh: f32,
+}
+
+/// Adds, to every fresh candidate (`pop[i] > 0`), `weight` × the sum over
+/// the user's fresh items `j` of the cosine of `i` and `j`, divided by the
+/// number of the user's items: the new items that co-occur with the new
+/// items the user took up, in proportion to how much of the user's history
+/// is new. A user without fresh items, or a weight of 0, adds nothing.
+pub fn add_fresh_knn_scores(
+    co: &crate::graph::co::CoGraph,
+    weight: f32,
+    pop: ArrayView1<'_, f32>,
+    items: &[u32],
+    mut scores: ArrayViewMut1<'_, f32>,
+) {
+    let is_fresh = |i: usize| pop.get(i).is_some_and(|&p| p > 0.0);
+    let fresh: Vec<u32> = items
+        .iter()
+        .copied()
+        .filter(|&j| is_fresh(j as usize))
+        .collect();
+    if weight == 0.0 || fresh.is_empty() {
+        return;
+    }
+    let mut knn = Array1::<f32>::zeros(scores.len());
+    let share = fresh.len() as f32 / items.len() as f32;
+    co.add_similarity_scores(weight * share, &fresh, knn.view_mut());
+    for (i, (s, k)) in scores.iter_mut().zip(knn.iter()).enumerate() {
+        if *k != 0.0 && is_fresh(i) {
+            *s += k;
         }
     }
 }
@@ -559,6 +606,38 @@ mod tests {
             graph: None,
             fresh: None,
         }
+    }
+
+    /// The fresh-item kNN score reaches fresh candidates only, from the
+    /// user's fresh items only, scaled by their share of the user's items.
+    #[test]
+    fn fresh_knn_scores_come_from_fresh_items_to_fresh_items() {
+        use crate::graph::co::{CoConfig, CoGraph};
+        let mut co = CoGraph::new(CoConfig {
+            neighbours: 10,
+            min_co_users: 1,
+            window: 100,
+        });
+        // Users: {0, 1, 3, 4}, {1, 3, 4}, {0, 2}: items 3 and 4 are fresh.
+        let users: [&[u32]; 3] = [&[0, 1, 3, 4], &[1, 3, 4], &[0, 2]];
+        for its in users {
+            for (k, &i) in its.iter().enumerate() {
+                co.interact(&its[..k], i);
+            }
+        }
+        let pop = Array1::from(vec![0.0f32, 0.0, 0.0, 1.0, 1.0]);
+        let mut got = Array1::<f32>::zeros(5);
+        add_fresh_knn_scores(&co, 2.0, pop.view(), &[0, 1, 3], got.view_mut());
+        // Only item 4 (fresh) from item 3 (the user's one fresh item of 3):
+        // cos(3, 4) = 2 / sqrt(2 · 2) = 1.
+        let want = 2.0 * (1.0 / 3.0) * 1.0;
+        assert!((got[4] - want).abs() < 1e-6, "{got}");
+        assert_eq!(got.iter().filter(|&&x| x != 0.0).count(), 1, "{got}");
+        // A user without fresh items, or a zero weight: nothing.
+        let mut none = Array1::<f32>::zeros(5);
+        add_fresh_knn_scores(&co, 2.0, pop.view(), &[0, 1], none.view_mut());
+        add_fresh_knn_scores(&co, 0.0, pop.view(), &[3], none.view_mut());
+        assert!(none.iter().all(|&x| x == 0.0));
     }
 
     #[test]

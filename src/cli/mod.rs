@@ -92,6 +92,13 @@ pub struct TrainArgs {
     /// The same in the scenario-aware mode.
     #[arg(long)]
     pub aware_knn_weight: Option<f32>,
+    /// Weight of the fresh-item kNN score (fresh candidates from the user's
+    /// fresh items) in the blind mode and the engine (0: off).
+    #[arg(long)]
+    pub fresh_knn_weight: Option<f32>,
+    /// The same in the scenario-aware mode.
+    #[arg(long)]
+    pub aware_fresh_knn_weight: Option<f32>,
     /// Gradient steps of the per-user adaptation (engine and eval), chosen
     /// on `valid/` with `thaw eval --adapt-steps`.
     #[arg(long)]
@@ -209,6 +216,9 @@ pub struct EvalArgs {
     /// choosing it on `valid/`.
     #[arg(long)]
     pub knn_weight: Option<f32>,
+    /// MPKG only: the fresh-item kNN score's weight instead of the model's.
+    #[arg(long)]
+    pub fresh_knn_weight: Option<f32>,
     /// MPKG only: the per-user adaptation's steps instead of the model's.
     #[arg(long)]
     pub adapt_steps: Option<usize>,
@@ -298,6 +308,12 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     }
     if let Some(w) = a.aware_knn_weight {
         cfg.aware_knn_weight = w;
+    }
+    if let Some(w) = a.fresh_knn_weight {
+        cfg.fresh_knn_weight = w;
+    }
+    if let Some(w) = a.aware_fresh_knn_weight {
+        cfg.aware_fresh_knn_weight = w;
     }
     if let Some(s) = a.adapt_steps {
         cfg.user_adapt.steps = s;
@@ -438,6 +454,12 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         knn_weight: match a.knn_weight {
             Some(_) if model != ModelName::Mpkg => {
                 bail!("--knn-weight applies to --model mpkg only")
+            }
+            w => w,
+        },
+        fresh_knn_weight: match a.fresh_knn_weight {
+            Some(_) if model != ModelName::Mpkg => {
+                bail!("--fresh-knn-weight applies to --model mpkg only")
             }
             w => w,
         },

@@ -171,6 +171,8 @@ pub struct FitContext<'a> {
     pub fresh_weight: Option<f32>,
     /// MPKG's item-kNN weight, when given instead of the model's.
     pub knn_weight: Option<f32>,
+    /// MPKG's fresh-item kNN weight, when given instead of the model's.
+    pub fresh_knn_weight: Option<f32>,
     /// MPKG's per-user adaptation, when given instead of the model's.
     pub user_adapt: Option<&'a crate::adapt::AdaptConfig>,
     /// Seed of every random choice.
@@ -273,6 +275,8 @@ pub struct EvalConfig {
     pub fresh_weight: Option<f32>,
     /// MPKG only: the item-kNN score's weight instead of the model's.
     pub knn_weight: Option<f32>,
+    /// MPKG only: the fresh-item kNN score's weight instead of the model's.
+    pub fresh_knn_weight: Option<f32>,
     /// MPKG only: the per-user adaptation instead of the model's (the
     /// engine's, when it overrides the model's in its settings).
     pub user_adapt: Option<crate::adapt::AdaptConfig>,
@@ -310,6 +314,7 @@ pub fn run_with_lists(
         neighbour_weights: cfg.neighbour_weights.as_ref(),
         fresh_weight: cfg.fresh_weight,
         knn_weight: cfg.knn_weight,
+        fresh_knn_weight: cfg.fresh_knn_weight,
         user_adapt: cfg.user_adapt.as_ref(),
         seed: cfg.seed,
         k: cfg.k,

@@ -32,9 +32,9 @@ struct EngineUsers {
     /// ([`train::fresh`]).
     fresh_pop: Array1<f32>,
     fresh_weight: f32,
-    /// The stream's `co_interacted` counts and the item-kNN weight.
+    /// The stream's `co_interacted` counts and the two kNN weights.
     co: crate::graph::co::CoGraph,
-    knn_weight: f32,
+    knn_weights: crate::adapt::KnnWeights,
     adapt: AdaptConfig,
     /// Per user: their training items in the order the stream delivers them.
     user_items: Vec<Vec<u32>>,
@@ -54,7 +54,7 @@ impl EngineUsers {
             keys: &self.keys,
             graph: Some((&self.pkg, &self.neighbour_weights)),
             fresh: Some((self.fresh_pop.view(), self.fresh_weight)),
-            knn: Some((&self.co, self.knn_weight)),
+            knn: Some((&self.co, self.knn_weights)),
             pool: self.pool.as_deref(),
         }
     }
@@ -123,7 +123,12 @@ pub(super) fn fit(ctx: &FitContext<'_>) -> Result<Fitted> {
     } else {
         tm.card.knn_weight
     });
-    let mut fresh_pop = fresh_popularity(ctx, dir, fresh_weight)?;
+    let fresh_knn_weight = ctx.fresh_knn_weight.unwrap_or(if ctx.scenario.is_some() {
+        tm.card.aware_fresh_knn_weight
+    } else {
+        tm.card.fresh_knn_weight
+    });
+    let mut fresh_pop = fresh_popularity(ctx, dir, fresh_weight.max(fresh_knn_weight))?;
     // Per-item counts within the user's scenario (aware mode only).
     let (scenario, counts, adapt_on) = match ctx.scenario {
         None => (None, None, ctx.train.user_items.clone()),
@@ -213,6 +218,7 @@ pub(super) fn fit(ctx: &FitContext<'_>) -> Result<Fitted> {
             bias: &bias_w,
             keys: &keys,
             neighbour_weights: &neighbour_weights,
+            fresh_knn_weight,
             adapt: &adapt,
             user_items: &user_items,
             user_keys: &user_keys,
@@ -225,7 +231,7 @@ pub(super) fn fit(ctx: &FitContext<'_>) -> Result<Fitted> {
         if let Some(c) = chooser.choose(&supports, (knn_weight, fresh_weight))? {
             knn_weight = c.knn;
             fresh_weight = c.fresh;
-            fresh_pop = fresh_popularity(ctx, dir, fresh_weight)?;
+            fresh_pop = fresh_popularity(ctx, dir, fresh_weight.max(fresh_knn_weight))?;
             scenario_weights = c.report;
         }
     }
@@ -277,7 +283,10 @@ pub(super) fn fit(ctx: &FitContext<'_>) -> Result<Fitted> {
                 fresh_pop,
                 fresh_weight,
                 co,
-                knn_weight,
+                knn_weights: crate::adapt::KnnWeights {
+                    all: knn_weight,
+                    fresh: fresh_knn_weight,
+                },
                 adapt: adapt.clone(),
                 user_items,
                 user_keys,
@@ -293,7 +302,7 @@ pub(super) fn fit(ctx: &FitContext<'_>) -> Result<Fitted> {
             }
             users
         }),
-        params: json!({"model": tm.card.version, "relations": tm.card.relations, "bias_weights": tm.card.bias_weights, "neighbour_weights": neighbour_weights, "fresh_weight": fresh_weight, "knn_weight": knn_weight, "user_adapt": adapt, "meta_adapt": adapt.meta.as_deref(), "co_adapt": co_adapt, "scenario_weights": scenario_weights, "run": params}),
+        params: json!({"model": tm.card.version, "relations": tm.card.relations, "bias_weights": tm.card.bias_weights, "neighbour_weights": neighbour_weights, "fresh_weight": fresh_weight, "knn_weight": knn_weight, "fresh_knn_weight": fresh_knn_weight, "user_adapt": adapt, "meta_adapt": adapt.meta.as_deref(), "co_adapt": co_adapt, "scenario_weights": scenario_weights, "run": params}),
     })
 }
 
@@ -349,6 +358,8 @@ struct ScenarioWeights<'a> {
     bias: &'a Array1<f32>,
     keys: &'a [u64],
     neighbour_weights: &'a [f32],
+    /// The fresh-item kNN weight (fixed; part of the base score).
+    fresh_knn_weight: f32,
     adapt: &'a AdaptConfig,
     /// The user's training items, in stream order.
     user_items: &'a [Vec<u32>],
@@ -516,6 +527,13 @@ impl ScenarioWeights<'_> {
             let mut base = self.emb.dot(&v) + self.bias;
             r.pkg
                 .add_neighbour_scores(self.neighbour_weights, &hist, base.view_mut());
+            crate::adapt::add_fresh_knn_scores(
+                &r.co,
+                self.fresh_knn_weight,
+                r.pop.view(),
+                &hist,
+                base.view_mut(),
+            );
             let mut knn = Array1::<f32>::zeros(n);
             r.co.add_similarity_scores(1.0, &hist, knn.view_mut());
             let mut fresh = Array1::<f32>::zeros(n);

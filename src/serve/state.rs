@@ -1541,7 +1541,8 @@ impl Core {
     /// trained items.
     fn fresh_popularity(&self) -> Option<Array1<f32>> {
         let trained = &self.model.trained_items;
-        if self.model.card.fresh_weight == 0.0 || trained.is_empty() {
+        let card = &self.model.card;
+        if (card.fresh_weight == 0.0 && card.fresh_knn_weight == 0.0) || trained.is_empty() {
             return None;
         }
         let mut p = Array1::<f32>::zeros(self.fused.nrows());
@@ -1583,11 +1584,13 @@ impl Core {
             fresh: fresh
                 .as_ref()
                 .map(|p| (p.view(), self.model.card.fresh_weight)),
-            knn: self
-                .behavioural
-                .co
-                .as_ref()
-                .map(|c| (&c.1, self.model.card.knn_weight)),
+            knn: self.behavioural.co.as_ref().map(|c| {
+                let w = crate::adapt::KnnWeights {
+                    all: self.model.card.knn_weight,
+                    fresh: self.model.card.fresh_knn_weight,
+                };
+                (&c.1, w)
+            }),
             pool: None,
         };
         // The negatives' pool, once for the whole batch of users.

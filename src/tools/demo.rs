@@ -273,6 +273,7 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport> {
             neighbour_weights: None,
             fresh_weight: None,
             knn_weight: None,
+            fresh_knn_weight: None,
             user_adapt: Some(settings.users.adapt_for(&card)),
         },
         true,

@@ -875,6 +875,8 @@ mod tests {
             aware_fresh_weight: 0.0,
             knn_weight: 0.0,
             aware_knn_weight: 0.0,
+            fresh_knn_weight: 0.0,
+            aware_fresh_knn_weight: 0.0,
             adapt_steps: 1,
             adapt_lr: 0.1,
             user_adapt: Default::default(),

@@ -167,7 +167,10 @@ impl MetaCatalogue<'_> {
             keys: self.keys,
             graph: self.graph,
             fresh: None,
-            knn: self.knn,
+            knn: self.knn.map(|(co, w)| {
+                let w = adapt::KnnWeights { all: w, fresh: 0.0 };
+                (co, w)
+            }),
             pool: None,
         }
     }

@@ -106,6 +106,14 @@ pub struct TrainConfig {
     /// The same in the scenario-aware mode.
     #[serde(default)]
     pub aware_knn_weight: f32,
+    /// Weight of the fresh-item kNN score ([`crate::adapt::add_fresh_knn_scores`])
+    /// in the blind mode and the engine; 0 for none (`thaw train
+    /// --fresh-knn-weight`).
+    #[serde(default)]
+    pub fresh_knn_weight: f32,
+    /// The same in the scenario-aware mode.
+    #[serde(default)]
+    pub aware_fresh_knn_weight: f32,
     /// The per-user adaptation the engine and `thaw eval` run (written to
     /// `model.json`'s `user_adapt`).
     #[serde(default)]
@@ -161,6 +169,8 @@ impl Default for TrainConfig {
             aware_fresh_weight: 0.0,
             knn_weight: 0.0,
             aware_knn_weight: 0.0,
+            fresh_knn_weight: 0.0,
+            aware_fresh_knn_weight: 0.0,
             user_adapt: crate::adapt::AdaptConfig::default(),
             meta_adapt: meta_adapt::MetaAdaptConfig::default(),
         }
@@ -212,6 +222,14 @@ pub struct ModelCard {
     /// The same for `thaw eval --scenario-aware`.
     #[serde(default)]
     pub aware_knn_weight: f32,
+    /// Weight of the fresh-item kNN score
+    /// ([`crate::adapt::add_fresh_knn_scores`]) in the blind mode and the
+    /// engine; 0 (models written before it existed) for none.
+    #[serde(default)]
+    pub fresh_knn_weight: f32,
+    /// The same for `thaw eval --scenario-aware`.
+    #[serde(default)]
+    pub aware_fresh_knn_weight: f32,
     /// Adaptation settings for the engine: BPR steps and learning rate.
     pub adapt_steps: usize,
     /// Learning rate of per-user adaptation.
@@ -480,6 +498,8 @@ pub fn train(ds: &Dataset, split: &Split, cfg: &TrainConfig, out: &Path) -> Resu
         aware_fresh_weight: cfg.aware_fresh_weight,
         knn_weight: cfg.knn_weight,
         aware_knn_weight: cfg.aware_knn_weight,
+        fresh_knn_weight: cfg.fresh_knn_weight,
+        aware_fresh_knn_weight: cfg.aware_fresh_knn_weight,
         adapt_steps: 5,
         adapt_lr: 0.05,
         user_adapt: cfg.user_adapt.clone(),
@@ -684,6 +704,8 @@ pub fn write_untrained_model(
         aware_fresh_weight: cfg.aware_fresh_weight,
         knn_weight: cfg.knn_weight,
         aware_knn_weight: cfg.aware_knn_weight,
+        fresh_knn_weight: cfg.fresh_knn_weight,
+        aware_fresh_knn_weight: cfg.aware_fresh_knn_weight,
         adapt_steps: cfg.mpkg.adapt_steps,
         adapt_lr: cfg.mpkg.finetune_lr,
         user_adapt: cfg.user_adapt.clone(),
