@@ -219,25 +219,15 @@ pub fn add_fresh_knn_scores(
     weight: f32,
     pop: ArrayView1<'_, f32>,
     items: &[u32],
-    mut scores: ArrayViewMut1<'_, f32>,
+    scores: ArrayViewMut1<'_, f32>,
 ) {
-    let is_fresh = |i: usize| pop.get(i).is_some_and(|&p| p > 0.0);
-    let fresh: Vec<u32> = items
-        .iter()
-        .copied()
-        .filter(|&j| is_fresh(j as usize))
-        .collect();
+    let is_fresh = |i: u32| pop.get(i as usize).is_some_and(|&p| p > 0.0);
+    let fresh: Vec<u32> = items.iter().copied().filter(|&j| is_fresh(j)).collect();
     if weight == 0.0 || fresh.is_empty() {
         return;
     }
-    let mut knn = Array1::<f32>::zeros(scores.len());
     let share = fresh.len() as f32 / items.len() as f32;
-    co.add_similarity_scores(weight * share, &fresh, knn.view_mut());
-    for (i, (s, k)) in scores.iter_mut().zip(knn.iter()).enumerate() {
-        if *k != 0.0 && is_fresh(i) {
-            *s += k;
-        }
-    }
+    co.add_similarity_scores_to(weight * share, &fresh, scores, is_fresh);
 }
 
 /// A 64-bit key of an external id (FNV-1a, then a finaliser): the same id

@@ -348,9 +348,9 @@ const SCENARIO_HELD_OUT: f64 = 0.3;
 /// user's items. The model's own aware weights are kept unless the pair
 /// with the best mean NDCG@k beats them by more than two standard errors of
 /// the per-user difference: a scenario whose held-out items say little (a
-/// few users, short support sets) keeps them. The embeddings and biases keep the held-out items:
-/// they were fine-tuned on the whole support sets, so the base score is
-/// favoured a little over the two terms.
+/// few users, short support sets) keeps them. The embeddings and biases
+/// keep the held-out items: they were fine-tuned on the whole support sets,
+/// so the base score is favoured a little over the two terms.
 struct ScenarioWeights<'a> {
     ctx: &'a FitContext<'a>,
     tm: &'a TrainedModel,

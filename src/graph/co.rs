@@ -247,7 +247,19 @@ impl CoGraph {
         &self,
         weight: f32,
         items: &[u32],
+        scores: ndarray::ArrayViewMut1<'_, f32>,
+    ) {
+        self.add_similarity_scores_to(weight, items, scores, |_| true);
+    }
+
+    /// [`Self::add_similarity_scores`] for the candidates `accept` takes
+    /// only; the others are left as they are.
+    pub fn add_similarity_scores_to(
+        &self,
+        weight: f32,
+        items: &[u32],
         mut scores: ndarray::ArrayViewMut1<'_, f32>,
+        accept: impl Fn(u32) -> bool,
     ) {
         if items.is_empty() || weight == 0.0 {
             return;
@@ -259,6 +271,9 @@ impl CoGraph {
             };
             let ni = self.users[i as usize] as f32;
             for (&j, &c) in co {
+                if !accept(j) {
+                    continue;
+                }
                 if let Some(s) = scores.get_mut(j as usize) {
                     *s += share * c as f32 / (ni * self.users[j as usize] as f32).sqrt();
                 }
